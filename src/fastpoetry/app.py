@@ -1,0 +1,288 @@
+"""Putting the service tree together and running it until told to stop.
+
+The tree, as the Twisted tutorial's fast poetry server had it, one level
+deeper so that several poems can be served side by side::
+
+    Application "fastpoetry"
+      TimerService "watchdog"        (only when systemd asks for it)
+      MultiService "poem:LABEL"      (one per --poem)
+        PoetryService "poetry"
+        StreamServer "stream"        (the sockets serving this poem)
+      TimerService "status"
+      TimerService "summary"
+
+Start-up reads every poem and takes every socket before READY=1; SIGHUP
+reloads the poems; SIGTERM or SIGINT stops accepting and lets the poems in
+flight finish within the shutdown timeout.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+import trio
+
+from . import __version__, listeners, systemd
+from .poetry import DEFAULT_POEM_PATH, PoemError, PoetryService
+from .report import STATUS_INTERVAL, Reporter, count
+from .service import Application, MultiService, TimerService
+from .stream import StreamServer
+
+log = logging.getLogger(__name__)
+
+#: The signals the server handles; they are blocked until it can (see run).
+SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+
+
+@dataclass(frozen=True)
+class PoemSpec:
+    """One --poem: a file, and the socket name it is served on (if any)."""
+
+    path: str
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Everything ``fastpoetry serve`` was told on its command line."""
+
+    poems: Sequence[PoemSpec] = field(default_factory=lambda: [PoemSpec(DEFAULT_POEM_PATH)])
+    iface: str = "localhost"
+    port: int = 10000
+    shutdown_timeout: float = 5.0
+    send_timeout: float = 30.0
+    summary_interval: float = 60.0
+
+
+class StartupError(Exception):
+    """The server cannot start; the message says why in one line."""
+
+
+@dataclass
+class _Server:
+    """The running tree and the parts the runner talks to."""
+
+    application: Application
+    poets: list[PoetryService]
+    reporter: Reporter
+
+
+def block_signals() -> None:
+    """Hold the handled signals until :func:`run` is ready for them.
+
+    Called as early as possible: a SIGTERM or SIGHUP that arrives while the
+    server is still starting then waits for it instead of killing it.
+    """
+    signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+
+
+def run(config: ServeConfig) -> int:
+    """Serve poems until SIGTERM or SIGINT; return the exit status.
+
+    0 after a clean shutdown, 1 when the server could not start (the reason
+    is logged and given to systemd as STATUS=).
+    """
+    block_signals()
+    return trio.run(_serve, config)
+
+
+async def _serve(config: ServeConfig) -> int:
+    with trio.open_signal_receiver(*SIGNALS) as signals:
+        # Signals held back since start-up are delivered now, to the receiver.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
+        try:
+            async with trio.open_nursery() as nursery:
+                status = await _run_until_stopped(config, nursery, signals)
+                nursery.cancel_scope.cancel()
+            return status
+        finally:
+            # Whatever arrives from now on must not kill a process that is
+            # exiting cleanly: once the receiver is closed, the default
+            # action would apply.
+            block_signals()
+
+
+async def _run_until_stopped(
+    config: ServeConfig, nursery: trio.Nursery, signals: AsyncIterator[int]
+) -> int:
+    log.info("fastpoetry %s starting", __version__)
+    if os.geteuid() == 0:
+        log.warning(
+            "running as root: fastpoetry needs no privileges; "
+            "run it as a service user (User= in its systemd unit)"
+        )
+    try:
+        server = await _start(config, nursery)
+    except StartupError as exc:
+        log.error("%s", exc)
+        systemd.notify_status(f"Failed to start: {exc}")
+        return 1
+    server.reporter.ready()
+
+    async for signum in signals:
+        if signum == signal.SIGHUP:
+            await _reload(server)
+            continue
+        log.info("received %s: shutting down", signal.Signals(signum).name)
+        break
+    await _shut_down(server, config.shutdown_timeout, signals)
+    return 0
+
+
+async def _start(config: ServeConfig, nursery: trio.Nursery) -> _Server:
+    """Take the sockets, build the tree, read the poems, start serving.
+
+    On failure whatever had started is stopped and every socket closed.
+    """
+    sockets = _listening_sockets(config)
+    server = None
+    try:
+        server = await _build(config, sockets)
+        await server.application.start(nursery)
+    except BaseException as exc:
+        if server is not None:
+            with trio.CancelScope(shield=True):
+                await server.application.stop()
+        for _, sock in sockets:
+            sock.close()
+        if isinstance(exc, PoemError):
+            raise StartupError(str(exc)) from None
+        raise
+    return server
+
+
+def _listening_sockets(config: ServeConfig) -> list[tuple[str | None, socket.socket]]:
+    """The sockets to serve on, with their names: systemd's, or our own."""
+    try:
+        passed = systemd.listen_sockets()
+    except systemd.ActivationError as exc:
+        raise StartupError(str(exc)) from None
+    if not passed:
+        try:
+            return [(None, sock) for sock in listeners.bind(config.iface, config.port)]
+        except listeners.ListenerError as exc:
+            raise StartupError(str(exc)) from None
+    adopted: list[tuple[str | None, socket.socket]] = []
+    try:
+        for fd, name in passed.items():
+            adopted.append((name, listeners.adopt(fd)))
+    except listeners.ListenerError as exc:
+        for _, sock in adopted:
+            sock.close()
+        raise StartupError(f"socket {name!r} passed by systemd: {exc}") from None
+    log.info("took %s from systemd", count(len(adopted), "socket"))
+    return adopted
+
+
+def _assign(
+    poems: Sequence[PoemSpec], sockets: list[tuple[str | None, socket.socket]]
+) -> list[list[socket.socket]]:
+    """Which sockets serve which poem, in the order of ``poems``.
+
+    A socket serves the poem of its name; any other socket the unnamed poem,
+    or the only poem when there is just one.
+    """
+    by_name = {spec.name: index for index, spec in enumerate(poems) if spec.name is not None}
+    unnamed = [index for index, spec in enumerate(poems) if spec.name is None]
+    fallback: int | None = None
+    if unnamed:
+        fallback = unnamed[0]
+    elif len(poems) == 1:
+        fallback = 0
+    assigned: list[list[socket.socket]] = [[] for _ in poems]
+    for name, sock in sockets:
+        index = by_name.get(name, fallback) if name is not None else fallback
+        if index is None:
+            where = listeners.describe(sock)
+            if name is None:
+                raise StartupError(f"no poem for {where}: give one --poem FILE without a name")
+            raise StartupError(
+                f"no poem for the socket named {name!r} ({where}): "
+                f"give --poem {name}=FILE, or one --poem FILE without a name"
+            )
+        assigned[index].append(sock)
+    return assigned
+
+
+async def _build(config: ServeConfig, sockets: list[tuple[str | None, socket.socket]]) -> _Server:
+    app = Application("fastpoetry")
+    interval = systemd.watchdog_interval()
+    if interval is not None:
+        log.info("pinging the systemd watchdog every %g s", interval)
+        await app.add(TimerService(interval, systemd.notify_watchdog, name="watchdog"))
+    poets: list[PoetryService] = []
+    servers: list[StreamServer] = []
+    for spec, assigned in zip(config.poems, _assign(config.poems, sockets)):
+        poet = PoetryService(spec.path, spec.name)
+        group = MultiService(f"poem:{poet.label}")
+        await group.add(poet)
+        if assigned:
+            server = StreamServer(poet, assigned, send_timeout=config.send_timeout)
+            await group.add(server)
+            servers.append(server)
+        else:
+            log.warning("no socket is named %r: poem %s is not served", spec.name, spec.path)
+        await app.add(group)
+        poets.append(poet)
+    reporter = Reporter(poets, servers)
+    await app.add(TimerService(STATUS_INTERVAL, reporter.update_status, name="status"))
+    await app.add(TimerService(config.summary_interval, reporter.log_summary, name="summary"))
+    return _Server(app, poets, reporter)
+
+
+async def _reload(server: _Server) -> None:
+    """Re-read every poem; serve the new ones only if all could be read."""
+    log.info("received SIGHUP: reloading %s", count(len(server.poets), "poem"))
+    systemd.notify_reloading()
+    try:
+        fresh = [await poet.read() for poet in server.poets]
+    except PoemError as exc:
+        server.reporter.reload_failure = str(exc)
+        log.error("reload failed, still serving the poems loaded before: %s", exc)
+    else:
+        for poet, poem in zip(server.poets, fresh):
+            poet.use(poem)
+        server.reporter.reload_failure = None
+    server.reporter.ready()
+
+
+async def _shut_down(
+    server: _Server, timeout: float, signals: AsyncIterator[int]
+) -> None:
+    """Stop the tree, giving poems in flight ``timeout`` seconds to finish.
+
+    A second SIGTERM or SIGINT ends the wait at once.
+    """
+    reporter = server.reporter
+    waiting = f"waiting up to {timeout:g} s for {count(reporter.poems_in_flight, 'poem')} in flight"
+    systemd.notify_stopping(f"Shutting down, {waiting}")
+    log.info("shutting down: accepting no more clients, %s", waiting)
+    with trio.move_on_after(timeout) as grace:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_cut_short_on_signal, signals, grace)
+            await server.application.stop()
+            nursery.cancel_scope.cancel()
+    if grace.cancelled_caught:
+        log.warning("shutdown timeout: closed the connections still open")
+    log.info(
+        "shut down after serving %s (%d bytes)",
+        count(reporter.poems_served, "poem"),
+        reporter.bytes_served,
+        extra={"POEMS_TOTAL": reporter.poems_served, "BYTES": reporter.bytes_served},
+    )
+
+
+async def _cut_short_on_signal(
+    signals: AsyncIterator[int], grace: trio.CancelScope
+) -> None:
+    async for signum in signals:
+        if signum != signal.SIGHUP:
+            log.info("received %s again: not waiting any longer", signal.Signals(signum).name)
+            grace.cancel()
+            return
+        log.info("ignoring SIGHUP while shutting down")

@@ -1,0 +1,195 @@
+"""The ``fastpoetry`` command line.
+
+Usage errors (an unknown option, a bad port) exit with status 2, runtime
+errors (a poem that cannot be read, a port in use) with status 1; either way
+with one line on standard error that says what is wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Sequence
+
+from . import __version__
+
+#: Exit statuses.
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+# systemd.socket(5): a FileDescriptorName= is at most 255 characters, with
+# no colon (it separates names in LISTEN_FDNAMES) and no control characters.
+_MAX_NAME_LENGTH = 255
+
+_SERVE_EPILOG = """\
+Under systemd (socket activation), fastpoetry serves on the sockets the
+socket unit passes and ignores --iface and --port. A socket whose
+FileDescriptorName= is NAME serves the poem given as --poem NAME=FILE; any
+other socket serves the poem given without a name, or the only poem.
+Without socket activation it listens on --iface and --port itself.
+
+Signals: SIGHUP re-reads every poem file (all are replaced, or none);
+SIGTERM and SIGINT stop accepting and let poems in flight finish within
+--shutdown-timeout.
+
+Exit status: 0 after a clean shutdown, 1 when the server cannot start,
+2 for a usage error.
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line, with exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text, 10)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0 to 65535)")
+    return port
+
+
+def _seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not (seconds > 0 and math.isfinite(seconds)):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return seconds
+
+
+def _poem(text: str):  # -> PoemSpec, imported late to keep --help fast
+    from .app import PoemSpec
+
+    name, sep, path = text.partition("=")
+    if not sep or "/" in name:  # a plain path, which may itself contain '='
+        name, path = "", text
+    elif not name:
+        raise argparse.ArgumentTypeError(f"{text!r} has an empty NAME before '='")
+    if not path:
+        raise argparse.ArgumentTypeError(f"{text!r} names no FILE")
+    if name and (
+        len(name) > _MAX_NAME_LENGTH or ":" in name or not name.isprintable()
+    ):
+        raise argparse.ArgumentTypeError(
+            f"{name!r} cannot be a socket name (FileDescriptorName=: "
+            f"up to {_MAX_NAME_LENGTH} printable characters, no ':')"
+        )
+    return PoemSpec(path=path, name=name or None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .logs import LEVELS, TARGETS
+
+    parser = _Parser(
+        prog="fastpoetry",
+        description="A systemd-native fast poetry server: every client that "
+        "connects receives one whole poem, then the connection is closed.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    serve = commands.add_parser(
+        "serve",
+        help="serve poems (under systemd or in the foreground)",
+        description="Serve poems: a client connects, receives the poem, and is disconnected.",
+        epilog=_SERVE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    serve.add_argument(
+        "--poem",
+        dest="poems",
+        metavar="[NAME=]FILE",
+        type=_poem,
+        action="append",
+        help="serve the poem in FILE, on the sockets named NAME if given; "
+        "repeat for several poems (default: a poem that comes with fastpoetry)",
+    )
+    serve.add_argument(
+        "--port",
+        type=_port,
+        default=10000,
+        help="port to listen on without socket activation; 0 picks a free one (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--iface",
+        default="localhost",
+        metavar="ADDR",
+        help="interface (host name or address) to listen on without socket "
+        "activation; '' for all (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--shutdown-timeout",
+        type=_seconds,
+        default=5.0,
+        metavar="SECONDS",
+        help="on SIGTERM, how long poems in flight may take to finish (default: %(default)g)",
+    )
+    serve.add_argument(
+        "--send-timeout",
+        type=_seconds,
+        default=30.0,
+        metavar="SECONDS",
+        help="drop a client that takes longer than this to receive its poem, "
+        "or to close once it has it (default: %(default)g)",
+    )
+    serve.add_argument(
+        "--summary-interval",
+        type=_seconds,
+        default=60.0,
+        metavar="SECONDS",
+        help="log how many poems were served every SECONDS (default: %(default)g)",
+    )
+    serve.add_argument(
+        "--log-level",
+        choices=LEVELS,
+        default="info",
+        help="least important messages logged; 'debug' logs every client (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--log-target",
+        choices=TARGETS,
+        default="auto",
+        help="'auto' logs to the journal when running under systemd and to "
+        "standard error otherwise (default: %(default)s)",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        return _serve(parser, args)
+    parser.error(f"unknown command {args.command!r}")  # unreachable: argparse checks
+    return EXIT_USAGE
+
+
+def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from . import app, logs
+
+    # Before anything slow: a signal from now on waits for the event loop.
+    app.block_signals()
+    poems = args.poems or [app.PoemSpec(app.DEFAULT_POEM_PATH)]
+    names = [spec.name for spec in poems if spec.name is not None]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        parser.error(f"--poem: the name {duplicates[0]!r} is given more than once")
+    if len(poems) - len(names) > 1:
+        parser.error("--poem: only one poem can be given without a NAME=")
+    logs.setup(args.log_level, args.log_target)
+    config = app.ServeConfig(
+        poems=poems,
+        iface=args.iface,
+        port=args.port,
+        shutdown_timeout=args.shutdown_timeout,
+        send_timeout=args.send_timeout,
+        summary_interval=args.summary_interval,
+    )
+    return app.run(config)
+

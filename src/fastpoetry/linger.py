@@ -1,0 +1,121 @@
+"""Closing connections without destroying the poem on its way out.
+
+A socket closed while input it has not read is waiting is reset instead of
+closed, and a reset throws away whatever the kernel still had to send
+(RFC 1122, 4.2.2.13).  Poetry clients may send something (a newline, an
+HTTP request) at any time, and the poem must survive it.  So a connection
+that has its whole poem is shut down for writing, which lets the client see
+the end of the poem, and then kept open, reading and discarding what the
+client sends, until the client closes its side or a timeout passes.
+
+One task watches every lingering socket through a private epoll instance,
+so finishing a connection costs a few system calls and no task of its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import socket
+
+import trio
+
+log = logging.getLogger(__name__)
+
+#: How often sockets whose timeout has passed are closed, in seconds.
+SWEEP_INTERVAL = 1.0
+
+#: How much unwanted input is read from one client per wake-up, so that a
+#: client streaming data cannot keep the closer from the others.
+DRAIN_LIMIT = 16 * 65536
+
+_WATCHED = select.EPOLLIN | select.EPOLLRDHUP
+
+
+class LingeringCloser:
+    """Closes sockets once their clients have closed, or after ``timeout``.
+
+    :meth:`close_when_done` takes a socket whose write side is shut down;
+    :meth:`run` does the waiting and must be running for sockets to close.
+    """
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self._epoll = select.epoll()
+        # Insertion order is deadline order, since every socket gets the same
+        # timeout: the expired ones are always at the front.
+        self._lingering: dict[int, tuple[socket.socket, float]] = {}
+        self._finishing = False
+        self._wait = trio.CancelScope()
+
+    def __len__(self) -> int:
+        return len(self._lingering)
+
+    def close_when_done(self, sock: socket.socket) -> None:
+        """Close ``sock`` once its client has closed or the timeout passed."""
+        fd = sock.fileno()
+        try:
+            self._epoll.register(fd, _WATCHED)
+        except OSError:
+            sock.close()
+            return
+        self._lingering[fd] = (sock, trio.current_time() + self.timeout)
+
+    def finish(self) -> None:
+        """Let :meth:`run` return as soon as no socket is left."""
+        self._finishing = True
+        self._wait.cancel()
+
+    async def run(self) -> None:
+        """Close sockets as their clients finish, until :meth:`finish`.
+
+        Cancelling it closes every socket still lingering at once.
+        """
+        try:
+            while self._lingering or not self._finishing:
+                with trio.move_on_after(SWEEP_INTERVAL) as self._wait:
+                    if self._finishing:
+                        self._wait.cancel()
+                    await trio.lowlevel.wait_readable(self._epoll.fileno())
+                self._close_finished()
+                self._close_expired()
+        finally:
+            for sock, _ in self._lingering.values():
+                sock.close()
+            self._lingering.clear()
+            self._epoll.close()
+
+    def _close_finished(self) -> None:
+        for fd, _ in self._epoll.poll(0):
+            entry = self._lingering.get(fd)
+            if entry is not None and _client_is_done(entry[0]):
+                del self._lingering[fd]
+                entry[0].close()
+
+    def _close_expired(self) -> None:
+        now = trio.current_time()
+        expired = []
+        for fd, (sock, deadline) in self._lingering.items():
+            if deadline > now:
+                break
+            expired.append(fd)
+        for fd in expired:
+            sock, _ = self._lingering.pop(fd)
+            log.debug("closing a connection whose client did not close within %g s", self.timeout)
+            sock.close()
+
+
+def _client_is_done(sock: socket.socket) -> bool:
+    """Read and discard what the client sent; true once it has closed."""
+    received = 0
+    try:
+        while received < DRAIN_LIMIT:
+            data = sock.recv(65536, socket.MSG_DONTWAIT)
+            if not data:
+                return True
+            received += len(data)
+    except BlockingIOError:
+        return False
+    except OSError:  # reset by the client: nothing left to protect
+        return True
+    return False

@@ -1,0 +1,134 @@
+"""Listening sockets: binding our own, adopting inherited ones, naming them.
+
+The serving path takes plain listening stream sockets and never asks where
+they came from; this module is where they come from.  An adopted socket is
+shared with the service manager that passed it, so it is only ever closed
+here, never shut down, and ``listen()`` is never called on it again (that
+would override the socket unit's Backlog=).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+
+log = logging.getLogger(__name__)
+
+#: The queue of connections not yet accepted; the kernel caps it at
+#: net.core.somaxconn.
+BACKLOG = socket.SOMAXCONN
+
+_SERVED_FAMILIES = (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX)
+
+# An address of a family the host cannot use (no IPv6, say) is skipped as
+# long as another address of the same interface could be bound.
+_SKIPPABLE_ERRNOS = (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL)
+
+
+class ListenerError(Exception):
+    """A socket that cannot be listened on or served from."""
+
+
+def bind(iface: str, port: int) -> list[socket.socket]:
+    """Listen on every address ``iface`` resolves to, at ``port``.
+
+    ``localhost`` gives both 127.0.0.1 and ::1; an IPv6 socket is made
+    IPv6-only so that it does not collide with the IPv4 one.  Returns the
+    listening sockets, non-blocking; raises :exc:`ListenerError` when the
+    name does not resolve or no address can be bound.
+    """
+    try:
+        infos = socket.getaddrinfo(
+            iface or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror as exc:
+        raise ListenerError(f"cannot resolve --iface {iface!r}: {exc.strerror}") from None
+    addresses = list(dict.fromkeys((family, sockaddr) for family, _, _, _, sockaddr in infos))
+    listeners: list[socket.socket] = []
+    skipped: list[str] = []
+    try:
+        for family, sockaddr in addresses:
+            shown = _format_address(family, sockaddr)
+            try:
+                sock = socket.create_server(sockaddr, family=family, backlog=BACKLOG)
+            except OSError as exc:
+                if exc.errno in _SKIPPABLE_ERRNOS:
+                    skipped.append(f"{shown} ({_reason(exc)})")
+                    continue
+                raise ListenerError(f"cannot listen on {shown}: {_reason(exc)}") from None
+            sock.setblocking(False)
+            listeners.append(sock)
+    except BaseException:
+        for sock in listeners:
+            sock.close()
+        raise
+    if not listeners:
+        raise ListenerError(f"cannot listen on {', '.join(skipped)}")
+    for reason in skipped:
+        log.warning("not listening on %s", reason)
+    return listeners
+
+
+def adopt(fd: int) -> socket.socket:
+    """Take over the inherited descriptor ``fd`` as a listening socket.
+
+    It must be a listening stream socket of the IPv4, IPv6 or AF_UNIX family
+    (a unit with Accept=yes or ListenDatagram= passes something else).  On
+    :exc:`ListenerError` the descriptor is left open and untouched.
+    """
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as exc:
+        raise ListenerError(f"descriptor {fd} is not a socket: {_reason(exc)}") from None
+    try:
+        if sock.family not in _SERVED_FAMILIES:
+            raise ListenerError(f"descriptor {fd} is a socket of unsupported family {sock.family!r}")
+        if sock.type != socket.SOCK_STREAM:
+            raise ListenerError(f"descriptor {fd} is not a stream socket (ListenStream=)")
+        if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            raise ListenerError(f"descriptor {fd} is not listening (is Accept=yes set?)")
+    except BaseException:
+        sock.detach()
+        raise
+    sock.setblocking(False)
+    return sock
+
+
+def describe(sock: socket.socket) -> str:
+    """The local address of a listening socket, as an administrator writes it."""
+    try:
+        return _format_address(sock.family, sock.getsockname())
+    except OSError:
+        return f"descriptor {sock.fileno()}"
+
+
+def format_peer(family: int, address: object) -> str:
+    """The address of a connected client, for logs.
+
+    IPv4 clients of a dual-stack IPv6 socket (``::ffff:a.b.c.d``) are shown as
+    the IPv4 address they are.
+    """
+    return _format_address(family, address, peer=True)
+
+
+def _format_address(family: int, address: object, peer: bool = False) -> str:
+    if family == socket.AF_INET:
+        host, port = address  # type: ignore[misc]
+        return f"{host}:{port}"
+    if family == socket.AF_INET6:
+        host, port = address[:2]  # type: ignore[index]
+        if host.startswith("::ffff:") and "." in host:
+            return f"{host[7:]}:{port}"
+        return f"[{host}]:{port}"
+    if family == socket.AF_UNIX:
+        if isinstance(address, bytes):  # abstract namespace
+            address = "@" + address.lstrip(b"\0").decode("utf-8", "replace")
+        if not address:
+            return "unix client" if peer else "unix socket"
+        return f"unix:{address}"
+    return repr(address)
+
+
+def _reason(exc: OSError) -> str:
+    return (exc.strerror or str(exc)).lower()

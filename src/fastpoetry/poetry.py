@@ -1,0 +1,123 @@
+"""Poems: reading them from files, and the service that keeps one.
+
+:class:`PoetryService` knows a poem file and the poem it last read from it;
+it knows nothing about sockets.  Whatever serves the poem (the stream server
+here, a datagram or proxy front end tomorrow) asks it for :attr:`poem`.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import logging
+import os
+import stat
+
+import trio
+
+from .service import Service
+
+log = logging.getLogger(__name__)
+
+#: The poem served when the command line names none.
+DEFAULT_POEM_PATH = str(importlib.resources.files(__package__) / "default-poem.txt")
+
+# Opening a FIFO for reading would wait for a writer; O_NONBLOCK makes the
+# open return at once so that the type check below can refuse it.
+_OPEN_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
+
+_FILE_KINDS = {
+    stat.S_IFDIR: "a directory",
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+}
+
+
+class PoemError(Exception):
+    """A poem file that cannot be served; the message names file and reason."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"cannot load a poem from {path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+def read_poem(path: str) -> bytes:
+    """Read and check the poem in ``path``, returning its exact bytes.
+
+    A poem must be a regular file (or a link to one), readable, not empty,
+    and UTF-8 text.  Anything else raises :exc:`PoemError`.
+    """
+    try:
+        fd = os.open(path, _OPEN_FLAGS)
+    except OSError as exc:
+        raise PoemError(path, _describe(exc)) from None
+    with open(fd, "rb", closefd=True) as file:
+        kind = stat.S_IFMT(os.fstat(fd).st_mode)
+        if kind != stat.S_IFREG:
+            raise PoemError(path, f"not a regular file ({_FILE_KINDS.get(kind, 'special')})")
+        try:
+            poem = file.read()
+        except OSError as exc:
+            raise PoemError(path, _describe(exc)) from None
+    if not poem:
+        raise PoemError(path, "the file is empty")
+    try:
+        poem.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PoemError(
+            path, f"not UTF-8 text (byte 0x{poem[exc.start]:02x} at offset {exc.start})"
+        ) from None
+    return poem
+
+
+def _describe(exc: OSError) -> str:
+    return (exc.strerror or str(exc)).lower()
+
+
+class PoetryService(Service):
+    """Keeps the poem read from one file and re-reads it on demand.
+
+    The poem is replaced as a whole: a reader that took :attr:`poem` before a
+    reload keeps the old bytes, one that takes it after gets the new ones.
+    """
+
+    def __init__(self, path: str, poem_name: str | None = None) -> None:
+        super().__init__("poetry")
+        self.path = path
+        self.poem_name = poem_name
+        self._poem = b""
+
+    @property
+    def label(self) -> str:
+        """How people are told which poem this is: its name, or its file."""
+        return self.poem_name or os.path.basename(self.path)
+
+    @property
+    def poem(self) -> bytes:
+        """The poem being served."""
+        return self._poem
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        """Read the poem; :exc:`PoemError` leaves the service stopped."""
+        self.use(await self.read())
+        await super().start(nursery)
+
+    async def read(self) -> bytes:
+        """Read the file again without serving it yet (see :meth:`use`)."""
+        return await trio.to_thread.run_sync(read_poem, self.path)
+
+    def use(self, poem: bytes) -> None:
+        """Serve ``poem`` from now on."""
+        self._poem = poem
+        log.info(
+            "loaded a poem from: %s (%d bytes)",
+            self.path,
+            len(poem),
+            extra={"POEM": self.label, "POEM_FILE": self.path, "BYTES": len(poem)},
+        )
+
+    async def reload(self) -> None:
+        """Re-read the file; on :exc:`PoemError` the old poem stays."""
+        self.use(await self.read())

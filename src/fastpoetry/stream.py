@@ -1,0 +1,273 @@
+"""The serving path: one whole poem to every client of a stream socket.
+
+The protocol is the fast poetry server's: a client connects, receives the
+poem's bytes exactly, and the server closes the connection.
+
+Most poems fit in a socket's send buffer, so the common case is one
+``send()`` that takes the whole poem.  The accept loop is built for it: it
+accepts connections in batches, sends each poem straight from the loop,
+hands the finished connection to a :class:`~.linger.LingeringCloser`, and
+spawns a task only for a poem the kernel did not take at once.  (The
+idiomatic ``trio.serve_tcp`` spends a task and a stream object on every
+client and serves several times fewer poems a second.)
+
+The server takes ready-made listening sockets and does not care whether
+they were bound here or passed in by systemd.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+from typing import Protocol
+
+import trio
+
+from .linger import LingeringCloser
+from .listeners import describe, format_peer
+from .service import Service
+
+log = logging.getLogger(__name__)
+
+#: Connections accepted per wake-up before other tasks get a turn.
+ACCEPT_BATCH = 64
+
+#: How long to wait before accepting again when out of descriptors or memory.
+ACCEPT_RETRY = 0.1
+
+#: How often, at most, running out of descriptors or memory is logged.
+CAPACITY_LOG_INTERVAL = 10.0
+
+# accept() fails like this when the process or the system is out of a
+# resource; the connection stays queued, so wait and try again.
+_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+
+# accept() fails like this when the connection died while it was queued, or
+# a firewall refused it; it only concerns that one connection.
+_CONNECTION_ERRNOS = frozenset(
+    {
+        errno.ECONNABORTED,
+        errno.ECONNRESET,
+        errno.EPROTO,
+        errno.EPERM,
+        errno.ETIMEDOUT,
+        errno.EHOSTUNREACH,
+        errno.ENETUNREACH,
+        errno.ENETDOWN,
+        errno.EHOSTDOWN,
+        errno.ENONET,
+        errno.EOPNOTSUPP,
+    }
+)
+
+
+class PoemSource(Protocol):
+    """Where a server gets the poem it sends: a :class:`~.poetry.PoetryService`."""
+
+    @property
+    def poem(self) -> bytes: ...
+
+    @property
+    def label(self) -> str: ...
+
+
+class StreamServer(Service):
+    """Serves the poem of ``source`` on listening stream sockets.
+
+    The sockets (TCP or AF_UNIX, non-blocking) belong to the server from then
+    on and are closed when it stops accepting.  A client is dropped if it has
+    not taken the whole poem within ``send_timeout`` seconds, or has not
+    closed within that time once it has it.
+    """
+
+    def __init__(
+        self,
+        source: PoemSource,
+        listeners: list[socket.socket],
+        *,
+        send_timeout: float,
+        name: str = "stream",
+    ) -> None:
+        super().__init__(name)
+        self.source = source
+        self.listeners = listeners
+        self.send_timeout = send_timeout
+        #: Poems handed whole to the kernel, and their bytes.
+        self.poems_served = 0
+        self.bytes_served = 0
+        #: Poems being sent by a task of their own right now.
+        self.poems_in_flight = 0
+        self._closer = LingeringCloser(send_timeout)
+        self._accepting = trio.CancelScope()
+        self._everything = trio.CancelScope()
+        self._stopped = trio.Event()
+        self._capacity_logged_at = -CAPACITY_LOG_INTERVAL
+        self._capacity_failures = 0
+
+    @property
+    def clients_lingering(self) -> int:
+        """Clients that have their poem, but have not closed yet."""
+        return len(self._closer)
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        await super().start(nursery)
+        for sock in self.listeners:
+            log.info(
+                "serving %s on %s",
+                self.source.label,
+                describe(sock),
+                extra={"POEM": self.source.label, "LISTEN": describe(sock)},
+            )
+        nursery.start_soon(self._serve)
+
+    async def stop(self) -> None:
+        """Stop accepting, then wait for the poems in flight.
+
+        If the caller's deadline cuts the wait short, the connections still
+        open are closed at once.
+        """
+        await super().stop()
+        self._accepting.cancel()
+        try:
+            await self._stopped.wait()
+        finally:
+            self._everything.cancel()
+            with trio.CancelScope(shield=True):
+                await self._stopped.wait()
+
+    async def _serve(self) -> None:
+        try:
+            with self._everything:
+                async with trio.open_nursery() as lingering:
+                    lingering.start_soon(self._closer.run)
+                    async with trio.open_nursery() as senders:
+                        with self._accepting:
+                            async with trio.open_nursery() as acceptors:
+                                for sock in self.listeners:
+                                    acceptors.start_soon(self._accept_loop, sock, senders)
+                        self._close_listeners()
+                    self._closer.finish()
+        finally:
+            self._close_listeners()
+            self._stopped.set()
+
+    def _close_listeners(self) -> None:
+        # Only our descriptor goes; a socket systemd passed stays open in
+        # systemd and queues connections for the next start.
+        for sock in self.listeners:
+            sock.close()
+
+    async def _accept_loop(self, listener: socket.socket, senders: trio.Nursery) -> None:
+        accept = listener.accept
+        family = listener.family
+        finish = self._finish
+        while True:
+            await trio.lowlevel.wait_readable(listener)
+            poem = self.source.poem
+            size = len(poem)
+            debug = log.isEnabledFor(logging.DEBUG)
+            served = 0
+            for _ in range(ACCEPT_BATCH):
+                try:
+                    conn, address = accept()
+                except BlockingIOError:
+                    break
+                except OSError as exc:
+                    if exc.errno in _CONNECTION_ERRNOS:
+                        continue
+                    if exc.errno not in _CAPACITY_ERRNOS:
+                        raise
+                    self._report_capacity(listener, exc)
+                    await trio.sleep(ACCEPT_RETRY)
+                    break
+                if debug:
+                    self._log_sending(size, format_peer(family, address))
+                try:
+                    sent = conn.send(poem, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    sent = 0
+                except OSError as exc:
+                    _log_lost(exc)
+                    conn.close()
+                    continue
+                if sent == size:
+                    finish(conn)
+                    served += 1
+                else:
+                    senders.start_soon(self._send_rest, conn, poem, sent)
+            self.poems_served += served
+            self.bytes_served += served * size
+
+    async def _send_rest(self, conn: socket.socket, poem: bytes, sent: int) -> None:
+        """Send what the first ``send()`` left of ``poem``, then finish."""
+        view = memoryview(poem)
+        self.poems_in_flight += 1
+        try:
+            with trio.move_on_after(self.send_timeout) as timeout:
+                while sent < len(view):
+                    await trio.lowlevel.wait_writable(conn)
+                    try:
+                        sent += conn.send(view[sent:], socket.MSG_DONTWAIT)
+                    except BlockingIOError:
+                        pass
+        except OSError as exc:
+            _log_lost(exc)
+            conn.close()
+            return
+        except BaseException:
+            conn.close()
+            raise
+        finally:
+            self.poems_in_flight -= 1
+        if timeout.cancelled_caught:
+            log.info(
+                "dropped a client that did not take its poem within %g s (%d of %d bytes sent)",
+                self.send_timeout,
+                sent,
+                len(view),
+                extra={"POEM": self.source.label, "BYTES": sent},
+            )
+            conn.close()
+            return
+        self._finish(conn)
+        self.poems_served += 1
+        self.bytes_served += len(view)
+
+    def _finish(self, conn: socket.socket) -> None:
+        """The whole poem is with the kernel: end the stream, then linger."""
+        try:
+            conn.shutdown(socket.SHUT_WR)
+        except OSError:  # the client is already gone
+            conn.close()
+            return
+        self._closer.close_when_done(conn)
+
+    def _log_sending(self, size: int, peer: str) -> None:
+        log.debug(
+            "sending %d bytes of poetry to %s",
+            size,
+            peer,
+            extra={"POEM": self.source.label, "PEER": peer, "BYTES": size},
+        )
+
+    def _report_capacity(self, listener: socket.socket, exc: OSError) -> None:
+        # Every queued connection fails the same way until a descriptor is
+        # free again: say so once in a while, with how often it happened.
+        self._capacity_failures += 1
+        now = trio.current_time()
+        if now - self._capacity_logged_at < CAPACITY_LOG_INTERVAL:
+            return
+        log.warning(
+            "cannot accept connections on %s: %s; retrying (%d failed accepts since the last report)",
+            describe(listener),
+            (exc.strerror or str(exc)).lower(),
+            self._capacity_failures,
+            extra={"POEM": self.source.label, "ERRNO": exc.errno},
+        )
+        self._capacity_logged_at = now
+        self._capacity_failures = 0
+
+
+def _log_lost(exc: OSError) -> None:
+    log.debug("a client went away before it had its poem: %s", (exc.strerror or str(exc)).lower())

@@ -1,0 +1,232 @@
+"""Shared helpers: real clients, real server processes, a real NOTIFY_SOCKET.
+
+Every wait below has a generous limit (``WAIT``) that only turns a hang
+into a failure; no test asserts how fast anything is.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+POEMS = REPO / "poems"
+DEFAULT_POEM = REPO / "src" / "fastpoetry" / "default-poem.txt"
+
+#: Seconds after which a wait is a failure (a hang guard, not a speed limit).
+WAIT = 30.0
+
+# Variables a parent systemd may have set for the test runner itself; a
+# server started by a test must only see the ones the test gives it.
+_SYSTEMD_VARIABLES = (
+    "LISTEN_PID",
+    "LISTEN_FDS",
+    "LISTEN_FDNAMES",
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+    "JOURNAL_STREAM",
+)
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The environment for a child server: ours, minus systemd's, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if k not in _SYSTEMD_VARIABLES}
+    env.update(extra)
+    return env
+
+
+def fetch(
+    address: object,
+    family: int = socket.AF_INET,
+    send: bytes = b"",
+    timeout: float = WAIT,
+) -> bytes:
+    """Connect, optionally send ``send``, read to EOF, return what came."""
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(address)
+        if send:
+            sock.sendall(send)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def make_poem(path: Path, size: int, seed: str = "verse") -> bytes:
+    """Write a UTF-8 poem of exactly ``size`` bytes whose lines are numbered.
+
+    Numbered lines make a truncated or mixed poem show up as a mismatch.
+    """
+    lines = []
+    total = 0
+    number = 0
+    while total < size:
+        line = f"{seed} {number:08d}: the ferryman counts the lamps again\n"
+        lines.append(line)
+        total += len(line)
+        number += 1
+    text = "".join(lines).encode()[:size]
+    if not text.endswith(b"\n"):
+        text = text[:-1] + b"\n"
+    path.write_bytes(text)
+    return text
+
+
+class NotifySocket:
+    """A NOTIFY_SOCKET owned by the test: an AF_UNIX datagram socket."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        #: Every message received so far, each as ``{KEY: VALUE}``.
+        self.messages: list[dict[str, str]] = []
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def _receive(self, timeout: float) -> dict[str, str] | None:
+        self.sock.settimeout(timeout)
+        try:
+            data = self.sock.recv(65536)
+        except TimeoutError:
+            return None
+        fields = dict(
+            line.split("=", 1) for line in data.decode().splitlines() if "=" in line
+        )
+        self.messages.append(fields)
+        return fields
+
+    def wait_for(self, key: str, value: str | None = None, timeout: float = WAIT) -> dict[str, str]:
+        """Receive messages until one sets ``key`` (to ``value``, if given)."""
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            message = self._receive(left)
+            if message is not None and key in message and value in (None, message[key]):
+                return message
+        raise AssertionError(f"no {key}={value or '...'} within {timeout} s; got {self.messages}")
+
+    def drain(self, quiet: float = 0.2) -> list[dict[str, str]]:
+        """Receive until nothing has come for ``quiet`` seconds."""
+        while self._receive(quiet) is not None:
+            pass
+        return self.messages
+
+
+@pytest.fixture
+def notify_socket(tmp_path: Path) -> Iterator[NotifySocket]:
+    sock = NotifySocket(tmp_path / "notify")
+    yield sock
+    sock.close()
+
+
+class Server:
+    """A ``fastpoetry serve`` process; its standard error goes to a file."""
+
+    def __init__(
+        self,
+        args: list[str],
+        log_path: Path,
+        env: dict[str, str] | None = None,
+        command: list[str] | None = None,
+        **popen: object,
+    ) -> None:
+        self.log_path = log_path
+        self._log_file = open(log_path, "wb")
+        argv = (command or []) + [sys.executable, "-m", "fastpoetry", *args]
+        self.process = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            env=env if env is not None else clean_env(),
+            **popen,  # type: ignore[arg-type]
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for_log(self, pattern: str, timeout: float = WAIT) -> re.Match[str]:
+        """Wait until the log matches ``pattern`` (a regular expression)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            match = re.search(pattern, self.log())
+            if match:
+                return match
+            if self.process.poll() is not None:
+                match = re.search(pattern, self.log())
+                if match:
+                    return match
+                raise AssertionError(
+                    f"server exited ({self.process.returncode}) before logging {pattern!r}:\n{self.log()}"
+                )
+            time.sleep(0.02)
+        raise AssertionError(f"no {pattern!r} in the log within {timeout} s:\n{self.log()}")
+
+    def wait_ready(self) -> None:
+        self.wait_for_log(r"INFO: ready: ")
+
+    def address(self) -> tuple[str, int]:
+        """The first TCP address it said it serves on."""
+        match = self.wait_for_log(r"serving .* on (\d+\.\d+\.\d+\.\d+):(\d+)")
+        return match.group(1), int(match.group(2))
+
+    def send_signal(self, signum: int) -> None:
+        self.process.send_signal(signum)
+
+    def wait(self, timeout: float = WAIT) -> int:
+        return self.process.wait(timeout)
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(WAIT)
+        self._log_file.close()
+
+
+@pytest.fixture
+def start_server(tmp_path: Path) -> Iterator[object]:
+    """Start ``fastpoetry ARGS...``; every server is killed at teardown."""
+    servers: list[Server] = []
+
+    def start(*args: str, env: dict[str, str] | None = None, **popen: object) -> Server:
+        server = Server(list(args), tmp_path / f"server-{len(servers)}.log", env=env, **popen)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+@pytest.fixture
+def serve_foreground(start_server):  # type: ignore[no-untyped-def]
+    """Start ``fastpoetry serve`` on 127.0.0.1, a free port; wait until ready."""
+
+    def serve(*args: str, env: dict[str, str] | None = None) -> Server:
+        server = start_server("serve", "--iface", "127.0.0.1", "--port", "0", *args, env=env)
+        server.wait_ready()
+        return server
+
+    return serve
+
+
+def terminate(server: Server) -> int:
+    """SIGTERM the server and return its exit status."""
+    server.send_signal(signal.SIGTERM)
+    return server.wait()
