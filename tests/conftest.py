@@ -144,7 +144,7 @@ class Server:
     ) -> None:
         self.log_path = log_path
         self._log_file = open(log_path, "wb")
-        argv = (command or []) + [sys.executable, "-m", "fastpoetry", *args]
+        argv = (command or [sys.executable, "-m", "fastpoetry"]) + list(args)
         self.process = subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,
@@ -230,3 +230,54 @@ def terminate(server: Server) -> int:
     """SIGTERM the server and return its exit status."""
     server.send_signal(signal.SIGTERM)
     return server.wait()
+
+
+# Run as the child of a socket-activated server: move the passed sockets to
+# descriptors 3, 4, ... (sd_listen_fds(3) expects them there), set LISTEN_PID
+# to this process, which exec keeps, and become the server.
+_ACTIVATE = r"""
+import fcntl, os, sys
+fds = [int(fd) for fd in os.environ.pop("TEST_PASS_FDS").split(",") if fd]
+high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 100) for fd in fds]
+for index, fd in enumerate(high):
+    os.dup2(fd, 3 + index)
+    os.close(fd)
+os.environ["LISTEN_PID"] = str(os.getpid())
+os.execv(sys.executable, [sys.executable, "-m", "fastpoetry", *sys.argv[1:]])
+"""
+
+
+def start_activated(
+    start_server,  # type: ignore[no-untyped-def]
+    sockets: list[socket.socket],
+    *args: str,
+    names: list[str] | None = None,
+    env: dict[str, str] | None = None,
+) -> Server:
+    """Start ``fastpoetry ARGS`` the way systemd would, passing ``sockets``.
+
+    LISTEN_FDS, LISTEN_PID and (with ``names``) LISTEN_FDNAMES are set as
+    systemd sets them; the test keeps its own copy of every socket, as
+    systemd does.
+    """
+    variables = dict(env if env is not None else clean_env())
+    variables["LISTEN_FDS"] = str(len(sockets))
+    variables["TEST_PASS_FDS"] = ",".join(str(sock.fileno()) for sock in sockets)
+    if names is not None:
+        variables["LISTEN_FDNAMES"] = ":".join(names)
+    return start_server(
+        *args,
+        env=variables,
+        command=[sys.executable, "-c", _ACTIVATE],
+        pass_fds=[sock.fileno() for sock in sockets],
+    )
+
+
+def listening_socket(family: int = socket.AF_INET, address: object = ("127.0.0.1", 0), backlog: int = 16) -> socket.socket:
+    """A listening stream socket, as a socket unit would create it."""
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    if family != socket.AF_UNIX:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(address)
+    sock.listen(backlog)
+    return sock

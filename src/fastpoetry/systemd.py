@@ -23,6 +23,8 @@ UNNAMED_SOCKET = "unknown"
 
 _IDENTIFIER = "fastpoetry"
 
+_LISTEN_VARIABLES = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
+
 # One warning is enough when NOTIFY_SOCKET points nowhere: the service
 # would otherwise repeat it at every status update.
 _notify_failed = False
@@ -44,12 +46,17 @@ def listen_sockets() -> dict[int, str]:
     Raises :exc:`ActivationError` when the variables are meant for this
     process but are not valid.
     """
-    seen = {name: os.environ.get(name) for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")}
+    seen = {name: os.environ.get(name) for name in _LISTEN_VARIABLES}
     try:
         return systemd.daemon.listen_fds_with_names(unset_environment=True)
     except (OSError, ValueError) as exc:
         shown = " ".join(f"{key}={value!r}" for key, value in seen.items() if value is not None)
         raise ActivationError(f"cannot use the sockets passed by systemd ({shown}): {exc}") from None
+    finally:
+        # libsystemd unsets them in the C environment only; os.environ is
+        # Python's own copy, and the one subprocesses inherit.
+        for name in _LISTEN_VARIABLES:
+            os.environ.pop(name, None)
 
 
 def watchdog_interval() -> float | None:
