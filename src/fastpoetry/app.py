@@ -231,7 +231,9 @@ async def _build(config: ServeConfig, sockets: list[tuple[str | None, socket.soc
         poets.append(poet)
     reporter = Reporter(poets, servers)
     await app.add(TimerService(STATUS_INTERVAL, reporter.update_status, name="status"))
-    await app.add(TimerService(config.summary_interval, reporter.log_summary, name="summary"))
+    await app.add(
+        TimerService(config.summary_interval, reporter.log_summary, name="summary", now=False)
+    )
     return _Server(app, poets, reporter)
 
 

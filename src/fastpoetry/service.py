@@ -148,8 +148,9 @@ class Application(MultiService):
 class TimerService(Service):
     """Calls a function every ``step`` seconds while running.
 
-    The first call is made at start; the function runs on the event loop,
-    so a call that stops coming means the loop itself is stuck.
+    The first call is made at start, or one step later if ``now`` is false.
+    The function runs on the event loop, so a call that stops coming means
+    the loop itself is stuck.
     """
 
     def __init__(
@@ -157,10 +158,13 @@ class TimerService(Service):
         step: float,
         function: Callable[[], object],
         name: str | None = None,
+        *,
+        now: bool = True,
     ) -> None:
         super().__init__(name)
         self.step = step
         self.function = function
+        self.now = now
         self._task = _BackgroundTask()
 
     async def start(self, nursery: trio.Nursery) -> None:
@@ -172,6 +176,8 @@ class TimerService(Service):
         await self._task.cancel()
 
     async def _run(self) -> None:
+        if not self.now:
+            await trio.sleep(self.step)
         while True:
             self.function()
             await trio.sleep(self.step)
