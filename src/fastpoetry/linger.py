@@ -74,8 +74,6 @@ class LingeringCloser:
         try:
             while self._lingering or not self._finishing:
                 with trio.move_on_after(SWEEP_INTERVAL) as self._wait:
-                    if self._finishing:
-                        self._wait.cancel()
                     await trio.lowlevel.wait_readable(self._epoll.fileno())
                 self._close_finished()
                 self._close_expired()

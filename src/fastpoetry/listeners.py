@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import socket
 
 log = logging.getLogger(__name__)
@@ -131,4 +132,6 @@ def _format_address(family: int, address: object, peer: bool = False) -> str:
 
 
 def _reason(exc: OSError) -> str:
-    return (exc.strerror or str(exc)).lower()
+    # os.strerror: create_server() appends the address to exc.strerror, and
+    # the callers name the address themselves.
+    return (os.strerror(exc.errno) if exc.errno else str(exc)).lower()

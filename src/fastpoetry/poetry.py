@@ -53,10 +53,17 @@ def read_poem(path: str) -> bytes:
         fd = os.open(path, _OPEN_FLAGS)
     except OSError as exc:
         raise PoemError(path, _describe(exc)) from None
-    with open(fd, "rb", closefd=True) as file:
+    try:
+        # Check the type before open(): it refuses a directory on its own,
+        # with an error of its own and without closing the descriptor.
         kind = stat.S_IFMT(os.fstat(fd).st_mode)
         if kind != stat.S_IFREG:
             raise PoemError(path, f"not a regular file ({_FILE_KINDS.get(kind, 'special')})")
+        file = open(fd, "rb", closefd=True)
+    except BaseException:
+        os.close(fd)
+        raise
+    with file:
         try:
             poem = file.read()
         except OSError as exc:

@@ -88,6 +88,8 @@ class MultiService(Service):
 
     async def add(self, child: Service) -> None:
         """Add ``child`` last; start it now if this collection is running."""
+        if isinstance(child, Application):
+            raise RuntimeError("an application is the root of its tree")
         if child.parent is not None:
             raise RuntimeError(f"{child!r} already belongs to {child.parent!r}")
         if child.name is not None and child.name in self._named:
@@ -139,10 +141,7 @@ class MultiService(Service):
 
 
 class Application(MultiService):
-    """The root of a service tree: a collection that has no parent."""
-
-    async def attach(self, parent: MultiService) -> None:
-        raise RuntimeError("an application is the root of its tree")
+    """The root of a service tree: a collection that no collection can hold."""
 
 
 class TimerService(Service):
