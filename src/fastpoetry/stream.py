@@ -57,6 +57,7 @@ _CONNECTION_ERRNOS = frozenset(
         errno.ENETDOWN,
         errno.EHOSTDOWN,
         errno.ENONET,
+        errno.ENOPROTOOPT,
         errno.EOPNOTSUPP,
     }
 )
@@ -168,6 +169,7 @@ class StreamServer(Service):
             size = len(poem)
             debug = log.isEnabledFor(logging.DEBUG)
             served = 0
+            exhausted = False
             for _ in range(ACCEPT_BATCH):
                 try:
                     conn, address = accept()
@@ -179,7 +181,7 @@ class StreamServer(Service):
                     if exc.errno not in _CAPACITY_ERRNOS:
                         raise
                     self._report_capacity(listener, exc)
-                    await trio.sleep(ACCEPT_RETRY)
+                    exhausted = True
                     break
                 if debug:
                     self._log_sending(size, format_peer(family, address))
@@ -198,28 +200,44 @@ class StreamServer(Service):
                     senders.start_soon(self._send_rest, conn, poem, sent)
             self.poems_served += served
             self.bytes_served += served * size
+            if exhausted:
+                await trio.sleep(ACCEPT_RETRY)
 
     async def _send_rest(self, conn: socket.socket, poem: bytes, sent: int) -> None:
-        """Send what the first ``send()`` left of ``poem``, then finish."""
+        """Send what the first ``send()`` left of ``poem``, then finish.
+
+        What the client sends meanwhile is read and dropped: a client that
+        writes more than the socket buffers hold before it reads would
+        otherwise wait on us while we wait on it.
+        """
         view = memoryview(poem)
+        failure: OSError | None = None
         self.poems_in_flight += 1
         try:
             with trio.move_on_after(self.send_timeout) as timeout:
-                while sent < len(view):
-                    await trio.lowlevel.wait_writable(conn)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_discard_input, conn)
+                    # Caught here, not around the nursery, which would wrap
+                    # it in an exception group.
                     try:
-                        sent += conn.send(view[sent:], socket.MSG_DONTWAIT)
-                    except BlockingIOError:
-                        pass
-        except OSError as exc:
-            _log_lost(exc)
-            conn.close()
-            return
+                        while sent < len(view):
+                            await trio.lowlevel.wait_writable(conn)
+                            try:
+                                sent += conn.send(view[sent:], socket.MSG_DONTWAIT)
+                            except BlockingIOError:
+                                pass
+                    except OSError as exc:
+                        failure = exc
+                    nursery.cancel_scope.cancel()
         except BaseException:
             conn.close()
             raise
         finally:
             self.poems_in_flight -= 1
+        if failure is not None:
+            _log_lost(failure)
+            conn.close()
+            return
         if timeout.cancelled_caught:
             log.info(
                 "dropped a client that did not take its poem within %g s (%d of %d bytes sent)",
@@ -267,6 +285,20 @@ class StreamServer(Service):
         )
         self._capacity_logged_at = now
         self._capacity_failures = 0
+
+
+async def _discard_input(conn: socket.socket) -> None:
+    """Read and drop whatever the client sends, until it stops sending."""
+    while True:
+        await trio.lowlevel.wait_readable(conn)
+        try:
+            while conn.recv(65536, socket.MSG_DONTWAIT):
+                pass
+            return  # end of input: nothing more will come
+        except BlockingIOError:
+            continue
+        except OSError:
+            return  # the sending side will see the same error
 
 
 def _log_lost(exc: OSError) -> None:
