@@ -171,10 +171,13 @@ async def test_run_after_finish_returns_at_once(autojump_clock: trio.testing.Moc
     assert trio.current_time() == started
 
 
-async def test_finish_waits_for_lingering_sockets() -> None:
-    """After finish(), run() returns only once the last lingering socket has closed."""
-    server, client = finished_unix()
+async def test_finish_waits_until_the_client_has_everything() -> None:
+    """After finish(), a socket stays until its client holds every byte sent to it."""
+    server, client = unix_pair()
     with server, client:
+        server.sendall(b"the last stanza\n")
+        server.shutdown(socket.SHUT_WR)
+        client.settimeout(WAIT)
         closer = LingeringCloser(NEVER)
         returned = trio.Event()
 
@@ -188,11 +191,25 @@ async def test_finish_waits_for_lingering_sockets() -> None:
                 closer.close_when_done(server)
                 await trio.testing.wait_all_tasks_blocked()
                 closer.finish()
-                for _ in range(20):  # give run() every chance to return early
-                    await trio.sleep(0)
+                await trio.sleep(0.2)  # several finishing passes
                 assert not returned.is_set() and server.fileno() != -1
-                client.close()
+                assert client.recv(100) == b"the last stanza\n"
                 await returned.wait()
+        assert server.fileno() == -1
+        assert client.recv(100) == b""  # a clean end, though it never closed
+
+
+async def test_finish_does_not_wait_for_a_client_that_keeps_its_end_open() -> None:
+    """A client holding everything but never closing cannot hold up finish()."""
+    server, client = finished_unix()
+    with server, client:
+        closer = LingeringCloser(NEVER)
+        with trio.fail_after(WAIT):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(closer.run)
+                closer.close_when_done(server)
+                await trio.testing.wait_all_tasks_blocked()
+                closer.finish()
         assert server.fileno() == -1
 
 

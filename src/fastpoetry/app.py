@@ -88,23 +88,34 @@ def run(config: ServeConfig) -> int:
     is logged and given to systemd as STATUS=).
     """
     block_signals()
-    return trio.run(_serve, config)
+    # A signal that comes while the process exits must not kill it, in any
+    # thread. The receiver puts back the handlers it found when it closes:
+    # finding this one, not the default action, covers the way out of the
+    # event loop. SIG_IGN would also drop the signals held back during
+    # start-up, so it is only set once serving is over; the interpreter
+    # resets Python handlers to the default action when it finalizes, but
+    # leaves SIG_IGN alone.
+    for signum in SIGNALS:
+        signal.signal(signum, _ignore_late_signal)
+    try:
+        return trio.run(_serve, config)
+    finally:
+        for signum in SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
+
+
+def _ignore_late_signal(signum: int, frame: object) -> None:
+    """Handler for the signals that arrive once serving is over."""
 
 
 async def _serve(config: ServeConfig) -> int:
     with trio.open_signal_receiver(*SIGNALS) as signals:
         # Signals held back since start-up are delivered now, to the receiver.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
-        try:
-            async with trio.open_nursery() as nursery:
-                status = await _run_until_stopped(config, nursery, signals)
-                nursery.cancel_scope.cancel()
-            return status
-        finally:
-            # Whatever arrives from now on must not kill a process that is
-            # exiting cleanly: once the receiver is closed, the default
-            # action would apply.
-            block_signals()
+        async with trio.open_nursery() as nursery:
+            status = await _run_until_stopped(config, nursery, signals)
+            nursery.cancel_scope.cancel()
+        return status
 
 
 async def _run_until_stopped(

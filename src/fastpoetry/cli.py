@@ -44,10 +44,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _port(text: str) -> int:
-    try:
-        port = int(text, 10)
-    except ValueError:
-        port = -1
+    # int() alone would also take "8_0" and digits of other scripts.
+    port = int(text) if text.isascii() and text.isdigit() else -1
     if not 0 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0 to 65535)")
     return port
@@ -100,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_SERVE_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    serve.set_defaults(command_parser=serve)
     serve.add_argument(
         "--poem",
         dest="poems",
@@ -165,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "serve":
-        return _serve(parser, args)
+        return _serve(args.command_parser, args)
     parser.error(f"unknown command {args.command!r}")  # unreachable: argparse checks
     return EXIT_USAGE
 

@@ -14,9 +14,12 @@ so finishing a connection costs a few system calls and no task of its own.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import select
 import socket
+import sys
+import termios
 
 import trio
 
@@ -24,6 +27,10 @@ log = logging.getLogger(__name__)
 
 #: How often sockets whose timeout has passed are closed, in seconds.
 SWEEP_INTERVAL = 1.0
+
+#: While finishing, how often to look for sockets whose client has received
+#: everything, in seconds.
+FINISH_INTERVAL = 0.05
 
 #: How much unwanted input is read from one client per wake-up, so that a
 #: client streaming data cannot keep the closer from the others.
@@ -62,7 +69,12 @@ class LingeringCloser:
         self._lingering[fd] = (sock, trio.current_time() + self.timeout)
 
     def finish(self) -> None:
-        """Let :meth:`run` return as soon as no socket is left."""
+        """Let :meth:`run` return as soon as no socket is left.
+
+        From now on a socket is also closed once the client has acknowledged
+        every byte sent to it: nothing is left that a reset could destroy,
+        and a client that keeps its end open cannot hold up a shutdown.
+        """
         self._finishing = True
         self._wait.cancel()
 
@@ -73,10 +85,13 @@ class LingeringCloser:
         """
         try:
             while self._lingering or not self._finishing:
-                with trio.move_on_after(SWEEP_INTERVAL) as self._wait:
+                interval = FINISH_INTERVAL if self._finishing else SWEEP_INTERVAL
+                with trio.move_on_after(interval) as self._wait:
                     await trio.lowlevel.wait_readable(self._epoll.fileno())
                 self._close_finished()
                 self._close_expired()
+                if self._finishing:
+                    self._close_acknowledged()
         finally:
             for sock, _ in self._lingering.values():
                 sock.close()
@@ -90,6 +105,15 @@ class LingeringCloser:
                 del self._lingering[fd]
                 entry[0].close()
 
+    def _close_acknowledged(self) -> None:
+        acknowledged = [
+            fd for fd, (sock, _) in self._lingering.items() if _unacknowledged(sock) == 0
+        ]
+        for fd in acknowledged:
+            sock, _ = self._lingering.pop(fd)
+            _client_is_done(sock)  # read what it sent, so closing does not reset
+            sock.close()
+
     def _close_expired(self) -> None:
         now = trio.current_time()
         expired = []
@@ -101,6 +125,15 @@ class LingeringCloser:
             sock, _ = self._lingering.pop(fd)
             log.debug("closing a connection whose client did not close within %g s", self.timeout)
             sock.close()
+
+
+def _unacknowledged(sock: socket.socket) -> int:
+    """Bytes sent on ``sock`` that the client has not acknowledged (SIOCOUTQ)."""
+    try:
+        out = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4)
+    except OSError:
+        return 0
+    return int.from_bytes(out, sys.byteorder, signed=True)
 
 
 def _client_is_done(sock: socket.socket) -> bool:

@@ -1,0 +1,285 @@
+"""The ``fastpoetry`` command line, run as a real process.
+
+Usage errors exit 2, runtime errors 1, each with one line that says what is
+wrong and never a traceback; a runtime error is also given to systemd as
+``STATUS=Failed to start: ...``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+import fastpoetry
+from conftest import (
+    DEFAULT_POEM,
+    POEMS,
+    WAIT,
+    NotifySocket,
+    Server,
+    clean_env,
+    fetch,
+    terminate,
+)
+
+PYTHON_M = [sys.executable, "-m", "fastpoetry"]
+SCRIPT = [str(Path(sys.executable).parent / "fastpoetry")]
+ENTRY_POINTS = pytest.mark.parametrize(
+    "entry", [PYTHON_M, SCRIPT], ids=["python-m", "console-script"]
+)
+
+SERVE_OPTIONS = (
+    "--poem",
+    "--port",
+    "--iface",
+    "--shutdown-timeout",
+    "--send-timeout",
+    "--summary-interval",
+    "--log-level",
+    "--log-target",
+)
+
+LANTERN = POEMS / "lantern.txt"
+LEDGER = POEMS / "harbour-ledger.txt"
+
+# A line the server logs to standard error; anything else there (a
+# traceback, say) is not a one-line error.
+LOG_LINE = re.compile(
+    r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} fastpoetry\[\d+\] (DEBUG|INFO|WARNING|ERROR): .+"
+)
+
+# Bound to 127.0.0.1 on a port of its own choosing, so a server that wrongly
+# starts does not collide with anything and is caught by the hang guard.
+LOCAL = ["--iface", "127.0.0.1", "--port", "0"]
+
+
+def run(
+    *args: str, entry: list[str] = PYTHON_M, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run the command line to completion (WAIT is a hang guard)."""
+    return subprocess.run(
+        [*entry, *args],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        errors="replace",
+        env=env if env is not None else clean_env(),
+        timeout=WAIT,
+    )
+
+
+def assert_usage_error(result: subprocess.CompletedProcess[str], *words: str) -> None:
+    """Exit 2, nothing on stdout, one line on stderr that contains ``words``."""
+    assert result.returncode == 2, result
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("fastpoetry"), lines[0]
+    assert "error:" in lines[0]
+    for word in words:
+        assert word in lines[0], f"{word!r} not in {lines[0]!r}"
+
+
+def assert_failed_to_start(
+    result: subprocess.CompletedProcess[str], notify: NotifySocket, *words: str
+) -> None:
+    """Exit 1, one ERROR log line with ``words``, no traceback, STATUS=Failed to start."""
+    assert result.returncode == 1, result
+    lines = result.stderr.splitlines()
+    strays = [line for line in lines if not LOG_LINE.fullmatch(line)]
+    assert not strays, result.stderr
+    errors = [line for line in lines if " ERROR: " in line]
+    assert len(errors) == 1, result.stderr
+    for word in words:
+        assert word in errors[0], f"{word!r} not in {errors[0]!r}"
+    status = notify.wait_for("STATUS")["STATUS"]
+    assert status.startswith("Failed to start: "), status
+    for word in words:
+        assert word in status, f"{word!r} not in {status!r}"
+    # The process has exited: whatever it sent is already queued.
+    assert not any("READY" in message for message in notify.drain(0.01)), notify.messages
+
+
+# -- version and help ----------------------------------------------------------
+
+
+@ENTRY_POINTS
+def test_version(entry: list[str]) -> None:
+    """--version prints the package version and exits 0."""
+    result = run("--version", entry=entry)
+    assert result.returncode == 0, result
+    assert result.stdout == f"fastpoetry {fastpoetry.__version__}\n"
+    assert result.stderr == ""
+
+
+def test_version_is_the_released_one() -> None:
+    """The version the command prints is 0.1.0, the one this test suite is for."""
+    assert run("--version").stdout == "fastpoetry 0.1.0\n"
+
+
+@ENTRY_POINTS
+def test_help_names_the_serve_command(entry: list[str]) -> None:
+    """--help exits 0 and lists the serve command and --version."""
+    result = run("--help", entry=entry)
+    assert result.returncode == 0, result
+    assert result.stderr == ""
+    assert re.search(r"^\s+serve\s", result.stdout, re.MULTILINE), result.stdout
+    assert "--version" in result.stdout
+
+
+def test_serve_help_names_every_option() -> None:
+    """serve --help exits 0 and documents every serve option."""
+    result = run("serve", "--help")
+    assert result.returncode == 0, result
+    assert result.stderr == ""
+    for option in SERVE_OPTIONS:
+        assert re.search(rf"^\s+{option}\b", result.stdout, re.MULTILINE), option
+    assert "SIGHUP" in result.stdout and "SIGTERM" in result.stdout
+
+
+# -- usage errors: exit 2 --------------------------------------------------------
+
+
+USAGE_ERRORS = {
+    "no command": ([], ["COMMAND", "required"]),
+    "unknown command": (["recite"], ["'recite'", "invalid choice"]),
+    "unknown serve option": (["serve", "--verbose"], ["--verbose", "unrecognized"]),
+    "unknown global option": (["--verbose", "serve"], ["--verbose", "unrecognized"]),
+    "port -1": (["serve", "--port", "-1"], ["--port", "'-1'"]),
+    "port 65536": (["serve", "--port", "65536"], ["--port", "'65536'"]),
+    "port abc": (["serve", "--port", "abc"], ["--port", "'abc'"]),
+    "shutdown-timeout 0": (["serve", "--shutdown-timeout", "0"], ["timeout", "'0'"]),
+    "shutdown-timeout -1": (["serve", "--shutdown-timeout", "-1"], ["timeout", "'-1'"]),
+    "shutdown-timeout nan": (["serve", "--shutdown-timeout", "nan"], ["timeout", "'nan'"]),
+    "shutdown-timeout inf": (["serve", "--shutdown-timeout", "inf"], ["timeout", "'inf'"]),
+    "poem without name": (["serve", "--poem", f"={LANTERN}"], ["--poem", "empty NAME"]),
+    "poem without file": (["serve", "--poem", "name="], ["--poem", "'name='", "no FILE"]),
+    "poem name with colon": (["serve", "--poem", f"a:b={LANTERN}"], ["--poem", "'a:b'", "':'"]),
+    "poem name too long": (["serve", "--poem", f"{'n' * 256}={LANTERN}"], ["--poem", "up to 255"]),
+    "same name twice": (
+        ["serve", *LOCAL, "--poem", f"verse={LANTERN}", "--poem", f"verse={LEDGER}"],
+        ["--poem", "'verse'", "more than once"],
+    ),
+    "two unnamed poems": (
+        ["serve", *LOCAL, "--poem", str(LANTERN), "--poem", str(LEDGER)],
+        ["--poem", "without a NAME"],
+    ),
+}
+
+
+@pytest.mark.parametrize("args, words", USAGE_ERRORS.values(), ids=USAGE_ERRORS.keys())
+def test_usage_error_is_one_line_and_exit_2(args: list[str], words: list[str]) -> None:
+    """A usage error exits 2 with one line on stderr that names the problem."""
+    assert_usage_error(run(*args), *words)
+
+
+# -- runtime errors: exit 1 ------------------------------------------------------
+
+
+def _missing(tmp_path: Path) -> str:
+    return str(tmp_path / "no-such-poem.txt")
+
+
+def _directory(tmp_path: Path) -> str:
+    (tmp_path / "poems.d").mkdir()
+    return str(tmp_path / "poems.d")
+
+
+def _empty(tmp_path: Path) -> str:
+    (tmp_path / "empty.txt").write_bytes(b"")
+    return str(tmp_path / "empty.txt")
+
+
+def _not_utf8(tmp_path: Path) -> str:
+    (tmp_path / "latin1.txt").write_bytes("Ça ira, ça ira\n".encode("latin-1"))
+    return str(tmp_path / "latin1.txt")
+
+
+def _fifo(tmp_path: Path) -> str:
+    os.mkfifo(tmp_path / "poem.fifo")
+    return str(tmp_path / "poem.fifo")
+
+
+def _dev_null(tmp_path: Path) -> str:
+    return os.devnull
+
+
+BAD_POEMS: dict[str, tuple[Callable[[Path], str], str]] = {
+    "missing": (_missing, "no such file or directory"),
+    "directory": (_directory, "not a regular file (a directory)"),
+    "empty": (_empty, "the file is empty"),
+    "not UTF-8": (_not_utf8, "not UTF-8 text (byte 0xc7 at offset 0)"),
+    "FIFO": (_fifo, "not a regular file (a FIFO)"),
+    "/dev/null": (_dev_null, "not a regular file (a character device)"),
+}
+
+
+@pytest.mark.parametrize("make, reason", BAD_POEMS.values(), ids=BAD_POEMS.keys())
+def test_unservable_poem_is_one_error_and_exit_1(
+    tmp_path: Path, notify_socket: NotifySocket, make: Callable[[Path], str], reason: str
+) -> None:
+    """A poem that cannot be served: exit 1, one error naming file and reason."""
+    path = make(tmp_path)
+    result = run("serve", *LOCAL, "--poem", path, env=clean_env(NOTIFY_SOCKET=notify_socket.path))
+    assert_failed_to_start(result, notify_socket, f"cannot load a poem from {path}: {reason}")
+
+
+def test_port_in_use_is_one_error_and_exit_1(notify_socket: NotifySocket) -> None:
+    """A port someone else listens on: exit 1, naming the address and the reason."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run(
+            "serve", "--iface", "127.0.0.1", "--port", str(port),
+            env=clean_env(NOTIFY_SOCKET=notify_socket.path),
+        )
+    assert_failed_to_start(result, notify_socket, f"127.0.0.1:{port}", "address already in use")
+
+
+def test_unresolvable_iface_is_one_error_and_exit_1(notify_socket: NotifySocket) -> None:
+    """An --iface that does not resolve: exit 1, naming it."""
+    # .invalid never resolves (RFC 6761).
+    result = run(
+        "serve", "--iface", "poetry.invalid", "--port", "0",
+        env=clean_env(NOTIFY_SOCKET=notify_socket.path),
+    )
+    assert_failed_to_start(result, notify_socket, "cannot resolve --iface 'poetry.invalid'")
+
+
+@pytest.mark.parametrize(
+    "args, status",
+    [
+        (["--version"], 0),
+        (["serve", "--port", "abc"], 2),
+        (["serve", *LOCAL, "--poem", "/nonexistent/poem.txt"], 1),
+    ],
+    ids=["ok", "usage", "runtime"],
+)
+def test_console_script_passes_on_the_exit_status(args: list[str], status: int) -> None:
+    """The installed ``fastpoetry`` script exits as ``python -m fastpoetry`` does."""
+    assert run(*args, entry=SCRIPT).returncode == status
+    assert run(*args, entry=PYTHON_M).returncode == status
+
+
+# -- the default poem ------------------------------------------------------------
+
+
+def test_serve_without_poem_serves_the_bundled_one(start_server: Callable[..., Server]) -> None:
+    """``serve`` with no --poem serves the poem that comes with the package."""
+    server = start_server("serve", *LOCAL)
+    server.wait_ready()
+    expected = DEFAULT_POEM.read_bytes()
+    assert fetch(server.address()) == expected
+    loaded = re.search(r"loaded a poem from: (.+) \((\d+) bytes\)", server.log())
+    assert loaded is not None, server.log()
+    assert Path(loaded.group(1)).name == DEFAULT_POEM.name
+    assert int(loaded.group(2)) == len(expected)
+    assert terminate(server) == 0
