@@ -1,0 +1,814 @@
+"""System tests: the freshly built Debian package under a real systemd.
+
+One session builds the package with ``tools/build-deb``, copies a cached
+Debian 12 base image, installs the package into the copy, boots it with
+``systemd-nspawn --boot`` (systemd is PID 1 inside) and hands the tests a
+:class:`Container`.  Everything the tests do happens inside it, through
+``nsenter``: systemctl, journalctl, apt-get and the poetry clients (the
+container has a private network with only ``lo``).
+
+The base image (debootstrap, minbase) is built once and cached under
+``/var/cache/fastpoetry-tests`` (``FASTPOETRY_TEST_CACHE`` moves it), keyed by
+what goes into it.  Containers live under ``/var/tmp/fastpoetry-system-tests``
+and are powered off and removed at the end of the session, also after a
+failure; one left behind by a killed session is removed by the next.
+
+The tests need root.  Without it they skip, except under CI (``CI=true``),
+where a skip would hide them: there they fail instead, and missing host
+tools are installed.
+
+This directory is a package (``__init__.py``) so that this module is
+``system.conftest``: the modules in ``tests/`` import ``tests/conftest.py``
+as ``conftest``, and a second top-level ``conftest`` would replace it.
+
+Every wait has a generous limit that only turns a hang into a failure; no
+test asserts how fast anything is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import fcntl
+import hashlib
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+POEMS = REPO / "poems"
+
+#: Seconds after which a wait is a failure (a hang guard, not a speed limit).
+WAIT = 120.0
+
+#: The port fastpoetry.socket listens on.
+PORT = 10000
+
+#: The Debian release of the base image: the one the package is built for.
+SUITE = "bookworm"
+#: Installed into the base image on top of debootstrap's minbase.  man-db lets
+#: ``systemd-analyze verify`` check the units' Documentation=man:... pages.
+BASE_PACKAGES = (
+    "systemd",
+    "systemd-sysv",
+    "dbus",
+    "python3",
+    "python3-trio",
+    "python3-systemd",
+    "man-db",
+)
+#: Dependencies of the package that a minimal system lacks: downloaded into
+#: the base image's apt cache but not installed, so that installing the
+#: package pulls them in as apt would, without a network.
+BASE_DOWNLOADS = ("procps",)
+
+CACHE = Path(os.environ.get("FASTPOETRY_TEST_CACHE", "/var/cache/fastpoetry-tests"))
+RUNS = Path("/var/tmp/fastpoetry-system-tests")
+PROPAGATE = Path("/run/systemd/nspawn/propagate")
+
+#: Host tools the tests use, and the Debian packages that have them.
+HOST_TOOLS = {
+    "systemd-nspawn": "systemd-container",
+    "debootstrap": "debootstrap",
+    "nsenter": "util-linux",
+    "dpkg-deb": "dpkg",
+    "chroot": "coreutils",
+}
+
+#: The environment of host commands: Debian's tools, not a virtualenv's.
+HOST_ENV = {
+    **{k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))},
+    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "LC_ALL": "C.UTF-8",
+    "DEBIAN_FRONTEND": "noninteractive",
+}
+
+#: The whole environment of a command run inside the container.
+INNER_ENV = (
+    "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "LANG=C.UTF-8",
+    "HOME=/root",
+    "TERM=dumb",
+    "SYSTEMD_COLORS=0",
+    "SYSTEMD_PAGER=",
+    "DEBIAN_FRONTEND=noninteractive",
+)
+
+#: Where the tests put their own files inside the container.
+SCRATCH = "/var/tmp/fastpoetry-tests"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "system: boots the Debian package under systemd in a container (root, systemd-nspawn, debootstrap)",
+    )
+
+
+# ----------------------------------------------------------------------------
+# Small helpers
+
+
+def say(config: pytest.Config, message: str) -> None:
+    """Show ``message`` on the terminal now, even while output is captured."""
+    line = f"\n[system tests] {message}\n"
+    capman = config.pluginmanager.getplugin("capturemanager")
+    if capman is None:
+        sys.__stderr__.write(line)
+        sys.__stderr__.flush()
+        return
+    with capman.global_and_fixture_disabled():
+        sys.stderr.write(line)
+        sys.stderr.flush()
+
+
+def wait_until(predicate: Callable[[], Any], what: str, timeout: float = WAIT, interval: float = 0.1) -> Any:
+    """Return the first true value of ``predicate()``; fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout:g} s")
+        time.sleep(interval)
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError as exc:
+        return f"({path}: {exc})"
+
+
+def run_logged(config: pytest.Config, argv: list[str], log: Path, what: str, timeout: float) -> None:
+    """Run a long host command, its output going to ``log``; tell the user."""
+    say(config, f"{what} (log: {log})")
+    started = time.monotonic()
+    with open(log, "ab") as out:
+        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=HOST_ENV)
+        try:
+            next_note = started + 30
+            while process.poll() is None:
+                now = time.monotonic()
+                if now - started > timeout:
+                    process.kill()
+                    process.wait()
+                    raise AssertionError(f"{what}: no end within {timeout:g} s; log {log}:\n{_tail(log)}")
+                if now > next_note:
+                    say(config, f"... still {what[0].lower()}{what[1:]} ({now - started:.0f} s)")
+                    next_note = now + 30
+                time.sleep(0.2)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    if process.returncode != 0:
+        raise AssertionError(f"{what}: {argv[0]} failed ({process.returncode}); log {log}:\n{_tail(log)}")
+    say(config, f"{what}: done in {time.monotonic() - started:.0f} s")
+
+
+def _mounts_under(path: Path) -> list[str]:
+    """Mount points at or below ``path`` in our mount namespace, deepest first."""
+    prefix = str(path).rstrip("/")
+    found = []
+    with open("/proc/self/mountinfo") as mountinfo:
+        for line in mountinfo:
+            point = line.split()[4].replace("\\040", " ")
+            if point == prefix or point.startswith(prefix + "/"):
+                found.append(point)
+    return sorted(found, key=len, reverse=True)
+
+
+def _processes_rooted_in(path: Path) -> list[int]:
+    """Processes whose root directory is ``path`` or below (a live container)."""
+    prefix = str(path).rstrip("/")
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            root = os.readlink(f"/proc/{entry}/root")
+        except OSError:
+            continue
+        if root == prefix or root.startswith(prefix + "/"):
+            pids.append(int(entry))
+    return pids
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a container or image tree: unmount what is left in it, then delete.
+
+    ``rm --one-file-system`` never descends into a mount that could not be
+    taken away (such as a /proc debootstrap left behind).
+    """
+    if not path.exists() and not path.is_symlink():
+        return
+    users = _processes_rooted_in(path)
+    if users:
+        raise AssertionError(f"not removing {path}: processes {users} still run in it")
+    for point in _mounts_under(path):
+        subprocess.run(["umount", "-l", point], env=HOST_ENV, check=False)
+    subprocess.run(["rm", "-rf", "--one-file-system", str(path)], env=HOST_ENV, check=True)
+    if path.exists():
+        raise AssertionError(f"could not remove {path}")
+
+
+# ----------------------------------------------------------------------------
+# The host: root and tools
+
+
+@pytest.fixture(scope="session")
+def system_host(request: pytest.FixtureRequest) -> None:
+    """Skip (locally) or fail (CI=true) unless root; install missing host tools."""
+    ci = os.environ.get("CI") == "true"
+    if os.geteuid() != 0:
+        reason = "the system tests need root: they boot the package in a systemd-nspawn container"
+        if ci:
+            pytest.fail(f"{reason}; CI=true, so they may not skip")
+        pytest.skip(reason)
+    missing = sorted({package for tool, package in HOST_TOOLS.items() if shutil.which(tool, path=HOST_ENV["PATH"]) is None})
+    if missing:
+        if shutil.which("apt-get", path=HOST_ENV["PATH"]) is None:
+            reason = f"the system tests need the packages {', '.join(missing)} and there is no apt-get"
+            if ci:
+                pytest.fail(reason)
+            pytest.skip(reason)
+        say(request.config, f"installing {' '.join(missing)} for the system tests")
+        for argv in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing]):
+            done = subprocess.run(argv, env=HOST_ENV, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+            if done.returncode != 0:
+                pytest.fail(f"{' '.join(argv)} failed ({done.returncode}):\n{done.stdout}{done.stderr}")
+    _remove_stale_runs()
+
+
+def _remove_stale_runs() -> None:
+    """Remove containers that sessions which no longer exist left behind."""
+    if not RUNS.is_dir():
+        return
+    for run in RUNS.iterdir():
+        match = re.fullmatch(r"fastpoetry-(\d+)-[0-9a-f]+", run.name)
+        if match is None:
+            continue
+        pid = int(match.group(1))
+        if pid != os.getpid() and Path(f"/proc/{pid}").exists():
+            continue  # that session is still running
+        if _processes_rooted_in(run):
+            continue  # its container still runs: leave it to whoever owns it
+        with contextlib.suppress(OSError, AssertionError, subprocess.CalledProcessError):
+            remove_tree(run)
+            remove_tree(PROPAGATE / run.name)
+
+
+# ----------------------------------------------------------------------------
+# The package
+
+
+@dataclass(frozen=True)
+class Package:
+    """A built .deb and the version in it."""
+
+    path: Path
+    version: str
+
+
+def changelog_version() -> str:
+    done = subprocess.run(
+        ["dpkg-parsechangelog", "-l", str(REPO / "packaging/debian/changelog"), "-S", "Version"],
+        env=HOST_ENV, capture_output=True, text=True, check=True,
+    )
+    return done.stdout.strip()
+
+
+def upstream_version() -> str:
+    """fastpoetry.__version__, as the server logs it."""
+    text = (REPO / "src/fastpoetry/__init__.py").read_text()
+    match = re.search(r'^__version__ = "([^"]+)"', text, re.M)
+    assert match, "no __version__ in src/fastpoetry/__init__.py"
+    return match.group(1)
+
+
+@pytest.fixture(scope="session")
+def package(request: pytest.FixtureRequest, system_host: None, tmp_path_factory: pytest.TempPathFactory) -> Package:
+    """The package as ``tools/build-deb`` builds it from this checkout."""
+    out = tmp_path_factory.mktemp("deb")
+    run_logged(request.config, [str(REPO / "tools/build-deb"), str(out)], out / "build.log",
+               "Building the Debian package with tools/build-deb", timeout=1800)
+    version = changelog_version()
+    deb = out / f"fastpoetry_{version}_all.deb"
+    assert deb.is_file(), f"tools/build-deb left no {deb.name} in {out}: {sorted(p.name for p in out.iterdir())}"
+    return Package(deb, version)
+
+
+def repack(package: Package, directory: Path, version: str) -> Package:
+    """A copy of ``package`` that says it is ``version``, also to the server.
+
+    The control file's Version changes, and so does fastpoetry.__version__,
+    which the server logs when it starts: the journal then tells which code
+    a running server is.
+    """
+    tree = directory / "tree"
+    subprocess.run(["dpkg-deb", "-R", str(package.path), str(tree)], env=HOST_ENV, check=True)
+    control = tree / "DEBIAN/control"
+    control.write_text(re.sub(r"^Version: .*$", f"Version: {version}", control.read_text(), count=1, flags=re.M))
+    module = "usr/lib/python3/dist-packages/fastpoetry/__init__.py"
+    init = tree / module
+    text, changed = re.subn(r'^__version__ = "[^"]*"', f'__version__ = "{version}"', init.read_text(), flags=re.M)
+    assert changed == 1, f"no __version__ in {module}"
+    init.write_text(text)
+    md5sums = tree / "DEBIAN/md5sums"
+    digest = hashlib.md5(init.read_bytes()).hexdigest()
+    md5sums.write_text(re.sub(rf"^\S+(  {re.escape(module)})$", rf"{digest}\1", md5sums.read_text(), flags=re.M))
+    deb = directory / f"fastpoetry_{version}_all.deb"
+    subprocess.run(["dpkg-deb", "--root-owner-group", "-b", str(tree), str(deb)],
+                   env=HOST_ENV, check=True, capture_output=True)
+    return Package(deb, version)
+
+
+# ----------------------------------------------------------------------------
+# The base image
+
+
+def base_image_key() -> str:
+    recipe = {"suite": SUITE, "variant": "minbase", "include": sorted(BASE_PACKAGES),
+              "download": sorted(BASE_DOWNLOADS), "recipe": 1}
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@pytest.fixture(scope="session")
+def base_image(request: pytest.FixtureRequest, system_host: None) -> Path:
+    """The cached Debian base image; built (once, a few minutes) if missing.
+
+    It is built next to the cache entry and renamed into place only when
+    complete, under a lock, so an interrupted or concurrent build never
+    leaves a half image where a session would use it.
+    """
+    final = CACHE / f"base-{SUITE}-{base_image_key()}"
+    if final.is_dir():
+        return final
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with open(CACHE / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if final.is_dir():
+            return final
+        for stale in CACHE.glob(".build-*"):
+            remove_tree(stale)  # we hold the lock: nobody is building it
+        work = Path(tempfile.mkdtemp(prefix=".build-", dir=CACHE))
+        log = final.with_name(final.name + ".log")
+        log.unlink(missing_ok=True)
+        try:
+            target = work / "root"
+            say(request.config, f"the base image {final} is not cached yet: building it once")
+            run_logged(
+                request.config,
+                ["debootstrap", "--variant=minbase", f"--include={','.join(BASE_PACKAGES)}", SUITE, str(target)],
+                log, f"Building the {SUITE} base image with debootstrap (a few minutes)", timeout=3600,
+            )
+            run_logged(
+                request.config,
+                ["chroot", str(target), "apt-get", "install", "-y", "--download-only", "--no-install-recommends",
+                 *BASE_DOWNLOADS],
+                log, f"Downloading {' '.join(BASE_DOWNLOADS)} into the base image's apt cache", timeout=1800,
+            )
+            os.rename(target, final)
+        finally:
+            remove_tree(work)
+    return final
+
+
+# ----------------------------------------------------------------------------
+# The container
+
+
+def _children(pid: int) -> list[tuple[int, str]]:
+    """(pid, command name) of the children of ``pid``, from /proc."""
+    children = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+        if ppid == pid:
+            children.append((int(entry), name))
+    return children
+
+
+def _terminate_with_parent() -> None:
+    """In a child before exec: get SIGTERM when the parent dies.
+
+    systemd-nspawn halts its container on SIGTERM; killed outright it would
+    leave the container running.  So a session that is killed (and cannot
+    clean up) still stops its container, and the next one removes the tree.
+    """
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
+class Container:
+    """A Debian system booted with ``systemd-nspawn --boot`` in ``directory/root``."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.machine = directory.name
+        self.root = directory / "root"
+        self.log_path = directory / "nspawn.log"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.leader = 0
+        #: What ``systemctl is-system-running --wait`` said after boot.
+        self.boot_state = ""
+        self._log: IO[bytes] | None = None
+
+    # -- running things inside
+
+    def command(self, *argv: str) -> list[str]:
+        """The host command line that runs ``argv`` inside, with a clean environment."""
+        assert self.leader, "the container is not running"
+        return ["nsenter", "-t", str(self.leader), "-a", "env", "-i", *INNER_ENV, *argv]
+
+    def run(
+        self, *argv: str, input: bytes | None = None, check: bool = True, timeout: float = WAIT
+    ) -> subprocess.CompletedProcess[bytes]:
+        """Run ``argv`` inside; with ``check``, fail unless it exits 0."""
+        done = subprocess.run(
+            self.command(*argv),
+            input=input if input is not None else b"",
+            capture_output=True,
+            timeout=timeout,
+            env=HOST_ENV,
+        )
+        if check and done.returncode != 0:
+            raise AssertionError(
+                f"{' '.join(argv)!r} exited {done.returncode} in the container\n"
+                f"stdout: {done.stdout.decode(errors='replace')}\nstderr: {done.stderr.decode(errors='replace')}"
+            )
+        return done
+
+    def text(self, *argv: str, check: bool = True, timeout: float = WAIT) -> str:
+        """Standard output of ``argv`` run inside, stripped."""
+        return self.run(*argv, check=check, timeout=timeout).stdout.decode(errors="replace").strip()
+
+    def python(self, script: str, *args: str, check: bool = True, timeout: float = WAIT) -> subprocess.CompletedProcess[bytes]:
+        """Run a Python script with the container's python3."""
+        return self.run("python3", "-c", script, *args, check=check, timeout=timeout)
+
+    def write(self, path: str, data: bytes) -> None:
+        """Write a root-owned file (mode 644) inside, creating its folder."""
+        self.run("sh", "-c", 'umask 022 && mkdir -p "$(dirname "$1")" && cat > "$1"', "sh", path, input=data)
+
+    def read(self, path: str) -> bytes:
+        return self.run("cat", path).stdout
+
+    # -- systemd
+
+    def show(self, unit: str, prop: str) -> str:
+        return self.text("systemctl", "show", "-p", prop, "--value", unit)
+
+    def main_pid(self, unit: str = "fastpoetry.service") -> int:
+        return int(self.show(unit, "MainPID") or 0)
+
+    def is_active(self, unit: str) -> str:
+        return self.text("systemctl", "is-active", unit, check=False)
+
+    def journal(self, *match: str, unit: str = "fastpoetry.service") -> str:
+        """Messages of ``unit`` (or of the journal ``match`` if given), one per line."""
+        selection = list(match) if match else ["-u", unit]
+        return self.text("journalctl", "--no-pager", "-o", "cat", *selection)
+
+    def wait_for_journal(self, text: str, *match: str, unit: str = "fastpoetry.service") -> str:
+        """Wait until the journal has a message containing ``text``; return the journal."""
+        found: list[str] = []
+
+        def has() -> bool:
+            found[:] = [self.journal(*match, unit=unit)]
+            return text in found[0]
+
+        try:
+            wait_until(has, f"journal message {text!r}", timeout=60)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\njournal:\n{found[0] if found else ''}") from None
+        return found[0]
+
+    def reset_failed(self) -> None:
+        """Forget past failures and the start-rate counter, as an admin would."""
+        self.run("systemctl", "reset-failed", "fastpoetry.service", "fastpoetry.socket", check=False)
+
+    @contextlib.contextmanager
+    def drop_in(self, name: str, text: str, unit: str = "fastpoetry.service") -> Iterator[None]:
+        """A drop-in for ``unit`` (daemon-reload done); removed again afterwards.
+
+        On the way out the unit is restarted if it runs, so that it runs
+        without the drop-in for the next test.
+        """
+        folder = f"/etc/systemd/system/{unit}.d"
+        self.write(f"{folder}/{name}", text.encode())
+        self.run("systemctl", "daemon-reload")
+        try:
+            yield
+        finally:
+            self.run("rm", "-f", f"{folder}/{name}")
+            self.run("rmdir", "--ignore-fail-on-non-empty", folder)
+            self.run("systemctl", "daemon-reload")
+            self.reset_failed()
+            self.run("systemctl", "try-restart", unit)
+
+    # -- clients
+
+    def fetch(self, address: str = "127.0.0.1", port: int = PORT, timeout: float = 60.0) -> bytes:
+        """Connect to ``address`` inside and return everything received."""
+        return self.python(FETCH, address, str(port), str(timeout)).stdout
+
+    def fetch_later(self, address: str = "127.0.0.1", port: int = PORT) -> subprocess.Popen[bytes]:
+        """Start a fetch in the background; its standard output is the poem."""
+        return subprocess.Popen(
+            self.command("python3", "-c", FETCH, address, str(port), str(WAIT)),
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=HOST_ENV,
+        )
+
+    def processes(self) -> list[dict[str, str]]:
+        """Every process inside: pid, name, and real/effective uids."""
+        return json.loads(self.python(PROCESSES).stdout)
+
+    def status_of(self, pid: int) -> dict[str, str]:
+        """/proc/PID/status inside, as ``{field: value}``."""
+        text = self.read(f"/proc/{pid}/status").decode()
+        return dict(line.split(":\t", 1) for line in text.splitlines() if ":\t" in line)
+
+    # -- life cycle
+
+    def boot(self) -> None:
+        """Boot the tree; return once systemd says the boot is over."""
+        self._log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(
+            [
+                "systemd-nspawn", "--quiet", "--directory", str(self.root), "--machine", self.machine,
+                "--boot", "--register=no", *self._unit_option(), "--private-network", "--link-journal=no",
+            ],
+            stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, env=HOST_ENV,
+            start_new_session=True,  # a ^C to pytest must not hit the container first
+            preexec_fn=_terminate_with_parent,
+        )
+
+        def leader() -> int:
+            if self.process is not None and self.process.poll() is not None:
+                raise AssertionError(f"systemd-nspawn exited ({self.process.returncode}):\n{_tail(self.log_path)}")
+            return next((pid for pid, name in _children(self.process.pid) if name in ("systemd", "init")), 0)
+
+        self.leader = wait_until(leader, "the container's systemd (PID 1)", timeout=60, interval=0.05)
+
+        def booted() -> str:
+            done = self.run("systemctl", "is-system-running", "--wait", check=False, timeout=WAIT)
+            state = done.stdout.decode().strip()
+            return state if state in ("running", "degraded", "maintenance", "stopping") else ""
+
+        self.boot_state = wait_until(booted, "the end of the boot", interval=0.2)
+
+    @staticmethod
+    def _unit_option() -> list[str]:
+        # With systemd as the host's init (and its bus), nspawn asks it for a
+        # scope unit of its own, which gives the container's systemd the
+        # delegated cgroup it wants.  Without, it cannot, and stays in ours.
+        host_systemd = Path("/run/systemd/system").is_dir() and Path("/run/dbus/system_bus_socket").exists()
+        return [] if host_systemd else ["--keep-unit"]
+
+    def destroy(self) -> None:
+        """Power off (or kill) the container and remove every trace of it."""
+        problems = []
+        if self.process is not None and self.process.poll() is None:
+            if self.leader:
+                with contextlib.suppress(Exception):
+                    self.run("systemctl", "poweroff", "--no-block", check=False, timeout=30)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                problems.append("the container did not power off within 60 s: killed it")
+                for pid in (self.leader, self.process.pid):
+                    with contextlib.suppress(ProcessLookupError):
+                        if pid:
+                            os.kill(pid, signal.SIGKILL)
+                self.process.wait(timeout=60)
+        if self._log is not None:
+            self._log.close()
+        for path in (PROPAGATE / self.machine, self.directory):
+            try:
+                remove_tree(path)
+            except (OSError, AssertionError, subprocess.CalledProcessError) as exc:
+                problems.append(f"cannot remove {path}: {exc}")
+        if problems:
+            raise AssertionError("; ".join(problems))
+
+
+@pytest.fixture(scope="session")
+def container(request: pytest.FixtureRequest, base_image: Path, package: Package) -> Iterator[Container]:
+    """A copy of the base image with the package installed, booted.
+
+    One container serves the whole session; tests run in file order and
+    leave it as they found it, apart from what they are about.
+    """
+    RUNS.mkdir(parents=True, exist_ok=True)
+    box = Container(RUNS / f"fastpoetry-{os.getpid()}-{secrets.token_hex(3)}")
+    box.directory.mkdir()
+    try:
+        subprocess.run(["cp", "-a", str(base_image), str(box.root)], env=HOST_ENV, check=True)
+        scratch = box.root / SCRATCH.lstrip("/")
+        scratch.mkdir(parents=True)
+        shutil.copy(package.path, scratch)
+        install = subprocess.run(
+            ["chroot", str(box.root), "apt-get", "install", "-y", f"{SCRATCH}/{package.path.name}"],
+            env=HOST_ENV, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600,
+        )
+        assert install.returncode == 0, f"installing the package failed:\n{install.stdout}{install.stderr}"
+        say(request.config, f"booting {box.root} with systemd-nspawn")
+        box.boot()
+        yield box
+    finally:
+        box.destroy()
+
+
+# ----------------------------------------------------------------------------
+# Scripts run by the container's python3
+
+
+#: argv: ADDRESS PORT TIMEOUT.  Writes what the server sent to stdout.
+FETCH = r"""
+import socket, sys
+address, port, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+family = socket.AF_INET6 if ":" in address else socket.AF_INET
+with socket.socket(family, socket.SOCK_STREAM) as sock:
+    sock.settimeout(timeout)
+    sock.connect((address, port))
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+sys.stdout.buffer.write(b"".join(chunks))
+"""
+
+#: Prints a JSON list of every process: pid, name, uids (real, effective, saved, fs).
+PROCESSES = r"""
+import json, os
+found = []
+for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            fields = dict(line.split(":\t", 1) for line in status.read().splitlines() if ":\t" in line)
+    except OSError:
+        continue
+    found.append({"pid": pid, "name": fields["Name"], "uids": fields["Uid"].split()})
+print(json.dumps(found))
+"""
+
+#: argv: JSON config.  Fetches poems in threads until standard input closes;
+#: prints "progress N" every 10 fetches, then a JSON summary.
+CLIENT_LOOP = r"""
+import hashlib, json, socket, sys, threading, time
+config = json.loads(sys.argv[1])
+expected = set(config["expected"])
+lock = threading.Lock()
+stop = threading.Event()
+summary = {"ok": 0, "failed": 0, "errors": [], "digests": {}}
+
+def fetch(address):
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.settimeout(config["timeout"])
+        sock.connect((address, config["port"]))
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+def worker(address):
+    while not stop.is_set():
+        error = digest = None
+        try:
+            data = fetch(address)
+        except OSError as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        else:
+            digest = hashlib.sha256(data).hexdigest()
+            if digest not in expected:
+                error = f"unexpected reply: {len(data)} bytes, sha256 {digest[:16]}"
+        with lock:
+            if error is None:
+                summary["ok"] += 1
+                summary["digests"][digest] = summary["digests"].get(digest, 0) + 1
+            else:
+                summary["failed"] += 1
+                if len(summary["errors"]) < 20:
+                    summary["errors"].append(f"{time.strftime('%H:%M:%S')} {address}: {error}")
+            done = summary["ok"] + summary["failed"]
+            if done % 10 == 0:
+                print(f"progress {done}", flush=True)
+        if error is not None:
+            time.sleep(0.01)
+
+threads = [threading.Thread(target=worker, args=(config["addresses"][i % len(config["addresses"])],))
+           for i in range(config["threads"])]
+for thread in threads:
+    thread.start()
+sys.stdin.read()
+stop.set()
+for thread in threads:
+    thread.join()
+print(json.dumps(summary), flush=True)
+"""
+
+
+class ClientLoop:
+    """Clients inside the container fetching poems without pause, in threads.
+
+    Every reply must be one of the ``expected`` poems, whole.  Used as a
+    context manager; :meth:`stop` ends it and returns the summary:
+    ``{"ok": N, "failed": N, "errors": [...], "digests": {sha256: N}}``.
+    """
+
+    def __init__(self, container: Container, expected: Iterable[bytes], threads: int = 1,
+                 addresses: tuple[str, ...] = ("127.0.0.1", "::1")) -> None:
+        config = {"expected": [sha256(poem) for poem in expected], "threads": threads,
+                  "addresses": list(addresses), "port": PORT, "timeout": 60.0}
+        self._stderr = tempfile.TemporaryFile()
+        self.process = subprocess.Popen(
+            container.command("python3", "-c", CLIENT_LOOP, json.dumps(config)),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, env=HOST_ENV,
+        )
+        #: Fetches finished so far (to the nearest 10).
+        self.done = 0
+        self.summary: dict[str, Any] | None = None
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for raw in self.process.stdout:
+            line = raw.decode(errors="replace").strip()
+            if line.startswith("progress "):
+                self.done = int(line.split()[1])
+            elif line.startswith("{"):
+                self.summary = json.loads(line)
+
+    def _stderr_text(self) -> str:
+        self._stderr.seek(0)
+        return self._stderr.read().decode(errors="replace")
+
+    def wait_for(self, count: int) -> None:
+        """Wait until ``count`` fetches have finished."""
+
+        def reached() -> bool:
+            if self.process.poll() is not None:
+                raise AssertionError(f"the client loop exited ({self.process.returncode}):\n{self._stderr_text()}")
+            return self.done >= count
+
+        wait_until(reached, f"{count} fetches (done: {self.done})", interval=0.02)
+
+    def more(self, count: int) -> None:
+        """Wait until ``count`` more fetches have finished."""
+        self.wait_for(self.done + count)
+
+    def stop(self) -> dict[str, Any]:
+        """End the loop (each client finishes its fetch) and return the summary."""
+        if self.process.poll() is None:
+            assert self.process.stdin is not None
+            with contextlib.suppress(BrokenPipeError):
+                self.process.stdin.close()
+            try:
+                self.process.wait(timeout=WAIT)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+                raise AssertionError(f"the client loop did not stop within {WAIT:g} s") from None
+        self._reader.join(timeout=WAIT)
+        if self.summary is None:
+            raise AssertionError(f"the client loop gave no summary ({self.process.returncode}):\n{self._stderr_text()}")
+        return self.summary
+
+    def __enter__(self) -> ClientLoop:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        with contextlib.suppress(Exception):
+            self.stop()
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self._stderr.close()
