@@ -38,6 +38,23 @@ _SYSTEMD_VARIABLES = (
 )
 
 
+def _has_ipv6_loopback() -> bool:
+    if not socket.has_ipv6:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+#: Skip a test that needs ::1 on a host without IPv6.
+needs_ipv6 = pytest.mark.skipif(
+    not _has_ipv6_loopback(), reason="this host has no IPv6 loopback (::1 cannot be bound)"
+)
+
+
 def clean_env(**extra: str) -> dict[str, str]:
     """The environment for a child server: ours, minus systemd's, plus ``extra``."""
     env = {k: v for k, v in os.environ.items() if k not in _SYSTEMD_VARIABLES}

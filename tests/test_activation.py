@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import (
+    needs_ipv6,
     _ACTIVATE,
     DEFAULT_POEM,
     POEMS,
@@ -37,16 +38,6 @@ needs_socket_activate = pytest.mark.skipif(
 )
 
 
-def _has_ipv6() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
-            sock.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
-
-
-needs_ipv6 = pytest.mark.skipif(not _has_ipv6(), reason="this host has no IPv6 loopback")
 
 
 def _free_port() -> int:

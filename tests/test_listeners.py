@@ -11,25 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import WAIT
+from conftest import WAIT, needs_ipv6
 from fastpoetry.listeners import ListenerError, adopt, bind, describe, format_peer
-
-
-def ipv6_available() -> bool:
-    """Whether this host can bind ::1 (has IPv6 at all)."""
-    if not socket.has_ipv6:
-        return False
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
-            probe.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
-
-
-needs_ipv6 = pytest.mark.skipif(
-    not ipv6_available(), reason="this host has no IPv6 (socket.has_ipv6 false or ::1 not bindable)"
-)
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from conftest import POEMS, WAIT, clean_env, fetch, make_poem
+from conftest import POEMS, WAIT, clean_env, fetch, make_poem, needs_ipv6
 from fastpoetry.listeners import ListenerError, bind
 from fastpoetry.poetry import PoetryService
 from fastpoetry.stream import StreamServer
@@ -49,16 +49,6 @@ def _big_poem_size() -> int:
 BIG = _big_poem_size()
 
 
-def _has_ipv6() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
-            sock.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
-
-
-needs_ipv6 = pytest.mark.skipif(not _has_ipv6(), reason="this host has no IPv6 loopback (::1)")
 
 
 class Source:
