@@ -283,3 +283,21 @@ def test_serve_without_poem_serves_the_bundled_one(start_server: Callable[..., S
     assert Path(loaded.group(1)).name == DEFAULT_POEM.name
     assert int(loaded.group(2)) == len(expected)
     assert terminate(server) == 0
+
+
+def test_a_crash_exits_70_with_the_traceback_logged() -> None:
+    """An unexpected exception (a bug) exits 70, which the unit restarts after, not 1."""
+    crashing = (
+        "import sys; from fastpoetry import app, cli\n"
+        "def crash(config):\n"
+        "    raise RuntimeError('a bug nobody foresaw')\n"
+        "app.run = crash\n"
+        "sys.exit(cli.main(sys.argv[1:]))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", crashing, "serve", "--poem", str(LANTERN), *LOCAL],
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, env=clean_env(), timeout=WAIT,
+    )
+    assert result.returncode == 70, result
+    assert "CRITICAL: crashed" in result.stderr
+    assert "RuntimeError: a bug nobody foresaw" in result.stderr

@@ -8,13 +8,15 @@ with one line on standard error that says what is wrong.
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 from collections.abc import Sequence
 
 from . import __version__
 
-#: Exit statuses.
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+#: Exit statuses: the unit restarts the server after a crash (EXIT_CRASH, as
+#: sysexits.h's EX_SOFTWARE), not when its configuration is wrong (1 and 2).
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_CRASH = 0, 1, 2, 70
 
 # systemd.socket(5): a FileDescriptorName= is at most 255 characters, with
 # no colon (it separates names in LISTEN_FDNAMES) and no control characters.
@@ -32,7 +34,7 @@ SIGTERM and SIGINT stop accepting and let poems in flight finish within
 --shutdown-timeout.
 
 Exit status: 0 after a clean shutdown, 1 when the server cannot start,
-2 for a usage error.
+2 for a usage error, 70 if it crashed.
 """
 
 
@@ -190,5 +192,9 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         send_timeout=args.send_timeout,
         summary_interval=args.summary_interval,
     )
-    return app.run(config)
+    try:
+        return app.run(config)
+    except Exception:  # a bug: say where, and let systemd restart the server
+        logging.getLogger(__package__).critical("crashed", exc_info=True)
+        return EXIT_CRASH
 

@@ -334,6 +334,27 @@ def test_upgrade_keeps_serving(container: Container, package: Package, tmp_path:
     )
 
 
+def test_bad_poem_fails_once_and_status_says_why(container: Container) -> None:
+    """A poem the service cannot read: it fails, is not restarted, and systemctl status says why."""
+    missing = "/etc/fastpoetry/missing.txt"
+    exec_start = f"[Service]\nExecStart=\nExecStart=/usr/bin/fastpoetry serve --poem {missing}\n"
+    with container.drop_in("50-bad-poem.conf", exec_start):
+        container.reset_failed()
+        container.run("systemctl", "stop", "fastpoetry.service")
+        started = container.run("systemctl", "start", "fastpoetry.service", check=False)
+        assert started.returncode != 0
+        wait_until(lambda: container.is_active("fastpoetry.service") == "failed", "the service to fail")
+        assert container.show("fastpoetry.service", "ExecMainStatus") == "1"
+        assert container.show("fastpoetry.service", "NRestarts") == "0"
+        status = container.text("systemctl", "status", "--no-pager", "fastpoetry.service", check=False)
+        reason = f"cannot load a poem from {missing}: no such file or directory"
+        assert f"Failed to start: {reason}" in status, status
+        assert reason in container.journal()
+        assert container.is_active("fastpoetry.socket") == "active"
+    container.reset_failed()
+    assert container.fetch() == PACKAGED_POEM.read_bytes()
+
+
 def test_purge_leaves_nothing_behind(container: Container) -> None:
     """apt-get purge removes the units, the socket, the user and the files."""
     container.run("apt-get", "purge", "-y", "fastpoetry", timeout=600)
