@@ -114,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--port",
         type=_port,
         default=10000,
+        metavar="N",
         help="port to listen on without socket activation; 0 picks a free one (default: %(default)s)",
     )
     serve.add_argument(
