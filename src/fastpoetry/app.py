@@ -228,7 +228,7 @@ async def _build(config: ServeConfig, sockets: list[tuple[str | None, socket.soc
         await app.add(TimerService(interval, systemd.notify_watchdog, name="watchdog"))
     poets: list[PoetryService] = []
     servers: list[StreamServer] = []
-    for spec, assigned in zip(config.poems, _assign(config.poems, sockets)):
+    for spec, assigned in zip(config.poems, _assign(config.poems, sockets), strict=True):
         poet = PoetryService(spec.path, spec.name)
         group = MultiService(f"poem:{poet.label}")
         await group.add(poet)
@@ -258,7 +258,7 @@ async def _reload(server: _Server) -> None:
         server.reporter.reload_failure = str(exc)
         log.error("reload failed, still serving the poems loaded before: %s", exc)
     else:
-        for poet, poem in zip(server.poets, fresh):
+        for poet, poem in zip(server.poets, fresh, strict=True):
             poet.use(poem)
         server.reporter.reload_failure = None
     server.reporter.ready()

@@ -117,7 +117,7 @@ class LingeringCloser:
     def _close_expired(self) -> None:
         now = trio.current_time()
         expired = []
-        for fd, (sock, deadline) in self._lingering.items():
+        for fd, (_, deadline) in self._lingering.items():
             if deadline > now:
                 break
             expired.append(fd)
