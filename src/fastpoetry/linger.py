@@ -101,7 +101,7 @@ class LingeringCloser:
     def _close_finished(self) -> None:
         for fd, _ in self._epoll.poll(0):
             entry = self._lingering.get(fd)
-            if entry is not None and _client_is_done(entry[0]):
+            if entry is not None and discard_input(entry[0]):
                 del self._lingering[fd]
                 entry[0].close()
 
@@ -111,7 +111,7 @@ class LingeringCloser:
         ]
         for fd in acknowledged:
             sock, _ = self._lingering.pop(fd)
-            _client_is_done(sock)  # read what it sent, so closing does not reset
+            discard_input(sock)  # read what it sent, so closing does not reset
             sock.close()
 
     def _close_expired(self) -> None:
@@ -136,8 +136,12 @@ def _unacknowledged(sock: socket.socket) -> int:
     return int.from_bytes(out, sys.byteorder, signed=True)
 
 
-def _client_is_done(sock: socket.socket) -> bool:
-    """Read and discard what the client sent; true once it has closed."""
+def discard_input(sock: socket.socket) -> bool:
+    """Read and discard what the client sent, without waiting.
+
+    True once the client has closed its end (or reset it): nothing more
+    will come.  False when it may still send.
+    """
     received = 0
     try:
         while received < DRAIN_LIMIT:

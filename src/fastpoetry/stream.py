@@ -24,7 +24,7 @@ from typing import Protocol
 
 import trio
 
-from .linger import LingeringCloser
+from .linger import LingeringCloser, discard_input
 from .listeners import describe, format_peer
 from .service import Service
 
@@ -289,16 +289,8 @@ class StreamServer(Service):
 
 async def _discard_input(conn: socket.socket) -> None:
     """Read and drop whatever the client sends, until it stops sending."""
-    while True:
+    while not discard_input(conn):
         await trio.lowlevel.wait_readable(conn)
-        try:
-            while conn.recv(65536, socket.MSG_DONTWAIT):
-                pass
-            return  # end of input: nothing more will come
-        except BlockingIOError:
-            continue
-        except OSError:
-            return  # the sending side will see the same error
 
 
 def _log_lost(exc: OSError) -> None:
