@@ -164,6 +164,23 @@ def test_client_gets_packaged_poem_from_unprivileged_service(container: Containe
     assert root_options and "ro" in root_options[-1], "/ is not read-only to the server"
 
 
+def test_package_installs_docs_and_an_account_without_home_or_shell(container: Container) -> None:
+    """README, changelog, man page and poems are installed; the account cannot log in."""
+    listing = container.text("dpkg", "-L", "fastpoetry").splitlines()
+    for path in (
+        "/usr/share/doc/fastpoetry/README.md.gz",
+        "/usr/share/doc/fastpoetry/changelog.gz",
+        "/usr/share/doc/fastpoetry/copyright",
+        "/usr/share/man/man8/fastpoetry.8.gz",
+        INSTALLED_POEM,
+        "/usr/lib/sysusers.d/fastpoetry.conf",
+    ):
+        assert path in listing, path
+    name, _, uid, gid, _, home, shell = container.text("getent", "passwd", "fastpoetry").strip().split(":")
+    assert (name, home, shell) == ("fastpoetry", "/nonexistent", "/usr/sbin/nologin")
+    assert int(uid) < 1000 and container.text("getent", "group", "fastpoetry").split(":")[2] == gid
+
+
 def test_journal_and_status_tell_the_startup_story(container: Container) -> None:
     """The journal and systemctl status tell what started and what is served; the unit scores safe."""
     size = PACKAGED_POEM.stat().st_size
