@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -236,6 +237,33 @@ def test_no_root_warning_for_a_service_user(start_server: StartServer) -> None:
     assert terminate(server) == 0
 
 
+def _open_files_limit(soft: int, hard: int) -> Callable[[], None]:
+    return lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def _limits_of(pid: int) -> tuple[int, int]:
+    """The soft and hard open files limits of process ``pid``, from /proc."""
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            soft, hard = line.split()[3:5]
+            return int(soft), int(hard)
+    raise AssertionError(f"no open files limit for {pid}")
+
+
+def test_raises_its_open_files_limit_to_the_hard_limit(start_server: StartServer) -> None:
+    """Started with systemd's soft 1024, it may hold as many clients as the hard limit allows."""
+    server = start_server(
+        "serve", *LOCAL, "--poem", str(LANTERN), "--log-level", "debug",
+        preexec_fn=_open_files_limit(1024, 4096),
+    )
+    server.wait_ready()
+    assert _limits_of(server.pid) == (4096, 4096)
+    assert "DEBUG: raised the open files limit from 1024 to 4096\n" in server.log()
+    assert fetch(server.address()) == LANTERN.read_bytes()
+    assert terminate(server) == 0
+    assert_clean_log(server)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_shuts_down_cleanly_and_counts_poems(
     serve_foreground: ServeForeground, signum: signal.Signals
@@ -443,6 +471,57 @@ def test_sighup_serves_the_changed_poem(
     assert_clean_log(server)
 
 
+@pytest.mark.parametrize("size", [3000, 2 * 1024 * 1024], ids=["3 KB", "2 MiB"])
+def test_poem_edited_in_place_is_served_as_loaded_until_reload(
+    serve_foreground: ServeForeground, tmp_path: Path, size: int
+) -> None:
+    """Rewriting the file in place, without SIGHUP, never reaches a client.
+
+    An editor rewrites the very inode (truncate, write a poem of another
+    length) again and again while clients fetch: every client gets exactly
+    the poem loaded at start.  The 2 MiB poem is sent by tasks while the
+    file changes under them.  SIGHUP then serves the last edit.
+    """
+    path = tmp_path / "poem.txt"
+    loaded = make_poem(path, size, seed="loaded")
+    inode = path.stat().st_ino
+    server = serve_foreground("--poem", str(path))
+    address = server.address()
+    stop = threading.Event()
+    edits = 0
+
+    def edit() -> None:
+        nonlocal edits
+        while not stop.is_set():
+            edits += 1
+            text = f"edit {edits}: the ink is still wet\n".encode() * (1 + edits % 7)
+            with open(path, "r+b") as file:  # same inode, as an editor saving in place
+                file.truncate(0)
+                file.write(text[: len(text) // 2])
+                file.flush()
+                file.write(text[len(text) // 2 :])
+                file.truncate()
+
+    editor = threading.Thread(target=edit)
+    editor.start()
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            replies = list(pool.map(lambda _: fetch(address), range(200)))
+    finally:
+        stop.set()
+        editor.join(WAIT)
+    assert edits > 0 and path.stat().st_ino == inode
+    wrong = [len(reply) for reply in replies if reply != loaded]
+    assert not wrong, f"{len(wrong)} of {len(replies)} replies were not the loaded poem: sizes {wrong[:5]}"
+    assert count_in_log(server, "loaded a poem from") == 1
+
+    server.send_signal(signal.SIGHUP)
+    wait_for_count(server, READY, 2)
+    assert fetch(address) == path.read_bytes() != loaded
+    assert terminate(server) == 0
+    assert_clean_log(server)
+
+
 @pytest.mark.slow
 def test_reload_under_load_serves_whole_poems_only(
     serve_foreground: ServeForeground, tmp_path: Path
@@ -525,7 +604,16 @@ def _directory(path: Path) -> str:
     return "not a regular file (a directory)"
 
 
+def _too_big(path: Path) -> str:
+    staging = path.with_name("staging")
+    with open(staging, "wb") as file:
+        file.truncate(16 * 1024**2 + 1)  # one byte over the default limit
+    os.replace(staging, path)
+    return f"too big for a poem: {16 * 1024**2 + 1} bytes, more than --max-poem-size ({16 * 1024**2} bytes)"
+
+
 BREAKAGES: dict[str, Callable[[Path], str]] = {
+    "too big": _too_big,
     "empty": _empty,
     "not UTF-8": _not_utf8,
     "missing": _missing,

@@ -41,6 +41,7 @@ SERVE_OPTIONS = (
     "--iface",
     "--shutdown-timeout",
     "--send-timeout",
+    "--max-poem-size",
     "--summary-interval",
     "--log-level",
     "--log-target",
@@ -159,6 +160,9 @@ USAGE_ERRORS = {
     "shutdown-timeout -1": (["serve", "--shutdown-timeout", "-1"], ["timeout", "'-1'"]),
     "shutdown-timeout nan": (["serve", "--shutdown-timeout", "nan"], ["timeout", "'nan'"]),
     "shutdown-timeout inf": (["serve", "--shutdown-timeout", "inf"], ["timeout", "'inf'"]),
+    "max-poem-size 0": (["serve", "--max-poem-size", "0"], ["--max-poem-size", "'0'", "not a size"]),
+    "max-poem-size 1T": (["serve", "--max-poem-size", "1T"], ["--max-poem-size", "'1T'", "K, M or G"]),
+    "max-poem-size -5K": (["serve", "--max-poem-size=-5K"], ["--max-poem-size", "'-5K'"]),
     "poem without name": (["serve", "--poem", f"={LANTERN}"], ["--poem", "empty NAME"]),
     "poem without file": (["serve", "--poem", "name="], ["--poem", "'name='", "no FILE"]),
     "poem name with colon": (["serve", "--poem", f"a:b={LANTERN}"], ["--poem", "'a:b'", "':'"]),
@@ -211,6 +215,13 @@ def _dev_null(tmp_path: Path) -> str:
     return os.devnull
 
 
+def _huge(tmp_path: Path) -> str:
+    # Sparse: a gigabyte of nothing on disk, refused before a byte is read.
+    with open(tmp_path / "huge.txt", "wb") as file:
+        file.truncate(1024**3)
+    return str(tmp_path / "huge.txt")
+
+
 BAD_POEMS: dict[str, tuple[Callable[[Path], str], str]] = {
     "missing": (_missing, "no such file or directory"),
     "directory": (_directory, "not a regular file (a directory)"),
@@ -218,6 +229,7 @@ BAD_POEMS: dict[str, tuple[Callable[[Path], str], str]] = {
     "not UTF-8": (_not_utf8, "not UTF-8 text (byte 0xc7 at offset 0)"),
     "FIFO": (_fifo, "not a regular file (a FIFO)"),
     "/dev/null": (_dev_null, "not a regular file (a character device)"),
+    "huge": (_huge, "too big for a poem: 1073741824 bytes, more than --max-poem-size (16777216 bytes)"),
 }
 
 
@@ -229,6 +241,27 @@ def test_unservable_poem_is_one_error_and_exit_1(
     path = make(tmp_path)
     result = run("serve", *LOCAL, "--poem", path, env=clean_env(NOTIFY_SOCKET=notify_socket.path))
     assert_failed_to_start(result, notify_socket, f"cannot load a poem from {path}: {reason}")
+
+
+def test_poem_over_max_poem_size_is_one_error_and_exit_1(notify_socket: NotifySocket) -> None:
+    """--max-poem-size takes K, M and G; a poem over it is refused at start."""
+    size = LEDGER.stat().st_size
+    result = run(
+        "serve", *LOCAL, "--poem", str(LEDGER), "--max-poem-size", "3K",
+        env=clean_env(NOTIFY_SOCKET=notify_socket.path),
+    )
+    assert size > 3 * 1024
+    reason = f"too big for a poem: {size} bytes, more than --max-poem-size (3072 bytes)"
+    assert_failed_to_start(result, notify_socket, f"cannot load a poem from {LEDGER}: {reason}")
+
+
+@pytest.mark.parametrize("limit", ["4k", "1M", str(LEDGER.stat().st_size)])
+def test_poem_within_max_poem_size_is_served(start_server: Callable[..., Server], limit: str) -> None:
+    """A poem up to --max-poem-size, the limit itself included, is served."""
+    server = start_server("serve", *LOCAL, "--poem", str(LEDGER), "--max-poem-size", limit)
+    server.wait_ready()
+    assert fetch(server.address()) == LEDGER.read_bytes()
+    assert terminate(server) == 0
 
 
 def test_port_in_use_is_one_error_and_exit_1(notify_socket: NotifySocket) -> None:

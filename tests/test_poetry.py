@@ -16,7 +16,13 @@ import pytest
 import trio
 
 from conftest import WAIT
-from fastpoetry.poetry import DEFAULT_POEM_PATH, PoemError, PoetryService, read_poem
+from fastpoetry.poetry import (
+    DEFAULT_MAX_POEM_SIZE,
+    DEFAULT_POEM_PATH,
+    PoemError,
+    PoetryService,
+    read_poem,
+)
 
 #: An unprivileged user and group to read files as when the tests run as root.
 NOBODY = 65534
@@ -196,6 +202,57 @@ def test_read_poem_refuses_an_empty_file(tmp_path: Path) -> None:
     path.write_bytes(b"")
     error = poem_error(lambda: read_poem(str(path)))
     assert str(path) in str(error) and "the file is empty" in str(error)
+
+
+def test_read_poem_takes_a_poem_of_exactly_the_limit(tmp_path: Path) -> None:
+    """max_size is inclusive."""
+    path = tmp_path / "poem.txt"
+    path.write_bytes(b"x" * 99 + b"\n")
+    assert read_poem(str(path), max_size=100) == b"x" * 99 + b"\n"
+
+
+def test_read_poem_refuses_a_file_over_the_limit(tmp_path: Path) -> None:
+    """One byte over max_size is a PoemError giving the size and the limit."""
+    path = tmp_path / "poem.txt"
+    path.write_bytes(b"x" * 100 + b"\n")
+    error = poem_error(lambda: read_poem(str(path), max_size=100))
+    assert str(error) == (
+        f"cannot load a poem from {path}: too big for a poem: "
+        "101 bytes, more than --max-poem-size (100 bytes)"
+    )
+
+
+def test_read_poem_refuses_a_huge_file_without_reading_it(tmp_path: Path) -> None:
+    """The default limit refuses a file of many gigabytes at once, from its size."""
+    path = tmp_path / "huge.txt"
+    with open(path, "wb") as file:
+        file.truncate(64 * 1024**3)  # sparse: 64 GiB that would not fit in memory
+    error = poem_error(lambda: read_poem(str(path)))
+    assert f"{64 * 1024**3} bytes, more than --max-poem-size ({DEFAULT_MAX_POEM_SIZE} bytes)" in str(error)
+
+
+def test_read_poem_stops_reading_a_file_larger_than_it_said(tmp_path: Path) -> None:
+    """A file whose size says 0 (as /proc's do) is read no further than the limit."""
+    assert os.stat("/proc/self/maps").st_size == 0
+    error = poem_error(lambda: read_poem("/proc/self/maps", max_size=16))
+    assert str(error) == (
+        "cannot load a poem from /proc/self/maps: too big for a poem: "
+        "more than --max-poem-size (16 bytes)"
+    )
+
+
+async def test_service_reload_refuses_a_poem_grown_over_its_limit(tmp_path: Path) -> None:
+    """PoetryService passes its max_size to every read."""
+    path = tmp_path / "poem.txt"
+    path.write_bytes(b"short\n")
+    service = PoetryService(str(path), max_size=10)
+    async with trio.open_nursery() as nursery:
+        await service.start(nursery)
+        path.write_bytes(b"much longer now\n")
+        with pytest.raises(PoemError, match="too big for a poem: 16 bytes"):
+            await service.reload()
+        assert service.poem == b"short\n"
+        await service.stop()
 
 
 @pytest.mark.parametrize(

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import signal
 import socket
 from collections.abc import AsyncIterator, Sequence
@@ -28,7 +29,7 @@ from dataclasses import dataclass, field
 import trio
 
 from . import __version__, listeners, systemd
-from .poetry import DEFAULT_POEM_PATH, PoemError, PoetryService
+from .poetry import DEFAULT_MAX_POEM_SIZE, DEFAULT_POEM_PATH, PoemError, PoetryService
 from .report import STATUS_INTERVAL, Reporter, count
 from .service import Application, MultiService, TimerService
 from .stream import StreamServer
@@ -56,6 +57,7 @@ class ServeConfig:
     port: int = 10000
     shutdown_timeout: float = 5.0
     send_timeout: float = 30.0
+    max_poem_size: int = DEFAULT_MAX_POEM_SIZE
     summary_interval: float = 60.0
 
 
@@ -127,6 +129,7 @@ async def _run_until_stopped(
             "running as root: fastpoetry needs no privileges; "
             "run it as a service user (User= in its systemd unit)"
         )
+    _raise_open_files_limit()
     try:
         server = await _start(config, nursery)
     except StartupError as exc:
@@ -143,6 +146,25 @@ async def _run_until_stopped(
         break
     await _shut_down(server, config.shutdown_timeout, signals)
     return 0
+
+
+def _raise_open_files_limit() -> None:
+    """Lift the soft limit on open descriptors to the hard limit.
+
+    Every client holds a descriptor until it closes. systemd.exec(5) gives
+    services a soft RLIMIT_NOFILE of 1024, for the sake of programs that use
+    select(), and asks the others to raise it themselves; trio polls with
+    epoll, so the hard limit (LimitNOFILE= in the unit) is the real bound.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == hard:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (OSError, ValueError) as exc:
+        log.warning("cannot raise the open files limit from %d to %d: %s", soft, hard, exc)
+        return
+    log.debug("raised the open files limit from %d to %d", soft, hard)
 
 
 async def _start(config: ServeConfig, nursery: trio.Nursery) -> _Server:
@@ -229,7 +251,7 @@ async def _build(config: ServeConfig, sockets: list[tuple[str | None, socket.soc
     poets: list[PoetryService] = []
     servers: list[StreamServer] = []
     for spec, assigned in zip(config.poems, _assign(config.poems, sockets), strict=True):
-        poet = PoetryService(spec.path, spec.name)
+        poet = PoetryService(spec.path, spec.name, max_size=config.max_poem_size)
         group = MultiService(f"poem:{poet.label}")
         await group.add(poet)
         if assigned:

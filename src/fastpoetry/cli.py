@@ -63,6 +63,21 @@ def _seconds(text: str) -> float:
     return seconds
 
 
+# Binary multiples, as systemd.exec(5) reads sizes such as LimitFSIZE=.
+_SIZE_SUFFIXES = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
+
+
+def _size(text: str) -> int:
+    digits, suffix = text, ""
+    if text[-1:].upper() in _SIZE_SUFFIXES:
+        digits, suffix = text[:-1], text[-1:].upper()
+    if not (digits.isascii() and digits.isdigit() and int(digits) > 0):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a size: a positive number of bytes, optionally followed by K, M or G"
+        )
+    return int(digits) * _SIZE_SUFFIXES[suffix]
+
+
 def _poem(text: str):  # -> PoemSpec, imported late to keep --help fast
     from .app import PoemSpec
 
@@ -140,6 +155,14 @@ def build_parser() -> argparse.ArgumentParser:
         "or to close once it has it (default: %(default)g)",
     )
     serve.add_argument(
+        "--max-poem-size",
+        type=_size,
+        default="16M",
+        metavar="SIZE",
+        help="refuse a poem file larger than SIZE bytes; K, M and G multiply "
+        "by 1024 (default: %(default)s)",
+    )
+    serve.add_argument(
         "--summary-interval",
         type=_seconds,
         default=60.0,
@@ -191,6 +214,7 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         port=args.port,
         shutdown_timeout=args.shutdown_timeout,
         send_timeout=args.send_timeout,
+        max_poem_size=args.max_poem_size,
         summary_interval=args.summary_interval,
     )
     try:

@@ -21,6 +21,10 @@ log = logging.getLogger(__name__)
 #: The poem served when the command line names none.
 DEFAULT_POEM_PATH = str(importlib.resources.files(__package__) / "default-poem.txt")
 
+#: The largest poem read unless told otherwise: every poem is held in memory
+#: whole, so a file that is not a poem (a log, a disk image) must not be.
+DEFAULT_MAX_POEM_SIZE = 16 * 1024 * 1024
+
 # Opening a FIFO for reading would wait for a writer; O_NONBLOCK makes the
 # open return at once so that the type check below can refuse it.
 _OPEN_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
@@ -43,11 +47,13 @@ class PoemError(Exception):
         self.reason = reason
 
 
-def read_poem(path: str) -> bytes:
+def read_poem(path: str, max_size: int = DEFAULT_MAX_POEM_SIZE) -> bytes:
     """Read and check the poem in ``path``, returning its exact bytes.
 
     A poem must be a regular file (or a link to one), readable, not empty,
-    and UTF-8 text.  Anything else raises :exc:`PoemError`.
+    at most ``max_size`` bytes, and UTF-8 text.  Anything else raises
+    :exc:`PoemError`; nothing larger than ``max_size`` is ever read into
+    memory, even from a file that grows while it is read.
     """
     try:
         fd = os.open(path, _OPEN_FLAGS)
@@ -56,18 +62,24 @@ def read_poem(path: str) -> bytes:
     try:
         # Check the type before open(): it refuses a directory on its own,
         # with an error of its own and without closing the descriptor.
-        kind = stat.S_IFMT(os.fstat(fd).st_mode)
+        info = os.fstat(fd)
+        kind = stat.S_IFMT(info.st_mode)
         if kind != stat.S_IFREG:
             raise PoemError(path, f"not a regular file ({_FILE_KINDS.get(kind, 'special')})")
+        if info.st_size > max_size:
+            raise PoemError(path, _too_big(info.st_size, max_size))
         file = open(fd, "rb", closefd=True)
     except BaseException:
         os.close(fd)
         raise
     with file:
         try:
-            poem = file.read()
+            # One byte more than allowed tells a file that grew since fstat().
+            poem = file.read(max_size + 1)
         except OSError as exc:
             raise PoemError(path, _describe(exc)) from None
+    if len(poem) > max_size:
+        raise PoemError(path, _too_big(None, max_size))
     if not poem:
         raise PoemError(path, "the file is empty")
     try:
@@ -83,6 +95,11 @@ def _describe(exc: OSError) -> str:
     return (exc.strerror or str(exc)).lower()
 
 
+def _too_big(size: int | None, max_size: int) -> str:
+    limit = f"more than --max-poem-size ({max_size} bytes)"
+    return f"too big for a poem: {size} bytes, {limit}" if size is not None else f"too big for a poem: {limit}"
+
+
 class PoetryService(Service):
     """Keeps the poem read from one file and re-reads it on demand.
 
@@ -90,10 +107,17 @@ class PoetryService(Service):
     reload keeps the old bytes, one that takes it after gets the new ones.
     """
 
-    def __init__(self, path: str, poem_name: str | None = None) -> None:
+    def __init__(
+        self,
+        path: str,
+        poem_name: str | None = None,
+        *,
+        max_size: int = DEFAULT_MAX_POEM_SIZE,
+    ) -> None:
         super().__init__("poetry")
         self.path = path
         self.poem_name = poem_name
+        self.max_size = max_size
         self._poem = b""
 
     @property
@@ -113,7 +137,7 @@ class PoetryService(Service):
 
     async def read(self) -> bytes:
         """Read the file again without serving it yet (see :meth:`use`)."""
-        return await trio.to_thread.run_sync(read_poem, self.path)
+        return await trio.to_thread.run_sync(read_poem, self.path, self.max_size)
 
     def use(self, poem: bytes) -> None:
         """Serve ``poem`` from now on."""
