@@ -6,6 +6,7 @@ test starts itself with LISTEN_FDS, LISTEN_PID and LISTEN_FDNAMES.
 
 from __future__ import annotations
 
+import re
 import shutil
 import signal
 import socket
@@ -238,6 +239,78 @@ def test_socket_with_no_poem_is_a_startup_error(start_server) -> None:
     assert "no poem for the socket named 'c'" in server.log()
     assert "--poem c=FILE" in server.log()
     assert "Traceback" not in server.log()
+
+
+def _queued_clients(sock: socket.socket, number: int) -> list[socket.socket]:
+    """``number`` clients connected to ``sock`` and waiting in its accept queue."""
+    return [socket.create_connection(sock.getsockname(), timeout=WAIT) for _ in range(number)]
+
+
+def _has_waiting_connection(sock: socket.socket) -> bool:
+    sock.setblocking(False)
+    try:
+        conn, _ = sock.accept()
+    except BlockingIOError:
+        return False
+    conn.close()
+    return True
+
+
+def test_bad_poem_turns_waiting_clients_away_so_systemd_does_not_start_it_again(start_server) -> None:
+    """Exit 1 with clients queued: they are closed unserved, and the socket is left empty.
+
+    Left queued, they would make systemd start the service again at once,
+    five times in a row, then fail the socket unit (seen under systemd 252).
+    """
+    with listening_socket() as sock:
+        clients = _queued_clients(sock, 3)
+        server = start_activated(start_server, [sock], "serve", "--poem", "/nonexistent/poem.txt")
+        assert server.wait() == 1
+        for client in clients:
+            assert client.recv(1) == b""  # closed without a poem, at once
+            client.close()
+        assert not _has_waiting_connection(sock)
+        # The socket itself still listens for the next start.
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1
+    log = server.log()
+    assert re.search(r"WARNING: closed 3 connections waiting on 127\.0\.0\.1:\d+ without a poem: cannot start", log), log
+    assert "ERROR: cannot load a poem from /nonexistent/poem.txt" in log
+    assert "Traceback" not in log
+
+
+# Loaded before fastpoetry by the interpreter (see site): reading a poem
+# raises an exception fastpoetry does not expect, as a bug would.
+_CRASHING_READ = """
+import fastpoetry.poetry
+def read_poem(path, max_size=None):
+    raise RuntimeError("a bug in reading poems")
+fastpoetry.poetry.read_poem = read_poem
+"""
+
+
+def test_crash_at_start_leaves_waiting_clients_for_the_restart(start_server, tmp_path: Path) -> None:
+    """Exit 70 (a bug): systemd restarts the service, which serves the clients still queued."""
+    (tmp_path / "sitecustomize.py").write_text(_CRASHING_READ)
+    with listening_socket() as sock:
+        clients = _queued_clients(sock, 2)
+        server = start_activated(
+            start_server, [sock], "serve", "--poem", str(LEDGER),
+            env=clean_env(PYTHONPATH=str(tmp_path)),
+        )
+        assert server.wait() == 70
+        assert "a bug in reading poems" in server.log()
+        # A restarted server (no crash this time) serves the clients that waited.
+        restarted = start_activated(start_server, [sock], "serve", "--poem", str(LEDGER))
+        restarted.wait_ready()
+        for client in clients:
+            data = b""
+            while chunk := client.recv(65536):
+                data += chunk
+            assert data == LEDGER.read_bytes()
+            client.close()
+        restarted.send_signal(signal.SIGTERM)
+        assert restarted.wait() == 0
+    assert "closed" not in server.log()
 
 
 def test_datagram_socket_is_refused(start_server) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import WAIT, needs_ipv6
-from fastpoetry.listeners import ListenerError, adopt, bind, describe, format_peer
+from fastpoetry.listeners import ListenerError, adopt, bind, describe, format_peer, turn_away
 
 
 @pytest.fixture
@@ -212,6 +212,24 @@ def test_adopt_keeps_the_backlog_it_was_given(
         connected += 1
     assert refused, f"{connected} clients queued: the backlog was raised by listen()"
     assert connected <= 2
+
+
+def test_turn_away_closes_every_waiting_connection_and_keeps_listening(
+    closing: Callable[[socket.socket], socket.socket]
+) -> None:
+    """turn_away() empties the accept queue, counts it, and leaves the socket listening."""
+    [listener] = bind("127.0.0.1", 0)
+    closing(listener)
+    address = listener.getsockname()
+    clients = [closing(socket.create_connection(address, timeout=WAIT)) for _ in range(5)]
+    assert turn_away(listener) == 5
+    for client in clients:
+        assert client.recv(1) == b""
+    assert turn_away(listener) == 0
+    late = closing(socket.create_connection(address, timeout=WAIT))
+    conn, _ = listener.accept()
+    conn.close()
+    assert late.recv(1) == b""
 
 
 def udp_socket(tmp_path: Path) -> socket.socket:

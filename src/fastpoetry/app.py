@@ -181,12 +181,29 @@ async def _start(config: ServeConfig, nursery: trio.Nursery) -> _Server:
         if server is not None:
             with trio.CancelScope(shield=True):
                 await server.application.stop()
+        # A configuration error is not retried (exit 1): the clients that
+        # are waiting would wait in vain, and would make systemd start us
+        # again and again. After a crash systemd restarts the service,
+        # which serves them.
+        unservable = isinstance(exc, (PoemError, StartupError))
         for _, sock in sockets:
+            if unservable:
+                _turn_away(sock)
             sock.close()
         if isinstance(exc, PoemError):
             raise StartupError(str(exc)) from None
         raise
     return server
+
+
+def _turn_away(sock: socket.socket) -> None:
+    turned = listeners.turn_away(sock)
+    if turned:
+        log.warning(
+            "closed %s waiting on %s without a poem: cannot start",
+            count(turned, "connection"),
+            listeners.describe(sock),
+        )
 
 
 def _listening_sockets(config: ServeConfig) -> list[tuple[str | None, socket.socket]]:

@@ -96,6 +96,29 @@ def adopt(fd: int) -> socket.socket:
     return sock
 
 
+def turn_away(sock: socket.socket) -> int:
+    """Accept every connection waiting on ``sock`` and close it unserved.
+
+    For a server that cannot start: a connection left queued on a socket
+    systemd passed would make systemd start the service again at once, and
+    again, until the start limit fails the socket unit too.  Returns how
+    many clients were turned away; they see the connection closed.
+    """
+    turned = 0
+    while True:
+        try:
+            conn, _ = sock.accept()
+        except BlockingIOError:
+            return turned
+        except OSError as exc:
+            if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
+                continue  # that client gave up while queued
+            log.debug("stopped turning clients away on %s: %s", describe(sock), _reason(exc))
+            return turned
+        conn.close()
+        turned += 1
+
+
 def describe(sock: socket.socket) -> str:
     """The local address of a listening socket, as an administrator writes it."""
     try:

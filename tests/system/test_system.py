@@ -372,6 +372,44 @@ def test_bad_poem_fails_once_and_status_says_why(container: Container) -> None:
     assert container.fetch() == PACKAGED_POEM.read_bytes()
 
 
+def test_bad_poem_started_by_a_client_fails_once_and_the_socket_keeps_listening(
+    container: Container,
+) -> None:
+    """Socket-triggered start with a bad poem: one attempt, not five, and no dead socket.
+
+    The server closes the client that triggered it; otherwise that queued
+    connection makes systemd start the service again at once until the start
+    limit fails the socket unit as well, and nothing listens until an
+    administrator resets it.  Once the poem file exists, the next client is
+    served without any systemctl command.
+    """
+    poem = "/etc/fastpoetry/later.txt"
+    exec_start = f"[Service]\nExecStart=\nExecStart=/usr/bin/fastpoetry serve --poem {poem}\n"
+    with container.drop_in("50-later-poem.conf", exec_start):
+        container.run("systemctl", "stop", "fastpoetry.service")
+        container.reset_failed()
+        starting = f"fastpoetry {upstream_version()} starting"
+        started_before = container.journal("--identifier=fastpoetry").count(starting)
+        client = container.fetch_later()
+        reply, errors = client.communicate(timeout=WAIT)
+        # Closed without a poem, not reset by a socket unit that failed.
+        assert (client.returncode, reply) == (0, b""), errors.decode(errors="replace")
+        wait_until(lambda: container.is_active("fastpoetry.service") == "failed", "the service to fail")
+        journal = container.journal("--identifier=fastpoetry")
+        assert journal.count(starting) == started_before + 1, journal
+        assert "closed 1 connection waiting on [::]:10000 without a poem: cannot start" in journal
+        assert f"cannot load a poem from {poem}: no such file or directory" in journal
+        assert container.is_active("fastpoetry.socket") == "active"
+        assert container.show("fastpoetry.socket", "Result") == "success"
+
+        container.write(poem, PACKAGED_POEM.read_bytes())
+        try:
+            assert container.fetch() == PACKAGED_POEM.read_bytes()
+            assert container.is_active("fastpoetry.service") == "active"
+        finally:
+            container.run("rm", "-f", poem)
+
+
 def test_purge_leaves_nothing_behind(container: Container) -> None:
     """apt-get purge removes the units, the socket, the user and the files."""
     container.run("apt-get", "purge", "-y", "fastpoetry", timeout=600)
