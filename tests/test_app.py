@@ -14,6 +14,7 @@ import shutil
 import signal
 import socket
 import stat
+import struct
 import sys
 import threading
 import time
@@ -870,3 +871,46 @@ def test_info_level_does_not_log_every_client(serve_foreground: ServeForeground)
     assert "shut down after serving 3 poems" in log
     assert "bytes of poetry to" not in log
     assert " DEBUG: " not in log
+
+
+def _read_some_then_reset(address: tuple[str, int], amount: int) -> int:
+    """Read ``amount`` bytes of the poem, then reset the connection (RST, not FIN)."""
+    with socket.create_connection(address, timeout=WAIT) as sock:
+        received = 0
+        while received < amount:
+            chunk = sock.recv(min(65536, amount - received))
+            assert chunk, "the poem ended early"
+            received += len(chunk)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    return received
+
+
+@pytest.mark.parametrize("level", ["info", "debug"])
+def test_clients_that_reset_mid_poem_cost_a_debug_line_at_most(
+    serve_foreground: ServeForeground, tmp_path: Path, level: str
+) -> None:
+    """Resets in the middle of a big poem: nothing at info, one debug line each at most."""
+    path = tmp_path / "big.txt"
+    poem = make_poem(path, 4 * 1024 * 1024)
+    server = serve_foreground("--poem", str(path), "--log-level", level)
+    address = server.address()
+    resets = 20
+    for _ in range(resets):
+        _read_some_then_reset(address, 64 * 1024)
+    assert fetch(address) == poem  # and the next client is served whole
+    assert terminate(server) == 0
+    log = server.log()
+    assert_clean_log(server)
+    warnings = [line for line in log.splitlines() if " WARNING: " in line and "running as root" not in line]
+    assert not warnings and "dropped" not in log, log
+    gone = count_in_log(server, r"DEBUG: a client went away before it had its poem: (connection reset by peer|broken pipe)\n")
+    if level == "info":
+        assert " DEBUG: " not in log
+    else:
+        # A reset that lands after the last send() is the kernel's business:
+        # nothing to log then.  Never more than one line per client.
+        assert 1 <= gone <= resets, log
+        sending = count_in_log(server, r"DEBUG: sending \d+ bytes of poetry")
+        assert sending == resets + 1
+        startup = count_in_log(server, "DEBUG: raised the open files limit")
+        assert count_in_log(server, " DEBUG: ") == startup + sending + gone, log
