@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
+import select
 import shutil
 import signal
 import socket
@@ -20,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import POEMS, WAIT, NotifySocket, clean_env, fetch, start_activated, listening_socket
+from conftest import DEFAULT_POEM, POEMS, WAIT, NotifySocket, clean_env, fetch, start_activated, listening_socket
 from fastpoetry import systemd
 
 LEDGER = POEMS / "harbour-ledger.txt"
@@ -371,3 +373,60 @@ def test_stderr_is_journal_only_for_the_very_stream(tmp_path: Path) -> None:
                 stdout=subprocess.PIPE, text=True, timeout=WAIT, check=True,
             ).stdout.strip()
             assert out == expected
+
+
+#: RLIMIT_NOFILE of the server in the watchdog test: a few dozen more
+#: descriptors than it uses without clients, so that idle clients take them all.
+SMALL_NOFILE = 64
+
+#: WATCHDOG=1 messages that must arrive while the descriptors are all taken.
+#: More than one, because one may have been sent just before.
+PINGS = 3
+
+
+def test_watchdog_is_pinged_while_idle_clients_hold_every_descriptor(
+    start_server, notify_socket: NotifySocket  # type: ignore[no-untyped-def]
+) -> None:
+    """Out of descriptors because idle clients hold them all, the server keeps
+    pinging the watchdog, so systemd does not kill a server that is only busy.
+
+    sd_notify(3) opens a socket per message; without the descriptor fastpoetry
+    keeps in reserve for it, the ping failed ("cannot notify systemd ...:
+    too many open files") and the packaged unit's WatchdogSec= killed it.
+    """
+    server = start_server(
+        "serve", "--iface", "127.0.0.1", "--port", "0", "--send-timeout", "3600",
+        # Pings every 0.5 s: half of WATCHDOG_USEC.
+        env=clean_env(NOTIFY_SOCKET=notify_socket.path, WATCHDOG_USEC="1000000"),
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (SMALL_NOFILE, SMALL_NOFILE)),
+    )
+    notify_socket.wait_for("READY", "1")
+    notify_socket.wait_for("WATCHDOG", "1")
+    address = server.address()
+
+    # Twice as many idle clients as the server has descriptors: the kernel
+    # queues the ones it cannot accept.
+    idle = [socket.create_connection(address, timeout=WAIT) for _ in range(2 * SMALL_NOFILE)]
+    try:
+        server.wait_for_log(r"WARNING: cannot accept connections on .*: too many open files")
+        pings = 0
+        deadline = time.monotonic() + WAIT
+        while pings < PINGS and "cannot notify systemd" not in server.log():
+            assert time.monotonic() < deadline, f"no WATCHDOG=1 and no failure within {WAIT} s:\n{server.log()}"
+            try:
+                notify_socket.wait_for("WATCHDOG", "1", timeout=0.1)
+            except AssertionError:  # nothing yet: look at the log again
+                continue
+            pings += 1
+        # Still out of descriptors, so the pings came from the exhausted
+        # server: some idle clients are still queued, without their poem.
+        queued = select.poll()
+        for sock in idle:
+            queued.register(sock, select.POLLIN)
+        assert len(queued.poll(0)) < len(idle), server.log()
+        assert "cannot notify systemd" not in server.log(), server.log()
+        assert pings == PINGS, server.log()
+    finally:
+        for sock in idle:
+            sock.close()
+    assert fetch(address) == DEFAULT_POEM.read_bytes()

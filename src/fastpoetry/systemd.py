@@ -8,6 +8,7 @@ go nowhere, and the journal is not used.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import time
@@ -28,6 +29,13 @@ _LISTEN_VARIABLES = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
 # One warning is enough when NOTIFY_SOCKET points nowhere: the service
 # would otherwise repeat it at every status update.
 _notify_failed = False
+
+# sd_notify(3) opens a socket for every message. When clients hold every
+# descriptor the process may have, WATCHDOG=1 could not be sent and systemd
+# would kill a server that is only busy; this descriptor is kept in reserve
+# and given up for the moment a message needs it.
+_reserve: int | None = None
+_OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE})
 
 
 class ActivationError(Exception):
@@ -115,7 +123,7 @@ def notify_watchdog() -> None:
 def _notify(message: str) -> None:
     global _notify_failed
     try:
-        systemd.daemon.notify(message)
+        _notify_with_reserve(message)
     except OSError as exc:
         if not _notify_failed:
             _notify_failed = True
@@ -124,6 +132,32 @@ def _notify(message: str) -> None:
                 os.environ.get("NOTIFY_SOCKET"),
                 (exc.strerror or str(exc)).lower(),
             )
+
+
+def _notify_with_reserve(message: str) -> None:
+    global _reserve
+    if "NOTIFY_SOCKET" not in os.environ:
+        return
+    if _reserve is None:
+        _reserve = _open_reserve()
+    try:
+        systemd.daemon.notify(message)
+    except OSError as exc:
+        if exc.errno not in _OUT_OF_DESCRIPTORS or _reserve is None:
+            raise
+        os.close(_reserve)
+        _reserve = None
+        try:
+            systemd.daemon.notify(message)
+        finally:
+            _reserve = _open_reserve()
+
+
+def _open_reserve() -> int | None:
+    try:
+        return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None  # out of descriptors already: try again next time
 
 
 def stderr_is_journal() -> bool:
