@@ -250,7 +250,8 @@ def terminate(server: Server) -> int:
 
 
 # Run as the child of a socket-activated server: move the passed sockets to
-# descriptors 3, 4, ... (sd_listen_fds(3) expects them there), set LISTEN_PID
+# descriptors 3, 4, ... (sd_listen_fds(3) expects them there) and close the
+# copies they came in on, as systemd passes each socket once; set LISTEN_PID
 # to this process, which exec keeps, and become the server.
 _ACTIVATE = r"""
 import fcntl, os, sys
@@ -259,6 +260,9 @@ high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 100) for fd in fds]
 for index, fd in enumerate(high):
     os.dup2(fd, 3 + index)
     os.close(fd)
+for fd in fds:  # the originals, unless a copy now sits on them
+    if fd >= 3 + len(fds):
+        os.close(fd)
 os.environ["LISTEN_PID"] = str(os.getpid())
 os.execv(sys.executable, [sys.executable, "-m", "fastpoetry", *sys.argv[1:]])
 """

@@ -183,9 +183,9 @@ def test_ipv6_and_dual_stack_peers(start_server) -> None:
             start_server, [dual], "serve", "--log-level", "debug", "--poem", str(LEDGER)
         )
         assert fetch(("::1", port), family=socket.AF_INET6) == LEDGER.read_bytes()
-        server.wait_for_log(rf"sending \d+ bytes of poetry to \[::1\]:\d+")
+        server.wait_for_log(r"sending \d+ bytes of poetry to \[::1\]:\d+")
         assert fetch(("127.0.0.1", port)) == LEDGER.read_bytes()
-        server.wait_for_log(rf"sending \d+ bytes of poetry to 127\.0\.0\.1:\d+")
+        server.wait_for_log(r"sending \d+ bytes of poetry to 127\.0\.0\.1:\d+")
         assert "::ffff:" not in server.log()
         server.send_signal(signal.SIGTERM)
         assert server.wait() == 0
