@@ -8,6 +8,8 @@ purges the package.  The others leave the container as they found it.
 
 from __future__ import annotations
 
+import base64
+import json
 import re
 import subprocess
 from collections.abc import Iterator
@@ -287,6 +289,167 @@ def test_restart_under_load_loses_no_client(container: Container) -> None:
     total = summary["ok"] + summary["failed"]
     assert summary["failed"] == 0, f"{summary['failed']} of {total} fetches failed across 3 restarts: {summary['errors']}"
     assert len(set(pids)) == 4, pids
+
+
+#: The idle clients of issue 5, case 2.
+IDLE_CLIENTS = 10_000
+
+#: Each phase of HOLD_IDLE (opening the idle clients, the fresh fetches) gives
+#: up after this many seconds: a hang guard, not a speed limit.  Longer would
+#: not help: the server drops an idle client 30 s (--send-timeout) after it
+#: has its poem.
+HOLD_WAIT = 60.0
+
+#: argv: PORT COUNT SERVER_PID TIMEOUT POEM_SHA256.  Opens COUNT clients that
+#: never read, waits until each has its poem, fetches the poem with 3 fresh
+#: clients one after another and 5 at once while holding them, closes them
+#: all and prints a JSON report.  It reports instead of failing, so that the
+#: test says what went wrong.
+HOLD_IDLE = r"""
+import base64, errno, hashlib, json, os, resource, select, socket, sys, threading, time
+port, count, pid, timeout, digest = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), sys.argv[5]
+# Well under the listen backlog (SOMAXCONN): a full accept queue drops SYNs,
+# which are retried only a second or more later.
+BATCH = 500
+# A descriptor per client: root here, so the hard limit may be raised too.
+need = count + 1024
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+if soft < need:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (need, max(hard, need)))
+
+def server_fds():
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except FileNotFoundError:
+        return -1  # the server is gone
+
+def fetch(deadline):
+    started = time.monotonic()
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=max(deadline - started, 0.001)) as sock:
+            chunks = []
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+    except OSError as exc:
+        return {"error": f"{type(exc).__name__}: {exc}", "seconds": time.monotonic() - started}
+    return {"poem": base64.b64encode(b"".join(chunks)).decode(), "seconds": time.monotonic() - started}
+
+report = {"server_fds_before": server_fds(), "errors": []}
+clients = []
+poller = select.epoll()
+started = time.monotonic()
+deadline = started + timeout
+# A client turns readable once the server has accepted it and sent the poem.
+while len(clients) < count and time.monotonic() < deadline:
+    waiting = {}
+    for _ in range(min(BATCH, count - len(clients))):
+        sock = socket.socket()
+        sock.setblocking(False)
+        clients.append(sock)
+        status = sock.connect_ex(("127.0.0.1", port))
+        if status not in (0, errno.EINPROGRESS):
+            report["errors"].append(f"connect: {os.strerror(status)}")
+            continue
+        poller.register(sock.fileno(), select.EPOLLIN | select.EPOLLRDHUP)
+        waiting[sock.fileno()] = sock
+    while waiting and (left := deadline - time.monotonic()) > 0:
+        for fd, events in poller.poll(min(left, 1.0)):
+            sock = waiting.pop(fd)
+            poller.unregister(fd)
+            error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if events & select.EPOLLERR or error:
+                report["errors"].append(f"an idle client failed: {os.strerror(error)}")
+    if waiting:
+        report["errors"].append(f"{len(waiting)} of {count} idle clients had no poem after {timeout:g} s")
+        break
+report["setup_seconds"] = time.monotonic() - started
+# Looked at, not read (MSG_PEEK): the whole poem waits in each idle client.
+with_poem = 0
+for sock in clients:
+    try:
+        data = sock.recv(65536, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except OSError:
+        continue
+    with_poem += hashlib.sha256(data).hexdigest() == digest
+report["idle_with_poem"] = with_poem
+report["server_fds_held"] = server_fds()
+
+fetches_end = time.monotonic() + timeout
+report["sequential"] = [fetch(fetches_end) for _ in range(3)]
+concurrent = [None] * 5
+def fetch_into(index):
+    concurrent[index] = fetch(fetches_end)
+threads = [threading.Thread(target=fetch_into, args=(index,)) for index in range(len(concurrent))]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+report["concurrent"] = concurrent
+report["server_fds_after_fetches"] = server_fds()
+for sock in clients:
+    sock.close()
+print(json.dumps(report))
+"""
+
+
+def open_fds(container: Container, pid: int) -> int:
+    """How many descriptors process ``pid`` inside has open."""
+    return len(container.text("ls", f"/proc/{pid}/fd").split())
+
+
+def journal_cursor(container: Container) -> str:
+    """The cursor of the newest journal entry, to read only what comes after."""
+    return json.loads(container.text("journalctl", "--no-pager", "-o", "json", "-n", "1"))["__CURSOR"]
+
+
+def test_fresh_client_gets_poem_while_10000_idle_clients_are_held(container: Container) -> None:
+    """With 10,000 idle clients held by the socket-activated service (its unit
+    raises LimitNOFILE=), fresh clients still get the whole poem; nothing is
+    logged about accepting, the service is neither restarted nor replaced,
+    and it gives every descriptor back once the idle clients close.
+    """
+    container.reset_failed()
+    poem = PACKAGED_POEM.read_bytes()
+    pid = started_service(container)
+    restarts = container.show("fastpoetry.service", "NRestarts")
+    baseline = open_fds(container, pid)
+    cursor = journal_cursor(container)
+
+    done = container.python(
+        HOLD_IDLE, str(PORT), str(IDLE_CLIENTS), str(pid), str(HOLD_WAIT), sha256(poem), timeout=3 * HOLD_WAIT,
+    )
+    report = json.loads(done.stdout)
+    fresh = report["sequential"] + report["concurrent"]
+    limits = container.run("cat", f"/proc/{pid}/limits", check=False).stdout.decode()
+    print(
+        f"\n{report['idle_with_poem']} idle clients served in {report['setup_seconds']:.2f} s; server descriptors: "
+        f"{report['server_fds_before']} before, {report['server_fds_held']} held, "
+        f"{report['server_fds_after_fetches']} after the fresh fetches; fresh fetches (ms): "
+        + ", ".join(f"{f['seconds'] * 1000:.1f}" for f in fresh)
+        + "\n" + next((line for line in limits.splitlines() if line.startswith("Max open files")), "(no limits: gone)")
+    )
+    container.run("journalctl", "--sync")
+    journal = container.text("journalctl", "--no-pager", "-o", "cat", "--after-cursor", cursor, "-u", "fastpoetry.service")
+    assert report["errors"] == [], f"{report['errors']}\njournal:\n{journal}"
+    assert report["idle_with_poem"] == IDLE_CLIENTS, journal
+    # Every idle client was held, by a descriptor of the server, before and
+    # after the fresh clients were served: they were served alongside.
+    assert report["server_fds_held"] >= baseline + IDLE_CLIENTS, f"{report}\njournal:\n{journal}"
+    assert report["server_fds_after_fetches"] >= baseline + IDLE_CLIENTS, f"{report}\njournal:\n{journal}"
+    for fetched in fresh:
+        assert "error" not in fetched, f"{fetched}\njournal:\n{journal}"
+        # Read to the end of the stream without a reset: whole poem, clean EOF.
+        assert base64.b64decode(fetched["poem"]) == poem, f"{len(base64.b64decode(fetched['poem']))} bytes"
+    assert "cannot accept" not in journal, journal
+    warnings = container.text("journalctl", "--no-pager", "-o", "cat", "--after-cursor", cursor, "-p", "warning", f"_PID={pid}")
+    assert warnings == "", warnings
+
+    # The idle clients have closed: the server lets go of their descriptors.
+    wait_until(lambda: open_fds(container, pid) <= baseline, f"the server back to {baseline} descriptors")
+    assert container.is_active("fastpoetry.service") == "active"
+    assert container.main_pid() == pid
+    assert container.show("fastpoetry.service", "NRestarts") == restarts
+    assert container.fetch() == poem
 
 
 def test_watchdog_restarts_stuck_service(container: Container) -> None:
