@@ -20,6 +20,7 @@ from __future__ import annotations
 import errno
 import logging
 import socket
+import struct
 from typing import Protocol
 
 import trio
@@ -63,6 +64,10 @@ _CONNECTION_ERRNOS = frozenset(
 )
 
 
+# SO_LINGER on, with a zero timeout: close() resets the connection.
+_RESET_ON_CLOSE = struct.pack("ii", 1, 0)
+
+
 class PoemSource(Protocol):
     """Where a server gets the poem it sends: a :class:`~.poetry.PoetryService`."""
 
@@ -78,7 +83,8 @@ class StreamServer(Service):
 
     The sockets (TCP or AF_UNIX, non-blocking) belong to the server from then
     on and are closed when it stops accepting.  A client is dropped if it has
-    not taken the whole poem within ``send_timeout`` seconds, or has not
+    not taken the whole poem within ``send_timeout`` seconds (with a reset,
+    so that it cannot take part of the poem for all of it), or has not
     closed within that time once it has it.
     """
 
@@ -229,8 +235,8 @@ class StreamServer(Service):
                     except OSError as exc:
                         failure = exc
                     nursery.cancel_scope.cancel()
-        except BaseException:
-            conn.close()
+        except BaseException:  # cancelled: the shutdown deadline
+            _abort(conn)
             raise
         finally:
             self.poems_in_flight -= 1
@@ -246,7 +252,7 @@ class StreamServer(Service):
                 len(view),
                 extra={"POEM": self.source.label, "BYTES": sent},
             )
-            conn.close()
+            _abort(conn)
             return
         self._finish(conn)
         self.poems_served += 1
@@ -291,6 +297,16 @@ async def _discard_input(conn: socket.socket) -> None:
     """Read and drop whatever the client sends, until it stops sending."""
     while not discard_input(conn):
         await trio.lowlevel.wait_readable(conn)
+
+
+def _abort(conn: socket.socket) -> None:
+    """Close a connection whose poem is not all sent, with a reset.
+
+    End of stream is the only end-of-poem mark the protocol has: a plain
+    close would hand the client a truncated poem that looks whole.
+    """
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET_ON_CLOSE)
+    conn.close()
 
 
 def _log_lost(exc: OSError) -> None:
