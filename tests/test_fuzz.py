@@ -16,6 +16,7 @@ fast anything is.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import os
@@ -26,7 +27,7 @@ import struct
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -608,6 +609,35 @@ def read_until_closed(sock: socket.socket) -> tuple[bytes, bool]:
         data += chunk
 
 
+@contextlib.contextmanager
+def big_poem_server(
+    tmp_path: Path, start_server: Callable[..., Server], *options: str
+) -> Iterator[tuple[Server, socket.socket, bytes, int]]:
+    """A server of the big poem, on a socket whose send buffer cannot take it whole.
+
+    Yields the server, its listening socket, the poem, and how many
+    descriptors the server has open with no client.
+    """
+    poem = make_poem(tmp_path / "big.txt", BIG_SIZE)
+    listener = listening_socket()
+    # As in the fuzz test: the kernel cannot take the whole poem at once.
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, BIG_SNDBUF)
+    with listener:
+        server = start_activated(
+            start_server, [listener], "serve", "--poem", str(tmp_path / "big.txt"),
+            "--log-target", "stderr", *options,
+        )
+        server.wait_ready()
+        yield server, listener, poem, len(open_fds(server.pid))
+
+
+def assert_not_taken_for_the_whole_poem(poem: bytes, data: bytes, reset: bool) -> None:
+    assert data == poem[: len(data)]
+    assert reset or data == poem, (
+        f"clean EOF after {len(data)} of {len(poem)} bytes: indistinguishable from a whole poem"
+    )
+
+
 def test_a_client_dropped_at_the_send_timeout_cannot_mistake_part_for_the_poem(
     tmp_path: Path, start_server: Callable[..., Server]
 ) -> None:
@@ -618,21 +648,8 @@ def test_a_client_dropped_at_the_send_timeout_cannot_mistake_part_for_the_poem(
     finished one.  Found by the fuzz test's stalling clients of the big
     poem; reduced to one client that does not read until it is dropped.
     """
-    poem = make_poem(tmp_path / "big.txt", BIG_SIZE)
-    listener = listening_socket()
-    # As in the fuzz test: the kernel cannot take the whole poem at once.
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, BIG_SNDBUF)
-    with listener:
-        server = start_activated(
-            start_server,
-            [listener],
-            "serve",
-            "--poem", str(tmp_path / "big.txt"),
-            "--send-timeout", f"{SEND_TIMEOUT:g}",
-            "--log-target", "stderr",
-        )
-        server.wait_ready()
-        idle = len(open_fds(server.pid))
+    options = ("--send-timeout", f"{SEND_TIMEOUT:g}")
+    with big_poem_server(tmp_path, start_server, *options) as (server, listener, poem, idle):
         with socket.create_connection(listener.getsockname(), timeout=WAIT) as sock:
             # Watched through the server's descriptors, not its log, so that
             # a fix that words the log differently still passes: accepted...
@@ -640,10 +657,7 @@ def test_a_client_dropped_at_the_send_timeout_cannot_mistake_part_for_the_poem(
             # ...then closed by the server, while we have not read a byte.
             wait_for_descriptors(server.pid, idle, [listener])
             data, reset = read_until_closed(sock)
-    assert data == poem[: len(data)]
-    assert reset or data == poem, (
-        f"clean EOF after {len(data)} of {len(poem)} bytes: indistinguishable from a whole poem"
-    )
+    assert_not_taken_for_the_whole_poem(poem, data, reset)
 
 
 def test_a_client_cut_off_by_the_shutdown_timeout_cannot_mistake_part_for_the_poem(
@@ -654,26 +668,10 @@ def test_a_client_cut_off_by_the_shutdown_timeout_cannot_mistake_part_for_the_po
     The same promise as above on the other way a poem is abandoned: SIGTERM,
     and a client that does not read within --shutdown-timeout.
     """
-    poem = make_poem(tmp_path / "big.txt", BIG_SIZE)
-    listener = listening_socket()
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, BIG_SNDBUF)
-    with listener:
-        server = start_activated(
-            start_server,
-            [listener],
-            "serve",
-            "--poem", str(tmp_path / "big.txt"),
-            "--shutdown-timeout", "1",
-            "--log-target", "stderr",
-        )
-        server.wait_ready()
-        idle = len(open_fds(server.pid))
+    with big_poem_server(tmp_path, start_server, "--shutdown-timeout", "1") as (server, listener, poem, idle):
         with socket.create_connection(listener.getsockname(), timeout=WAIT) as sock:
             wait_for_descriptors(server.pid, idle + 1, [listener])  # accepted, in flight
             server.send_signal(signal.SIGTERM)
             assert server.wait() == 0, server.log()
             data, reset = read_until_closed(sock)
-    assert data == poem[: len(data)]
-    assert reset or data == poem, (
-        f"clean EOF after {len(data)} of {len(poem)} bytes: indistinguishable from a whole poem"
-    )
+    assert_not_taken_for_the_whole_poem(poem, data, reset)
