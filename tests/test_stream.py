@@ -525,6 +525,25 @@ async def test_stalled_client_does_not_hold_up_others(big_poem: bytes) -> None:
         assert await fetch_poem(address) == big_poem
 
 
+async def test_clients_are_closed_at_once_while_there_is_no_poem(
+    poetry_log: pytest.LogCaptureFixture,
+) -> None:
+    """An empty poem means none yet (a proxy before its first fetch): close, warn once."""
+    source = Source(b"", label="upstream")
+    async with serving(source) as server:
+        address = address_of(server.listeners[0])
+        for _ in range(5):
+            with await connect(address) as sock:
+                data, _ = await receive_until_closed(sock)
+            assert data == b""
+        assert server.poems_served == 0
+        source.poem = LEDGER.read_bytes()
+        assert await fetch_poem(address) == source.poem
+    warnings = [r.getMessage() for r in poetry_log.records if r.levelno == logging.WARNING]
+    # The first client is reported at once; the rest wait for the next report.
+    assert warnings == [f"no poem to serve yet: closed 1 connection on {address[0]}:{address[1]} without one"]
+
+
 # -- 9. reloading while sending ----------------------------------------------------
 
 

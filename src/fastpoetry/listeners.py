@@ -96,16 +96,17 @@ def adopt(fd: int) -> socket.socket:
     return sock
 
 
-def turn_away(sock: socket.socket) -> int:
-    """Accept every connection waiting on ``sock`` and close it unserved.
+def turn_away(sock: socket.socket, limit: int | None = None) -> int:
+    """Accept the connections waiting on ``sock`` (``limit`` at most) and close them unserved.
 
     For a server that cannot start: a connection left queued on a socket
     systemd passed would make systemd start the service again at once, and
-    again, until the start limit fails the socket unit too.  Returns how
-    many clients were turned away; they see the connection closed.
+    again, until the start limit fails the socket unit too.  And for one
+    that has no poem yet.  Returns how many clients were turned away; they
+    see the connection closed.
     """
     turned = 0
-    while True:
+    while limit is None or turned < limit:
         try:
             conn, _ = sock.accept()
         except BlockingIOError:
@@ -117,6 +118,7 @@ def turn_away(sock: socket.socket) -> int:
             return turned
         conn.close()
         turned += 1
+    return turned
 
 
 def describe(sock: socket.socket) -> str:

@@ -26,7 +26,7 @@ from typing import Protocol
 import trio
 
 from .linger import LingeringCloser, discard_input
-from .listeners import describe, format_peer
+from .listeners import describe, format_peer, turn_away
 from .service import Service
 
 log = logging.getLogger(__name__)
@@ -111,6 +111,8 @@ class StreamServer(Service):
         self._stopped = trio.Event()
         self._capacity_logged_at = -CAPACITY_LOG_INTERVAL
         self._capacity_failures = 0
+        self._turned_away_logged_at = -CAPACITY_LOG_INTERVAL
+        self._turned_away = 0
 
     @property
     def clients_lingering(self) -> int:
@@ -173,6 +175,9 @@ class StreamServer(Service):
             await trio.lowlevel.wait_readable(listener)
             poem = self.source.poem
             size = len(poem)
+            if not size:
+                self._turn_away(listener)
+                continue
             debug = log.isEnabledFor(logging.DEBUG)
             served = 0
             exhausted = False
@@ -274,6 +279,22 @@ class StreamServer(Service):
             peer,
             extra={"POEM": self.source.label, "PEER": peer, "BYTES": size},
         )
+
+    def _turn_away(self, listener: socket.socket) -> None:
+        """No poem yet (a proxy whose upstream never answered): close at once."""
+        self._turned_away += turn_away(listener, ACCEPT_BATCH)
+        now = trio.current_time()
+        if now - self._turned_away_logged_at < CAPACITY_LOG_INTERVAL:
+            return
+        log.warning(
+            "no poem to serve yet: closed %d connection%s on %s without one",
+            self._turned_away,
+            "" if self._turned_away == 1 else "s",
+            describe(listener),
+            extra={"POEM": self.source.label, "CLIENTS": self._turned_away},
+        )
+        self._turned_away_logged_at = now
+        self._turned_away = 0
 
     def _report_capacity(self, listener: socket.socket, exc: OSError) -> None:
         # Every queued connection fails the same way until a descriptor is
