@@ -551,15 +551,16 @@ def test_bad_poem_started_by_a_client_fails_once_and_the_socket_keeps_listening(
     with container.drop_in("50-later-poem.conf", exec_start):
         container.run("systemctl", "stop", "fastpoetry.service")
         container.reset_failed()
-        starting = f"fastpoetry {upstream_version()} starting"
-        started_before = container.journal("--identifier=fastpoetry").count(starting)
+        # Any version: the upgrade test installed another one before.
+        starting = re.compile(r"^fastpoetry \S+ starting$", re.MULTILINE)
+        started_before = len(starting.findall(container.journal("--identifier=fastpoetry")))
         client = container.fetch_later()
         reply, errors = client.communicate(timeout=WAIT)
         # Closed without a poem, not reset by a socket unit that failed.
         assert (client.returncode, reply) == (0, b""), errors.decode(errors="replace")
         wait_until(lambda: container.is_active("fastpoetry.service") == "failed", "the service to fail")
         journal = container.journal("--identifier=fastpoetry")
-        assert journal.count(starting) == started_before + 1, journal
+        assert len(starting.findall(journal)) == started_before + 1, journal
         assert "closed 1 connection waiting on [::]:10000 without a poem: cannot start" in journal
         assert f"cannot load a poem from {poem}: no such file or directory" in journal
         assert container.is_active("fastpoetry.socket") == "active"
