@@ -78,15 +78,31 @@ def read_poem(path: str, max_size: int = DEFAULT_MAX_POEM_SIZE) -> bytes:
             poem = file.read(max_size + 1)
         except OSError as exc:
             raise PoemError(path, _describe(exc)) from None
+    return check_poem(poem, path, max_size)
+
+
+def check_poem(
+    poem: bytes, origin: str, max_size: int = DEFAULT_MAX_POEM_SIZE, *, what: str = "the file"
+) -> bytes:
+    """Check that ``poem`` may be served, and return it unchanged.
+
+    The rules every source of poems applies (a file, an upstream server): a
+    poem is not empty, at most ``max_size`` bytes, and UTF-8 text.  A reader
+    stops at ``max_size + 1`` bytes, so a poem over the limit is refused
+    without its full size.  Anything else raises :exc:`PoemError` for
+    ``origin``; ``what`` names what held the poem when it is empty ("the
+    file is empty").  Decoding is linear in the size: call it off the event
+    loop for a large poem.
+    """
     if len(poem) > max_size:
-        raise PoemError(path, _too_big(None, max_size))
+        raise PoemError(origin, _too_big(None, max_size))
     if not poem:
-        raise PoemError(path, "the file is empty")
+        raise PoemError(origin, f"{what} is empty")
     try:
         poem.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise PoemError(
-            path, f"not UTF-8 text (byte 0x{poem[exc.start]:02x} at offset {exc.start})"
+            origin, f"not UTF-8 text (byte 0x{poem[exc.start]:02x} at offset {exc.start})"
         ) from None
     return poem
 
