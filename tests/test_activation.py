@@ -346,3 +346,20 @@ def test_listen_fds_for_another_process_falls_back_to_binding(start_server) -> N
     assert "from systemd" not in server.log()
     server.send_signal(signal.SIGTERM)
     assert server.wait() == 0
+
+
+def test_proxy_serves_on_the_socket_systemd_passes(start_server) -> None:
+    """``fastpoetry proxy`` is socket-activated like ``serve``: it serves the passed socket."""
+    upstream = start_server("serve", "--iface", "127.0.0.1", "--port", "0", "--poem", str(LANTERN))
+    upstream.wait_ready()
+    _, upstream_port = upstream.address()
+    with listening_socket() as sock:
+        proxy = start_activated(
+            start_server, [sock], "proxy", "--upstream", f"127.0.0.1:{upstream_port}", names=["proxy"]
+        )
+        proxy.wait_ready()
+        assert fetch(sock.getsockname()) == LANTERN.read_bytes()
+        assert "took 1 socket from systemd" in proxy.log()
+        proxy.send_signal(signal.SIGTERM)
+        assert proxy.wait() == 0
+    assert "Traceback" not in proxy.log()

@@ -914,3 +914,143 @@ def test_clients_that_reset_mid_poem_cost_a_debug_line_at_most(
         assert sending == resets + 1
         startup = count_in_log(server, "DEBUG: raised the open files limit")
         assert count_in_log(server, " DEBUG: ") == startup + sending + gone, log
+
+
+# -- several poems on several ports, in the foreground ------------------------------
+
+
+def _serving_lines(server: Server) -> dict[str, tuple[str, int]]:
+    """``{label: (host, port)}`` from the "serving LABEL on HOST:PORT" lines."""
+    found = re.findall(r"INFO: serving (\S+) on (\d+\.\d+\.\d+\.\d+):(\d+)\n", server.log())
+    return {label: (host, int(port)) for label, host, port in found}
+
+
+def test_foreground_serves_each_named_poem_on_its_own_port(serve_foreground: ServeForeground) -> None:
+    """--port NAME=N listens for the poem named NAME; --port N for the unnamed one."""
+    server = serve_foreground(
+        "--poem", str(LANTERN), "--poem", f"ledger={LEDGER}", "--port", "ledger=0"
+    )
+    ports = _serving_lines(server)
+    assert set(ports) == {"lantern.txt", "ledger"}, server.log()
+    assert ports["lantern.txt"] != ports["ledger"]
+    assert fetch(ports["lantern.txt"]) == LANTERN.read_bytes()
+    assert fetch(ports["ledger"]) == LEDGER.read_bytes()
+    assert "on 2 sockets" in server.wait_for_log(r"INFO: ready: .*\n").group(0)
+    assert terminate(server) == 0
+    assert_clean_log(server)
+
+
+def test_foreground_with_only_named_poems_listens_only_on_their_ports(
+    serve_foreground: ServeForeground,
+) -> None:
+    """Every poem named, each with a port: the unnamed port (10000) is not taken."""
+    server = serve_foreground(
+        "--poem", f"a={LANTERN}", "--poem", f"b={WINTER}", "--port", "a=0", "--port", "b=0"
+    )
+    ports = _serving_lines(server)
+    assert set(ports) == {"a", "b"}, server.log()
+    assert fetch(ports["a"]) == LANTERN.read_bytes()
+    assert fetch(ports["b"]) == WINTER.read_bytes()
+    assert terminate(server) == 0
+    assert_clean_log(server)
+
+
+def test_a_named_poem_without_a_port_is_not_served_and_says_so(
+    serve_foreground: ServeForeground,
+) -> None:
+    """A named poem with neither a socket nor a --port: a warning naming both ways."""
+    server = serve_foreground("--poem", str(LANTERN), "--poem", f"quiet={LEDGER}")
+    assert set(_serving_lines(server)) == {"lantern.txt"}
+    warning = server.wait_for_log(r"WARNING: no socket is named 'quiet'.*\n").group(0)
+    assert "--port quiet=N" in warning and "FileDescriptorName=" in warning
+    assert terminate(server) == 0
+
+
+# -- the proxy ----------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _proxy(start_server: StartServer, upstream_port: int, *args: str, env: dict[str, str] | None = None) -> Server:
+    server = start_server(
+        "proxy", "--upstream", f"127.0.0.1:{upstream_port}", *LOCAL, *args, env=env
+    )
+    server.wait_ready()
+    return server
+
+
+def test_proxy_serves_the_upstream_poem_and_keeps_it_when_the_upstream_goes(
+    serve_foreground: ServeForeground, start_server: StartServer, notify_socket: NotifySocket
+) -> None:
+    """Fetched, cached, served; with the upstream gone the cache is served and the log warns."""
+    upstream = serve_foreground("--poem", str(LANTERN))
+    _, port = upstream.address()
+    proxy = _proxy(
+        start_server, port, "--refresh", "0.2", env=clean_env(NOTIFY_SOCKET=notify_socket.path)
+    )
+    ready = notify_socket.wait_for("READY", "1")
+    assert ready["STATUS"].startswith(f"Serving the poem of upstream 127.0.0.1:{port} ({LANTERN.stat().st_size} bytes)")
+    assert f"INFO: fetched a poem from upstream 127.0.0.1:{port} ({LANTERN.stat().st_size} bytes)" in proxy.log()
+    address = proxy.address()
+    assert fetch(address) == LANTERN.read_bytes()
+
+    assert terminate(upstream) == 0
+    proxy.wait_for_log(rf"WARNING: upstream 127\.0\.0\.1:{port} is unreachable \(connection refused\); still serving the cached poem")
+    for _ in range(3):
+        assert fetch(address) == LANTERN.read_bytes()
+    status = notify_socket.wait_for("STATUS")["STATUS"]
+    while "upstream failing" not in status:
+        status = notify_socket.wait_for("STATUS")["STATUS"]
+    assert "upstream failing: connection refused" in status
+    assert terminate(proxy) == 0
+    assert_clean_log(proxy)
+
+
+def test_proxy_with_nothing_cached_closes_clients_until_the_upstream_answers(
+    start_server: StartServer, notify_socket: NotifySocket
+) -> None:
+    """Upstream down from the start: clients are closed with nothing, then served once it is up."""
+    port = _free_port()
+    proxy = _proxy(start_server, port, env=clean_env(NOTIFY_SOCKET=notify_socket.path))
+    status = notify_socket.wait_for("READY", "1")["STATUS"]
+    assert status == f"Waiting for a poem from upstream 127.0.0.1:{port}: connection refused; 0 poems served"
+    address = proxy.address()
+    assert fetch(address) == b""
+    proxy.wait_for_log(r"WARNING: no poem to serve yet: closed 1 connection on 127\.0\.0\.1:\d+ without one\n")
+    assert f"WARNING: no poem from upstream 127.0.0.1:{port} yet: connection refused; retrying in" in proxy.log()
+
+    upstream = start_server("serve", "--iface", "127.0.0.1", "--port", str(port), "--poem", str(LEDGER))
+    upstream.wait_ready()
+    proxy.wait_for_log(rf"INFO: fetched a poem from upstream 127\.0\.0\.1:{port} \(\d+ bytes\)")
+    assert fetch(address) == LEDGER.read_bytes()
+    assert terminate(proxy) == 0
+    assert terminate(upstream) == 0
+    assert_clean_log(proxy)
+
+
+def test_sighup_makes_the_proxy_fetch_at_once(
+    start_server: StartServer, serve_foreground: ServeForeground, tmp_path: Path
+) -> None:
+    """SIGHUP fetches now, whatever --refresh says; the new poem is served."""
+    path = tmp_path / "poem.txt"
+    old = make_poem(path, 2000, seed="old")
+    upstream = serve_foreground("--poem", str(path))
+    _, port = upstream.address()
+    proxy = _proxy(start_server, port, "--refresh", "3600")
+    address = proxy.address()
+    assert fetch(address) == old
+
+    new = make_poem(tmp_path / "next.txt", 3000, seed="new")
+    _replace(path, tmp_path / "next.txt")
+    upstream.send_signal(signal.SIGHUP)
+    wait_for_count(upstream, READY, 2)
+    proxy.send_signal(signal.SIGHUP)
+    wait_for_count(proxy, READY, 2)
+    assert fetch(address) == new
+    assert terminate(proxy) == 0
+    assert terminate(upstream) == 0
+    assert_clean_log(proxy)

@@ -145,6 +145,30 @@ def test_serve_help_names_every_option() -> None:
     assert "SIGHUP" in result.stdout and "SIGTERM" in result.stdout
 
 
+PROXY_OPTIONS = (
+    "--upstream",
+    "--port",
+    "--iface",
+    "--timeout",
+    "--refresh",
+    "--shutdown-timeout",
+    "--send-timeout",
+    "--max-poem-size",
+    "--summary-interval",
+    "--log-level",
+    "--log-target",
+)
+
+
+def test_proxy_help_names_every_option() -> None:
+    """proxy --help exits 0 and documents every proxy option and what SIGHUP does."""
+    result = run("proxy", "--help")
+    assert result.returncode == 0, result
+    for option in PROXY_OPTIONS:
+        assert re.search(rf"^\s+{option}\b", result.stdout, re.MULTILINE), option
+    assert "SIGHUP" in result.stdout
+
+
 # -- usage errors: exit 2 --------------------------------------------------------
 
 
@@ -163,6 +187,18 @@ USAGE_ERRORS = {
     "max-poem-size 0": (["serve", "--max-poem-size", "0"], ["--max-poem-size", "'0'", "not a size"]),
     "max-poem-size 1T": (["serve", "--max-poem-size", "1T"], ["--max-poem-size", "'1T'", "K, M or G"]),
     "max-poem-size -5K": (["serve", "--max-poem-size=-5K"], ["--max-poem-size", "'-5K'"]),
+    "port for no poem": (["serve", "--port", "ballad=7000"], ["--port ballad=7000", "no --poem is named 'ballad'"]),
+    "two unnamed ports": (["serve", "--port", "7000", "--port", "7001"], ["--port", "without a NAME"]),
+    "port with empty name": (["serve", "--port", "=7000"], ["--port", "empty NAME"]),
+    "same port name twice": (
+        ["serve", "--poem", f"a={LANTERN}", "--port", "a=7000", "--port", "a=7001"],
+        ["--port", "'a'", "more than once"],
+    ),
+    "proxy without upstream": (["proxy"], ["--upstream", "required"]),
+    "proxy upstream without port": (["proxy", "--upstream", "localhost"], ["--upstream", "'localhost'"]),
+    "proxy upstream port 0": (["proxy", "--upstream", "localhost:0"], ["--upstream", "1 to 65535"]),
+    "proxy upstream bare IPv6": (["proxy", "--upstream", "::1:10000"], ["--upstream", "brackets"]),
+    "proxy refresh 0": (["proxy", "--upstream", "localhost:1", "--refresh", "0"], ["--refresh", "'0'"]),
     "poem without name": (["serve", "--poem", f"={LANTERN}"], ["--poem", "empty NAME"]),
     "poem without file": (["serve", "--poem", "name="], ["--poem", "'name='", "no FILE"]),
     "poem name with colon": (["serve", "--poem", f"a:b={LANTERN}"], ["--poem", "'a:b'", "':'"]),

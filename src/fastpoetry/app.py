@@ -5,8 +5,8 @@ deeper so that several poems can be served side by side::
 
     Application "fastpoetry"
       TimerService "watchdog"        (only when systemd asks for it)
-      MultiService "poem:LABEL"      (one per --poem)
-        PoetryService "poetry"
+      MultiService "poem:LABEL"      (one per --poem, or the proxy's upstream)
+        PoetryService "poetry"       (or ProxyService "proxy": fetches and caches)
         StreamServer "stream"        (the sockets serving this poem)
       TimerService "status"
       TimerService "summary"
@@ -23,13 +23,14 @@ import os
 import resource
 import signal
 import socket
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import trio
 
 from . import __version__, listeners, systemd
 from .poetry import DEFAULT_MAX_POEM_SIZE, DEFAULT_POEM_PATH, PoemError, PoetryService
+from .proxy import ProxyService
 from .report import STATUS_INTERVAL, Reporter, count
 from .service import Application, MultiService, TimerService
 from .stream import StreamServer
@@ -49,12 +50,28 @@ class PoemSpec:
 
 
 @dataclass(frozen=True)
+class UpstreamSpec:
+    """The proxy's poem: another poetry server's, fetched and cached."""
+
+    host: str
+    port: int
+    timeout: float = 10.0
+    refresh: float = 60.0
+    #: Upstreams serve the sockets no poem is named for, as an unnamed poem.
+    name: None = None
+
+
+@dataclass(frozen=True)
 class ServeConfig:
     """Everything ``fastpoetry serve`` was told on its command line."""
 
-    poems: Sequence[PoemSpec] = field(default_factory=lambda: [PoemSpec(DEFAULT_POEM_PATH)])
+    poems: Sequence[PoemSpec | UpstreamSpec] = field(
+        default_factory=lambda: [PoemSpec(DEFAULT_POEM_PATH)]
+    )
     iface: str = "localhost"
     port: int = 10000
+    #: Ports of named poems without socket activation: ``{NAME: port}``.
+    named_ports: Mapping[str, int] = field(default_factory=dict)
     shutdown_timeout: float = 5.0
     send_timeout: float = 30.0
     max_poem_size: int = DEFAULT_MAX_POEM_SIZE
@@ -71,6 +88,7 @@ class _Server:
 
     application: Application
     poets: list[PoetryService]
+    proxies: list[ProxyService]
     reporter: Reporter
 
 
@@ -213,10 +231,7 @@ def _listening_sockets(config: ServeConfig) -> list[tuple[str | None, socket.soc
     except systemd.ActivationError as exc:
         raise StartupError(str(exc)) from None
     if not passed:
-        try:
-            return [(None, sock) for sock in listeners.bind(config.iface, config.port)]
-        except listeners.ListenerError as exc:
-            raise StartupError(str(exc)) from None
+        return _bind_ports(config)
     adopted: list[tuple[str | None, socket.socket]] = []
     try:
         for fd, name in passed.items():
@@ -229,8 +244,28 @@ def _listening_sockets(config: ServeConfig) -> list[tuple[str | None, socket.soc
     return adopted
 
 
+def _bind_ports(config: ServeConfig) -> list[tuple[str | None, socket.socket]]:
+    """Without systemd: listen on --port for the unnamed poem, --port NAME=N for NAME.
+
+    When every poem has a name, the unnamed port is not bound: nothing
+    would be served there.
+    """
+    wanted: list[tuple[str | None, int]] = list(config.named_ports.items())
+    if any(spec.name is None for spec in config.poems) or not wanted:
+        wanted.insert(0, (None, config.port))
+    bound: list[tuple[str | None, socket.socket]] = []
+    try:
+        for name, port in wanted:
+            bound.extend((name, sock) for sock in listeners.bind(config.iface, port))
+    except listeners.ListenerError as exc:
+        for _, sock in bound:
+            sock.close()
+        raise StartupError(str(exc)) from None
+    return bound
+
+
 def _assign(
-    poems: Sequence[PoemSpec], sockets: list[tuple[str | None, socket.socket]]
+    poems: Sequence[PoemSpec | UpstreamSpec], sockets: list[tuple[str | None, socket.socket]]
 ) -> list[list[socket.socket]]:
     """Which sockets serve which poem, in the order of ``poems``.
 
@@ -266,40 +301,61 @@ async def _build(config: ServeConfig, sockets: list[tuple[str | None, socket.soc
         log.info("pinging the systemd watchdog every %g s", interval)
         await app.add(TimerService(interval, systemd.notify_watchdog, name="watchdog"))
     poets: list[PoetryService] = []
+    proxies: list[ProxyService] = []
     servers: list[StreamServer] = []
     for spec, assigned in zip(config.poems, _assign(config.poems, sockets), strict=True):
-        poet = PoetryService(spec.path, spec.name, max_size=config.max_poem_size)
-        group = MultiService(f"poem:{poet.label}")
-        await group.add(poet)
+        source: PoetryService | ProxyService
+        if isinstance(spec, UpstreamSpec):
+            source = ProxyService(
+                spec.host, spec.port, timeout=spec.timeout, refresh=spec.refresh,
+                max_size=config.max_poem_size,
+            )
+            proxies.append(source)
+        else:
+            source = PoetryService(spec.path, spec.name, max_size=config.max_poem_size)
+            poets.append(source)
+        group = MultiService(f"poem:{source.label}")
+        await group.add(source)
         if assigned:
-            server = StreamServer(poet, assigned, send_timeout=config.send_timeout)
+            server = StreamServer(source, assigned, send_timeout=config.send_timeout)
             await group.add(server)
             servers.append(server)
         else:
-            log.warning("no socket is named %r: poem %s is not served", spec.name, spec.path)
+            log.warning(
+                "no socket is named %r (FileDescriptorName=, or --port %s=N): %s is not served",
+                spec.name, spec.name, source.label,
+            )
         await app.add(group)
-        poets.append(poet)
-    reporter = Reporter(poets, servers)
+    reporter = Reporter([*poets, *proxies], servers)
     await app.add(TimerService(STATUS_INTERVAL, reporter.update_status, name="status"))
     await app.add(
         TimerService(config.summary_interval, reporter.log_summary, name="summary", now=False)
     )
-    return _Server(app, poets, reporter)
+    return _Server(app, poets, proxies, reporter)
 
 
 async def _reload(server: _Server) -> None:
-    """Re-read every poem; serve the new ones only if all could be read."""
-    log.info("received SIGHUP: reloading %s", count(len(server.poets), "poem"))
+    """Re-read every poem file, and fetch from every upstream.
+
+    Poem files are replaced all or none: the new ones are served only if
+    every one could be read. An upstream that fails keeps its cached poem.
+    """
+    log.info("received SIGHUP: reloading %s", count(len(server.poets) + len(server.proxies), "poem"))
     systemd.notify_reloading()
+    failures: list[str] = []
     try:
         fresh = [await poet.read() for poet in server.poets]
     except PoemError as exc:
-        server.reporter.reload_failure = str(exc)
+        failures.append(str(exc))
         log.error("reload failed, still serving the poems loaded before: %s", exc)
     else:
         for poet, poem in zip(server.poets, fresh, strict=True):
             poet.use(poem)
-        server.reporter.reload_failure = None
+    for proxy in server.proxies:
+        # A failed fetch is logged by the proxy, and its cached poem stays.
+        if not await proxy.refresh():
+            failures.append(f"upstream {proxy.label}: {proxy.last_error}")
+    server.reporter.reload_failure = "; ".join(failures) or None
     server.reporter.ready()
 
 

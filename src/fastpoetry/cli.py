@@ -1,4 +1,4 @@
-"""The ``fastpoetry`` command line.
+"""The ``fastpoetry`` command line: ``serve``, ``proxy`` and ``get``.
 
 Usage errors (an unknown option, a bad port) exit with status 2, runtime
 errors (a poem that cannot be read, a port in use) with status 1; either way
@@ -17,6 +17,15 @@ from . import __version__
 #: Exit statuses: the unit restarts the server after a crash (EXIT_CRASH, as
 #: sysexits.h's EX_SOFTWARE), not when its configuration is wrong (1 and 2).
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_CRASH = 0, 1, 2, 70
+
+#: Killed by SIGINT, as a shell reports it (128 + 2).
+EXIT_INTERRUPTED = 130
+
+#: The port of the poem without a name, without socket activation.
+DEFAULT_PORT = 10000
+
+#: The proxy's port without socket activation: beside the server's.
+DEFAULT_PROXY_PORT = 10001
 
 # systemd.socket(5): a FileDescriptorName= is at most 255 characters, with
 # no colon (it separates names in LISTEN_FDNAMES) and no control characters.
@@ -38,6 +47,23 @@ Exit status: 0 after a clean shutdown, 1 when the server cannot start,
 """
 
 
+_PROXY_EPILOG = """\
+The proxy fetches the upstream's poem when it starts, every --refresh
+seconds, and at once on SIGHUP, and serves the poem it fetched last. When
+the upstream cannot be reached it keeps serving that poem and logs a
+warning; with no poem fetched yet it closes each client at once and logs
+why. A fetch that times out, is cut off, or brings something that is not a
+poem (empty, not UTF-8, over --max-poem-size) never replaces the cache.
+
+Under systemd (socket activation) it serves on the sockets the socket unit
+passes and ignores --iface and --port. SIGTERM and SIGINT stop it as they
+stop 'fastpoetry serve'.
+
+Exit status: 0 after a clean shutdown, 1 when the proxy cannot start,
+2 for a usage error, 70 if it crashed.
+"""
+
+
 class _Parser(argparse.ArgumentParser):
     """An argument parser whose errors are one line, with exit status 2."""
 
@@ -51,6 +77,13 @@ def _port(text: str) -> int:
     if not 0 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0 to 65535)")
     return port
+
+
+def _named_port(text: str) -> tuple[str | None, int]:
+    name, sep, port = text.rpartition("=")
+    if sep and not name:
+        raise argparse.ArgumentTypeError(f"{text!r} has an empty NAME before '='")
+    return (name or None), _port(port)
 
 
 def _seconds(text: str) -> float:
@@ -99,7 +132,7 @@ def _poem(text: str):  # -> PoemSpec, imported late to keep --help fast
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .logs import LEVELS, TARGETS
+    from . import client
 
     parser = _Parser(
         prog="fastpoetry",
@@ -127,26 +160,86 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--port",
+        dest="ports",
+        type=_named_port,
+        action="append",
+        metavar="[NAME=]N",
+        help="port to listen on without socket activation, for the poem named NAME "
+        "if given; 0 picks a free one (default: 10000 for the poem without a name)",
+    )
+    _add_server_options(serve)
+
+    proxy = commands.add_parser(
+        "proxy",
+        help="serve the poem of another poetry server, cached",
+        description="Fetch the poem of an upstream poetry server, cache it, and serve\n"
+        "the cached poem: a client connects, receives the poem, and is disconnected.",
+        epilog=_PROXY_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    proxy.set_defaults(command_parser=proxy)
+    proxy.add_argument(
+        "--upstream",
+        required=True,
+        type=client.parse_address,
+        metavar="HOST:PORT",
+        help="the poetry server to fetch the poem from",
+    )
+    proxy.add_argument(
+        "--port",
         type=_port,
-        default=10000,
+        default=DEFAULT_PROXY_PORT,
         metavar="N",
         help="port to listen on without socket activation; 0 picks a free one (default: %(default)s)",
     )
-    serve.add_argument(
+    proxy.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=10.0,
+        metavar="SECONDS",
+        help="give up a fetch from the upstream after SECONDS (default: %(default)g)",
+    )
+    proxy.add_argument(
+        "--refresh",
+        type=_seconds,
+        default=60.0,
+        metavar="SECONDS",
+        help="fetch the poem again every SECONDS; SIGHUP fetches it at once (default: %(default)g)",
+    )
+    _add_server_options(proxy)
+
+    get = commands.add_parser(
+        "get",
+        help="fetch poems from poetry servers and print them",
+        description="Fetch the poems of poetry servers, all at once, and print them\n"
+        "in the order given.",
+        epilog=client.EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    get.set_defaults(command_parser=get)
+    client.add_arguments(get)
+    return parser
+
+
+def _add_server_options(command: argparse.ArgumentParser) -> None:
+    """The options ``serve`` and ``proxy`` share: where to listen, timeouts, logging."""
+    from .logs import LEVELS, TARGETS
+
+    command.add_argument(
         "--iface",
         default="localhost",
         metavar="ADDR",
         help="interface (host name or address) to listen on without socket "
         "activation; '' for all (default: %(default)s)",
     )
-    serve.add_argument(
+    command.add_argument(
         "--shutdown-timeout",
         type=_seconds,
         default=5.0,
         metavar="SECONDS",
         help="on SIGTERM, how long poems in flight may take to finish (default: %(default)g)",
     )
-    serve.add_argument(
+    command.add_argument(
         "--send-timeout",
         type=_seconds,
         default=30.0,
@@ -154,45 +247,76 @@ def build_parser() -> argparse.ArgumentParser:
         help="drop a client that takes longer than this to receive its poem, "
         "or to close once it has it (default: %(default)g)",
     )
-    serve.add_argument(
+    command.add_argument(
         "--max-poem-size",
         type=_size,
         default="16M",
         metavar="SIZE",
-        help="refuse a poem file larger than SIZE bytes; K, M and G multiply "
+        help="refuse a poem larger than SIZE bytes; K, M and G multiply "
         "by 1024 (default: %(default)s)",
     )
-    serve.add_argument(
+    command.add_argument(
         "--summary-interval",
         type=_seconds,
         default=60.0,
         metavar="SECONDS",
         help="log how many poems were served every SECONDS (default: %(default)g)",
     )
-    serve.add_argument(
+    command.add_argument(
         "--log-level",
         choices=LEVELS,
         default="info",
         help="least important messages logged; 'debug' logs every client (default: %(default)s)",
     )
-    serve.add_argument(
+    command.add_argument(
         "--log-target",
         choices=TARGETS,
         default="auto",
         help="'auto' logs to the journal when running under systemd and to "
         "standard error otherwise (default: %(default)s)",
     )
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C before a command took over SIGINT
+        return EXIT_INTERRUPTED
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "serve":
         return _serve(args.command_parser, args)
+    if args.command == "proxy":
+        return _proxy(args.command_parser, args)
+    if args.command == "get":
+        from . import client
+
+        return client.main(args.command_parser, args)
     parser.error(f"unknown command {args.command!r}")  # unreachable: argparse checks
     return EXIT_USAGE
+
+
+def _ports(
+    parser: argparse.ArgumentParser, ports: list[tuple[str | None, int]], names: list[str | None]
+) -> tuple[int, dict[str, int]]:
+    """The unnamed --port (10000 if not given) and the named ones, checked."""
+    unnamed = [port for name, port in ports if name is None]
+    if len(unnamed) > 1:
+        parser.error("--port: only one port can be given without a NAME=")
+    named: dict[str, int] = {}
+    for name, port in ports:
+        if name is None:
+            continue
+        if name in named:
+            parser.error(f"--port: the name {name!r} is given more than once")
+        if name not in names:
+            parser.error(f"--port {name}={port}: no --poem is named {name!r}")
+        named[name] = port
+    return (unnamed[0] if unnamed else DEFAULT_PORT), named
 
 
 def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
@@ -207,9 +331,30 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         parser.error(f"--poem: the name {duplicates[0]!r} is given more than once")
     if len(poems) - len(names) > 1:
         parser.error("--poem: only one poem can be given without a NAME=")
+    port, named_ports = _ports(parser, args.ports or [], names)
     logs.setup(args.log_level, args.log_target)
     config = app.ServeConfig(
         poems=poems,
+        iface=args.iface,
+        port=port,
+        named_ports=named_ports,
+        shutdown_timeout=args.shutdown_timeout,
+        send_timeout=args.send_timeout,
+        max_poem_size=args.max_poem_size,
+        summary_interval=args.summary_interval,
+    )
+    return _run(config)
+
+
+def _proxy(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from . import app, logs
+
+    app.block_signals()
+    logs.setup(args.log_level, args.log_target)
+    host, port = args.upstream
+    upstream = app.UpstreamSpec(host, port, timeout=args.timeout, refresh=args.refresh)
+    config = app.ServeConfig(
+        poems=[upstream],
         iface=args.iface,
         port=args.port,
         shutdown_timeout=args.shutdown_timeout,
@@ -217,6 +362,12 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         max_poem_size=args.max_poem_size,
         summary_interval=args.summary_interval,
     )
+    return _run(config)
+
+
+def _run(config) -> int:  # config: app.ServeConfig, imported late
+    from . import app
+
     try:
         return app.run(config)
     except Exception:  # a bug: say where, and let systemd restart the server

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from . import systemd
 from .poetry import PoetryService
+from .proxy import ProxyService
 from .stream import StreamServer
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,9 @@ def count(number: int, noun: str) -> str:
 class Reporter:
     """Builds the status line and the summaries from the running services."""
 
-    def __init__(self, poets: Sequence[PoetryService], servers: Sequence[StreamServer]) -> None:
+    def __init__(
+        self, poets: Sequence[PoetryService | ProxyService], servers: Sequence[StreamServer]
+    ) -> None:
         self.poets = poets
         self.servers = servers
         #: Why the last reload failed, until a reload succeeds.
@@ -54,12 +57,30 @@ class Reporter:
     def status(self) -> str:
         """One line: which poem, how large, on how many sockets, how many served."""
         sockets = sum(len(server.listeners) for server in self.servers)
+        served = count(self.poems_served, "poem")
+        if len(self.poets) == 1 and isinstance(self.poets[0], ProxyService):
+            return self._proxy_status(self.poets[0], sockets, served)
         if len(self.poets) == 1:
             poet = self.poets[0]
             what = f"{poet.label} ({len(poet.poem)} bytes)"
         else:
             what = f"{count(len(self.poets), 'poem')} ({sum(len(p.poem) for p in self.poets)} bytes)"
         line = f"Serving {what} on {count(sockets, 'socket')}; {count(self.poems_served, 'poem')} served"
+        if self.reload_failure:
+            line += f"; last reload failed: {self.reload_failure}"
+        return line
+
+    def _proxy_status(self, proxy: ProxyService, sockets: int, served: str) -> str:
+        if not proxy.poem:
+            reason = proxy.last_error or "fetching"
+            line = f"Waiting for a poem from upstream {proxy.label}: {reason}; {served} served"
+        else:
+            line = (
+                f"Serving the poem of upstream {proxy.label} ({len(proxy.poem)} bytes) "
+                f"on {count(sockets, 'socket')}; {served} served"
+            )
+            if proxy.last_error:
+                line += f"; upstream failing: {proxy.last_error}"
         if self.reload_failure:
             line += f"; last reload failed: {self.reload_failure}"
         return line
