@@ -9,6 +9,7 @@ test, or another server, sets.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import pty
@@ -439,7 +440,8 @@ def test_a_failed_server_is_one_line_and_exit_1(
     """A failure is one line naming the server and why; the other poems still come."""
     bad, name, reason = make(fake_server, keep)
     good = serve_foreground("--poem", str(LANTERN))
-    result = get("--timeout", "1", bad, address(good))
+    # The cap above the resetting server's 32 MiB: it is the reset that counts here.
+    result = get("--timeout", "1", "--max-poem-size", "64M", bad, address(good))
     assert result.returncode == 1, result
     # None of the failed server's bytes, and every byte of the good poem.
     assert result.stdout == LANTERN.read_bytes()
@@ -450,7 +452,7 @@ def test_a_failed_server_is_one_line_and_exit_1(
 def test_the_reset_message_counts_what_arrived(fake_server: StartFake) -> None:
     """A reset part-way says how many bytes came, and that the poem is incomplete."""
     server = fake_server(sends_part(b"x" * MORE_THAN_BUFFERS, then=reset))
-    result = get(server.address)
+    result = get("--max-poem-size", "64M", server.address)
     assert result.returncode == 1, result
     assert result.stdout == b""
     [line] = error_lines(result)
@@ -785,3 +787,28 @@ def test_no_progress_when_stderr_is_not_a_terminal(fake_server: StartFake) -> No
     assert client.returncode == 0, errors
     assert output == b"x" * 1000 + b"\n"
     assert errors == b""
+
+
+def test_a_server_sending_more_than_max_poem_size_is_given_up(fake_server: StartFake) -> None:
+    """A stream of bytes without end is not read into memory past --max-poem-size."""
+    def floods(conn: socket.socket) -> None:
+        with contextlib.suppress(OSError):  # the client gives up: reset or broken pipe
+            while True:
+                conn.sendall(b"x" * 65536)
+
+    server = fake_server(floods)
+    result = get("--max-poem-size", "64K", server.address)
+    assert result.returncode == 1, result
+    assert result.stdout == b""
+    [line] = error_lines(result)
+    assert line == (
+        f"fastpoetry get: {server.address}: too big for a poem: "
+        "more than --max-poem-size (65536 bytes); stopped reading"
+    )
+
+
+def test_a_poem_of_exactly_max_poem_size_is_printed(fake_server: StartFake) -> None:
+    server = fake_server(sends(b"y" * 1023 + b"\n"))
+    result = get("--max-poem-size", "1K", server.address)
+    assert result.returncode == 0, result
+    assert result.stdout == b"y" * 1023 + b"\n"

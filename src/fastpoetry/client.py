@@ -27,7 +27,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NamedTuple, TextIO
 
-from .cli import EXIT_CRASH, EXIT_FAILURE, EXIT_OK, _seconds
+from .cli import EXIT_CRASH, EXIT_FAILURE, EXIT_OK, _seconds, _size
 
 #: Exit statuses beyond cli's: a shell reports a command killed by SIGINT or
 #: SIGPIPE as 128 plus the signal, and these say the same, without a
@@ -148,6 +148,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "from connecting to the end (default: %(default)g)",
     )
     parser.add_argument(
+        "--max-poem-size",
+        type=_size,
+        default="16M",
+        metavar="SIZE",
+        help="give up on a server that sends more than SIZE bytes; K, M and G "
+        "multiply by 1024 (default: %(default)s)",
+    )
+    parser.add_argument(
         "addresses",
         type=parse_address,
         nargs="+",
@@ -163,7 +171,7 @@ def main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     try:
         import trio
 
-        return trio.run(_get, prog, args.addresses, args.timeout, progress)
+        return trio.run(_get, prog, args.addresses, args.timeout, args.max_poem_size, progress)
     except BaseException as exc:
         if progress is not None:
             progress.clear()
@@ -196,10 +204,13 @@ def _only(exc: BaseException, kind: type[BaseException]) -> bool:
 class Fetch:
     """One server's poem: :meth:`run` ends with :attr:`poem` or :attr:`error` set."""
 
-    def __init__(self, address: Address) -> None:
+    def __init__(self, address: Address, max_size: int) -> None:
         import trio
 
         self.address = address
+        #: More than this is not a poem: a hostile or broken server would
+        #: otherwise fill memory until the timeout.
+        self.max_size = max_size
         self.connected = False
         #: Bytes received so far, for the progress line and error messages.
         self.received = 0
@@ -254,6 +265,12 @@ class Fetch:
                     break
                 chunks.append(chunk)
                 self.received += len(chunk)
+                if self.received > self.max_size:
+                    self.error = (
+                        f"too big for a poem: more than --max-poem-size "
+                        f"({_bytes(self.max_size)}); stopped reading"
+                    )
+                    return
         if not chunks:
             # No poetry server sends an empty poem; something is wrong there
             # (a server turning clients away, or not a poetry server at all).
@@ -438,11 +455,15 @@ class Progress:
 
 
 async def _get(
-    prog: str, addresses: Sequence[Address], timeout: float, progress: Progress | None
+    prog: str,
+    addresses: Sequence[Address],
+    timeout: float,
+    max_size: int,
+    progress: Progress | None,
 ) -> int:
     import trio
 
-    fetches = [Fetch(address) for address in addresses]
+    fetches = [Fetch(address, max_size) for address in addresses]
     output = Output(STDOUT_FILENO)
     status = EXIT_OK
     async with trio.open_nursery() as nursery:
