@@ -17,6 +17,23 @@ from conftest import REPO, WAIT
 UNITS = REPO / "packaging" / "systemd"
 SERVICE = UNITS / "fastpoetry.service"
 SOCKET = UNITS / "fastpoetry.socket"
+PROXY_SERVICE = UNITS / "fastpoetry-proxy.service"
+PROXY_SOCKET = UNITS / "fastpoetry-proxy.socket"
+DEBIAN = REPO / "packaging" / "debian"
+
+#: What systemd-analyze security rates the proxy (Debian 12's systemd 252):
+#: fastpoetry.service's 0.2 plus what reaching the network costs, and nothing
+#: else (see test_proxy_is_exposed_only_where_it_needs_the_network).
+PROXY_EXPOSURE = 1.1
+
+#: The checks of systemd-analyze security that a service reaching the
+#: network cannot pass; IPAddressDeny= could, but only if the unit knew
+#: the upstream's address.
+NETWORK_CHECKS = {"PrivateNetwork=", "RestrictAddressFamilies=~AF_(INET|INET6)", "IPAddressDeny="}
+
+#: fastpoetry.service's settings the proxy leaves out or changes because it
+#: connects to its upstream itself.
+NETWORK_SETTINGS = {"PrivateNetwork", "IPAddressDeny", "RestrictAddressFamilies"}
 
 needs_analyze = pytest.mark.skipif(
     shutil.which("systemd-analyze") is None, reason="systemd-analyze (package systemd) is not installed"
@@ -37,6 +54,18 @@ def settings(unit: Path) -> dict[str, dict[str, list[str]]]:
         key, _, value = line.partition("=")
         current.setdefault(key, []).append(value)
     return sections
+
+
+def security(unit: Path) -> tuple[float, set[str]]:
+    """systemd-analyze security's exposure of ``unit`` and the checks it fails."""
+    output = subprocess.run(
+        ["systemd-analyze", "security", "--offline=true", "--no-pager", str(unit)],
+        capture_output=True, text=True, timeout=WAIT, check=True,
+    ).stdout
+    match = re.search(rf"Overall exposure level for {re.escape(unit.name)}: (\d+\.\d+)", output)
+    assert match, output
+    failed = {line.split()[1] for line in output.splitlines() if line.startswith("\N{BALLOT X} ")}
+    return float(match.group(1)), failed
 
 
 @needs_analyze
@@ -78,3 +107,84 @@ def test_packaged_poem_exists() -> None:
     assert (REPO / "poems" / installed.name).is_file()
     install = (REPO / "packaging" / "debian" / "fastpoetry.install").read_text()
     assert "poems/*.txt usr/share/fastpoetry/poems/" in install
+
+
+# ----------------------------------------------------------------------------
+# The proxy: fastpoetry-proxy.socket and fastpoetry-proxy.service
+
+
+@needs_analyze
+def test_proxy_service_exposure_is_what_the_network_costs() -> None:
+    """systemd-analyze security rates the proxy 1.1 (fastpoetry.service: 0.2)."""
+    exposure, _ = security(PROXY_SERVICE)
+    assert exposure <= PROXY_EXPOSURE, f"{PROXY_SERVICE.name} rated {exposure}, more than {PROXY_EXPOSURE}"
+
+
+@needs_analyze
+def test_proxy_is_exposed_only_where_it_needs_the_network() -> None:
+    """Every check the proxy fails that fastpoetry.service passes is about the network."""
+    _, proxy_failed = security(PROXY_SERVICE)
+    _, server_failed = security(SERVICE)
+    assert proxy_failed - server_failed == NETWORK_CHECKS
+
+
+def test_proxy_is_hardened_like_the_server_but_for_the_network() -> None:
+    """The proxy has every hardening setting of fastpoetry.service, the network aside."""
+    server = settings(SERVICE)["Service"]
+    proxy = settings(PROXY_SERVICE)["Service"]
+    first_hardening = list(server).index("PrivateNetwork")
+    hardening = {key: value for key, value in list(server.items())[first_hardening:] if key not in NETWORK_SETTINGS}
+    assert "NoNewPrivileges" in hardening and "SystemCallFilter" in hardening, hardening
+    for key, value in hardening.items():
+        assert proxy.get(key) == value, f"{key}: {proxy.get(key)} in the proxy, {value} in fastpoetry.service"
+    assert "PrivateNetwork" not in proxy
+    assert proxy["RestrictAddressFamilies"] == ["AF_UNIX AF_INET AF_INET6"]
+    # The upstream may be anywhere: no address list, which would have to
+    # follow ExecStart=.
+    assert "IPAddressDeny" not in proxy and "IPAddressAllow" not in proxy
+
+
+def test_proxy_service_is_a_notify_service_run_as_its_own_user() -> None:
+    """Type=notify as fastpoetry, the local server as upstream, reload, watchdog, restart rules."""
+    unit = settings(PROXY_SERVICE)
+    service = unit["Service"]
+    assert service["Type"] == ["notify"]
+    assert service["User"] == ["fastpoetry"] and service["Group"] == ["fastpoetry"]
+    assert service["ExecStart"] == ["/usr/bin/fastpoetry proxy --upstream localhost:10000"]
+    assert service["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+    assert service["Restart"] == ["on-failure"] and service["RestartPreventExitStatus"] == ["1 2"]
+    assert service["WatchdogSec"] == ["10s"] and service["LimitNOFILE"] == ["65536"]
+    assert unit["Unit"]["Documentation"] == ["man:fastpoetry(8)"]
+    assert unit["Unit"]["Requires"] == ["fastpoetry-proxy.socket"]
+    assert "fastpoetry-proxy.socket" in unit["Unit"]["After"]
+    # Nothing pulls in the local server: with another upstream it is not
+    # needed, and the proxy copes with an upstream that is down.
+    named = {name for values in unit["Unit"].values() for value in values for name in value.split()}
+    assert not named & {"fastpoetry.socket", "fastpoetry.service"}, named
+    # The socket starts the service: it has no [Install] of its own.
+    assert "Install" not in unit
+
+
+def test_proxy_socket_listens_on_10001_and_is_wanted_by_sockets_target() -> None:
+    """ListenStream=10001 (the proxy's default port), enabled via sockets.target if the admin wants."""
+    socket_unit = settings(PROXY_SOCKET)
+    assert socket_unit["Socket"]["ListenStream"] == ["10001"]
+    assert socket_unit["Install"]["WantedBy"] == ["sockets.target"]
+
+
+def test_package_installs_the_proxy_units_without_enabling_them() -> None:
+    """Both units are installed. The socket is not enabled, is started only if the
+    administrator enabled it, is stopped on removal and is not restarted on upgrade;
+    the socket starts the service, and the prerm stops it after the socket.
+    """
+    install = (DEBIAN / "fastpoetry.install").read_text().splitlines()
+    for unit in (PROXY_SOCKET, PROXY_SERVICE):
+        assert f"packaging/systemd/{unit.name} lib/systemd/system/" in install
+    calls = {
+        line.split()[-1]: set(line.split()[1:-1])
+        for line in (DEBIAN / "rules").read_text().splitlines()
+        if line.strip().startswith("dh_installsystemd")
+    }
+    assert calls[PROXY_SOCKET.name] == {"--no-enable", "--no-stop-on-upgrade"}
+    assert calls[PROXY_SERVICE.name] == {"--no-enable", "--no-start", "--no-stop-on-upgrade"}
+    assert "deb-systemd-invoke stop fastpoetry-proxy.service" in (DEBIAN / "fastpoetry.prerm").read_text()

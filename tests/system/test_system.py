@@ -574,13 +574,299 @@ def test_bad_poem_started_by_a_client_fails_once_and_the_socket_keeps_listening(
             container.run("rm", "-f", poem)
 
 
+#: The second socket unit of test_two_poems_on_two_ports_from_one_process.
+SECOND_SOCKET = "fastpoetry-second.socket"
+SECOND_PORT = 10002
+
+
+def listening_ports(container: Container) -> set[int]:
+    """The TCP ports something listens on inside."""
+    return {int(port) for port in container.python(LISTENERS).stdout.decode().split()}
+
+
+@contextmanager
+def second_socket(container: Container, port: int, name: str) -> Iterator[None]:
+    """A second socket unit for fastpoetry.service, started; stopped and removed afterwards."""
+    path = f"/etc/systemd/system/{SECOND_SOCKET}"
+    unit = (
+        "[Unit]\nDescription=a second socket of the fast poetry server (tests)\n\n"
+        f"[Socket]\nListenStream={port}\nFileDescriptorName={name}\nService=fastpoetry.service\n"
+    )
+    container.write(path, unit.encode())
+    container.run("systemctl", "daemon-reload")
+    try:
+        # systemd refuses to start a socket whose Service= is running
+        # ("Socket service ... already active, refusing"), and a running
+        # server would not get the new socket anyway.
+        container.run("systemctl", "stop", "fastpoetry.service")
+        started = container.run("systemctl", "start", SECOND_SOCKET, check=False)
+        assert started.returncode == 0, container.text("journalctl", "--no-pager", "-o", "cat", "-u", SECOND_SOCKET)
+        yield
+    finally:
+        container.run("systemctl", "stop", SECOND_SOCKET, check=False)
+        container.run("rm", "-f", path)
+        container.run("systemctl", "daemon-reload")
+        container.run("systemctl", "reset-failed", SECOND_SOCKET, check=False)
+
+
+def test_two_poems_on_two_ports_from_one_process(container: Container) -> None:
+    """Two socket units, one service: a socket named "second" serves --poem second=FILE,
+    fastpoetry.socket the unnamed --poem, both from one process that took 2 sockets;
+    a client on either starts it; systemctl reload re-reads both poems.
+    """
+    ledger, lantern, winter = ((POEMS / name).read_bytes() for name in ("harbour-ledger.txt", "lantern.txt", "long-winter.txt"))
+    first, second = "/etc/fastpoetry/first.txt", "/etc/fastpoetry/second.txt"
+    container.write(first, ledger)
+    container.write(second, lantern)
+    exec_start = f"[Service]\nExecStart=\nExecStart=/usr/bin/fastpoetry serve --poem {first} --poem second={second}\n"
+    try:
+        with container.drop_in("50-two-poems.conf", exec_start), second_socket(container, SECOND_PORT, "second"):
+            container.reset_failed()
+            assert container.is_active("fastpoetry.service") == "inactive"
+            assert {PORT, SECOND_PORT} <= listening_ports(container)
+            # A client of the second socket starts the service, with both sockets.
+            assert container.fetch(port=SECOND_PORT) == lantern
+            pid = container.main_pid()
+            assert pid and container.is_active("fastpoetry.service") == "active"
+            assert container.fetch(port=PORT) == ledger
+            assert container.fetch("::1", port=SECOND_PORT) == lantern
+            assert container.main_pid() == pid
+            assert [p["pid"] for p in served_by_fastpoetry(container)] == [str(pid)]
+            journal = container.wait_for_journal("ready: ", f"_PID={pid}")
+            for line in (
+                "took 2 sockets from systemd",
+                f"loaded a poem from: {first} ({len(ledger)} bytes)",
+                f"loaded a poem from: {second} ({len(lantern)} bytes)",
+                f"on [::]:{PORT}",
+                f"on [::]:{SECOND_PORT}",
+            ):
+                assert line in journal, f"no {line!r} in the journal:\n{journal}"
+
+            container.write(first, lantern)
+            container.write(second, winter)
+            container.run("systemctl", "reload", "fastpoetry.service")
+            # systemctl reload may return before the server has re-read them (ASYNC_RELOAD).
+            wait_until(
+                lambda: container.fetch(port=PORT) == lantern and container.fetch(port=SECOND_PORT) == winter,
+                "both new poems served after systemctl reload",
+            )
+            assert container.main_pid() == pid, "the server was restarted, not reloaded"
+            journal = container.wait_for_journal(f"loaded a poem from: {second} ({len(winter)} bytes)", f"_PID={pid}")
+            assert "received SIGHUP: reloading 2 poems" in journal, journal
+            assert f"loaded a poem from: {first} ({len(lantern)} bytes)" in journal, journal
+    finally:
+        container.run("rm", "-rf", "/etc/fastpoetry")
+    # As before: one socket, the packaged poem.
+    assert container.run("test", "-e", f"/etc/systemd/system/{SECOND_SOCKET}", check=False).returncode != 0
+    assert SECOND_PORT not in listening_ports(container)
+    assert container.fetch() == PACKAGED_POEM.read_bytes()
+    pid = container.main_pid()
+    assert "took 1 socket from systemd" in container.journal(f"_PID={pid}")
+
+
+# ----------------------------------------------------------------------------
+# The proxy: fastpoetry-proxy.socket and fastpoetry-proxy.service
+
+PROXY = "fastpoetry-proxy.service"
+PROXY_SOCKET = "fastpoetry-proxy.socket"
+PROXY_PORT = 10001
+#: The packaged unit's upstream: the local fastpoetry server.
+UPSTREAM = "localhost:10000"
+
+#: /etc/hosts as Debian's installer writes it.  The proxy's default upstream
+#: is "localhost", which glibc (without nss-myhostname) finds only there, and
+#: debootstrap (the tests' base image) writes none.
+DEBIAN_HOSTS = b"127.0.0.1\tlocalhost\n::1\t\tlocalhost ip6-localhost ip6-loopback\n"
+
+
+@contextmanager
+def localhost_resolves(container: Container) -> Iterator[None]:
+    """Give the container Debian's /etc/hosts if it has none; removed afterwards."""
+    if container.run("test", "-e", "/etc/hosts", check=False).returncode == 0:
+        yield
+        return
+    container.write("/etc/hosts", DEBIAN_HOSTS)
+    try:
+        yield
+    finally:
+        container.run("rm", "-f", "/etc/hosts")
+
+
+@contextmanager
+def proxy_enabled(container: Container) -> Iterator[None]:
+    """``systemctl enable --now fastpoetry-proxy.socket``, as the README says;
+    afterwards the proxy is disabled and stopped, and the server's socket runs.
+    """
+    container.run("systemctl", "reset-failed", PROXY, PROXY_SOCKET, check=False)
+    container.run("systemctl", "enable", "--now", PROXY_SOCKET)
+    try:
+        yield
+    finally:
+        container.run("systemctl", "disable", "--now", PROXY_SOCKET)
+        container.run("systemctl", "stop", PROXY)
+        container.run("systemctl", "reset-failed", PROXY, PROXY_SOCKET, check=False)
+        container.run("systemctl", "start", "fastpoetry.socket")
+        container.reset_failed()
+
+
+def new_proxy_pid(container: Container, old: int) -> int:
+    """Wait until the proxy is active again with a main process other than ``old``."""
+
+    def changed() -> int:
+        pid = container.main_pid(PROXY)
+        return pid if pid not in (0, old) and container.is_active(PROXY) == "active" else 0
+
+    return wait_until(changed, f"a new main process of {PROXY} (old: {old})")
+
+
+def test_proxy_is_installed_but_not_enabled_and_verifies_clean(container: Container) -> None:
+    """The package installs the proxy's units without enabling or starting them; they
+    verify clean, and systemd-analyze security rates the proxy 1.1 (the server: 0.2).
+    """
+    for unit in (PROXY_SOCKET, PROXY):
+        assert container.show(unit, "LoadState") == "loaded", unit
+        assert container.is_active(unit) == "inactive", unit
+    assert container.text("systemctl", "is-enabled", PROXY_SOCKET, check=False) == "disabled"
+    assert container.text("systemctl", "is-enabled", PROXY, check=False) == "static"
+    assert PROXY_PORT not in listening_ports(container)
+    done = container.run(
+        "systemd-analyze", "verify", f"/lib/systemd/system/{PROXY_SOCKET}", f"/lib/systemd/system/{PROXY}",
+        check=False,
+    )
+    said = (done.stdout + done.stderr).decode(errors="replace")
+    assert (done.returncode, said) == (0, ""), said
+    security = container.text("systemd-analyze", "security", "--no-pager", PROXY)
+    match = re.search(rf"Overall exposure level for {re.escape(PROXY)}: (\d+(?:\.\d+)?)", security)
+    assert match, security
+    assert float(match.group(1)) <= 1.1, security
+
+
+def test_proxy_serves_the_local_poem_and_its_cache_while_the_server_is_down(container: Container) -> None:
+    """Enabled, the proxy on port 10001 serves the local server's poem, as user
+    fastpoetry; with the server stopped it serves its cached poem and warns; started
+    with the server stopped it closes clients at once and says why; once the server
+    is back, a reload fetches the poem again.
+    """
+    poem = PACKAGED_POEM.read_bytes()
+    container.reset_failed()
+    with localhost_resolves(container), proxy_enabled(container):
+        assert container.text("systemctl", "is-enabled", PROXY_SOCKET) == "enabled"
+        assert container.show(PROXY_SOCKET, "Listen") == f"[::]:{PROXY_PORT} (Stream)"
+        # Socket-activated: nothing runs before the first client.
+        assert container.is_active(PROXY) == "inactive"
+        assert container.fetch(port=PROXY_PORT) == poem
+        assert container.fetch("::1", port=PROXY_PORT) == poem
+        assert container.is_active(PROXY) == "active"
+        pid = container.main_pid(PROXY)
+        status = container.status_of(pid)
+        uid = uid_of(container, "fastpoetry")
+        assert status["Uid"].split() == [uid] * 4 and uid != "0"
+        assert int(status["CapEff"], 16) == 0 and status["NoNewPrivs"] == "1"
+        journal = container.wait_for_journal(f"fetched a poem from upstream {UPSTREAM} ({len(poem)} bytes)", unit=PROXY)
+        assert "took 1 socket from systemd" in journal, journal
+
+        # The upstream goes away: socket and service.  A reload fetches at once.
+        container.run("systemctl", "stop", "fastpoetry.socket", "fastpoetry.service")
+        assert PORT not in listening_ports(container)
+        container.run("systemctl", "reload", PROXY)
+        journal = container.wait_for_journal(f"upstream {UPSTREAM} is unreachable", f"_PID={pid}")
+        assert f"still serving the cached poem ({len(poem)} bytes" in journal, journal
+        warnings = container.text("journalctl", "--no-pager", "-o", "cat", "-p", "warning", f"_PID={pid}")
+        assert f"upstream {UPSTREAM} is unreachable" in warnings, warnings
+        assert container.fetch(port=PROXY_PORT) == poem
+        assert container.main_pid(PROXY) == pid and container.is_active(PROXY) == "active"
+        wait_until(lambda: "; upstream failing: " in container.show(PROXY, "StatusText"), "systemctl status to say why")
+
+        # A proxy that starts while the upstream is down has nothing to serve:
+        # each client is closed at once, without a byte, and the journal says why.
+        container.run("systemctl", "restart", PROXY)
+        new = new_proxy_pid(container, pid)
+        container.wait_for_journal(f"no poem from upstream {UPSTREAM} yet", f"_PID={new}")
+        client = container.fetch_later(port=PROXY_PORT)
+        reply, errors = client.communicate(timeout=WAIT)
+        assert (client.returncode, reply) == (0, b""), errors.decode(errors="replace")
+        journal = container.wait_for_journal("no poem to serve yet: closed", f"_PID={new}")
+        assert f"on [::]:{PROXY_PORT} without one" in journal, journal
+        assert container.main_pid(PROXY) == new and container.is_active(PROXY) == "active"
+        assert container.show(PROXY, "StatusText").startswith(f"Waiting for a poem from upstream {UPSTREAM}: ")
+
+        # The upstream is back: the next fetch (now, on reload) serves its poem.
+        container.run("systemctl", "start", "fastpoetry.socket")
+        container.run("systemctl", "reload", PROXY)
+        wait_until(lambda: container.fetch(port=PROXY_PORT) == poem, "the poem from the proxy again")
+        container.wait_for_journal(f"fetched a poem from upstream {UPSTREAM} ({len(poem)} bytes)", f"_PID={new}")
+        assert container.main_pid(PROXY) == new
+    assert container.is_active(PROXY_SOCKET) == "inactive" and container.is_active(PROXY) == "inactive"
+    assert container.text("systemctl", "is-enabled", PROXY_SOCKET, check=False) == "disabled"
+    assert PROXY_PORT not in listening_ports(container)
+    assert container.fetch() == poem
+
+
+def test_upgrade_keeps_an_enabled_proxy_listening_and_moves_it_to_the_new_code(
+    container: Container, package: Package, tmp_path: Path
+) -> None:
+    """Upgrading the package with the proxy enabled and running: its socket is not
+    restarted and stays enabled, and the proxy runs the new code afterwards.
+    """
+    poem = PACKAGED_POEM.read_bytes()
+    # Newer than the upgrade test's +test1, and than the package.
+    upgrade = repack(package, tmp_path, f"{package.version}+test2")
+    container.write(f"{SCRATCH}/{upgrade.path.name}", upgrade.path.read_bytes())
+    with localhost_resolves(container), proxy_enabled(container):
+        assert container.fetch(port=PROXY_PORT) == poem
+        old = container.main_pid(PROXY)
+        socket_before = {p: container.show(PROXY_SOCKET, p) for p in ("ActiveEnterTimestamp", "InvocationID")}
+        container.run("apt-get", "install", "-y", f"{SCRATCH}/{upgrade.path.name}", timeout=600)
+        assert container.text("dpkg-query", "-W", "-f", "${Version}", "fastpoetry") == upgrade.version
+        socket_after = {p: container.show(PROXY_SOCKET, p) for p in socket_before}
+        assert socket_after == socket_before, f"{PROXY_SOCKET} was restarted by the upgrade"
+        assert container.text("systemctl", "is-enabled", PROXY_SOCKET) == "enabled"
+        assert container.fetch(port=PROXY_PORT) == poem
+        pid = new_proxy_pid(container, old)
+        assert f"fastpoetry {upgrade.version} starting" in container.journal(f"_PID={pid}"), (
+            "the proxy running after the upgrade is not the new code:\n" + container.journal(f"_PID={pid}")
+        )
+
+
+def test_remove_stops_an_enabled_proxy_and_reinstalling_keeps_it_enabled(container: Container) -> None:
+    """apt-get remove stops the proxy the administrator enabled (socket and service)
+    like the server; installing the package again brings it back, enabled and listening.
+    """
+    poem = PACKAGED_POEM.read_bytes()
+    version = container.text("dpkg-query", "-W", "-f", "${Version}", "fastpoetry")
+    deb = f"{SCRATCH}/fastpoetry_{version}_all.deb"
+    assert container.run("test", "-f", deb, check=False).returncode == 0, f"no {deb} to reinstall"
+    with localhost_resolves(container), proxy_enabled(container):
+        assert container.fetch(port=PROXY_PORT) == poem
+        assert container.is_active(PROXY) == "active" and container.is_active("fastpoetry.service") == "active"
+        try:
+            container.run("apt-get", "remove", "-y", "fastpoetry", timeout=600)
+            for unit in ("fastpoetry.socket", "fastpoetry.service", PROXY_SOCKET, PROXY):
+                assert container.is_active(unit) != "active", unit
+            assert served_by_fastpoetry(container) == []
+            assert not {PORT, PROXY_PORT} & listening_ports(container)
+        finally:
+            container.run("apt-get", "install", "-y", deb, timeout=600)
+        assert container.text("systemctl", "is-enabled", PROXY_SOCKET) == "enabled"
+        assert container.is_active(PROXY_SOCKET) == "active"
+        assert container.fetch(port=PROXY_PORT) == poem
+    assert container.fetch() == poem
+
+
 def test_purge_leaves_nothing_behind(container: Container) -> None:
-    """apt-get purge removes the units, the socket, the user and the files."""
+    """apt-get purge removes the units, the sockets, the user and the files; also
+    those of the proxy, which the package does not enable but an administrator did.
+    """
+    container.run("systemctl", "enable", "--now", PROXY_SOCKET)
+    container.run("systemctl", "start", PROXY)
+    assert container.is_active(PROXY) == "active"
     container.run("apt-get", "purge", "-y", "fastpoetry", timeout=600)
     assert container.run("dpkg", "-s", "fastpoetry", check=False).returncode != 0
     assert container.text("systemctl", "list-unit-files", "--no-legend", "fastpoetry*", check=False) == ""
     assert container.is_active("fastpoetry.socket") != "active"
     assert container.is_active("fastpoetry.service") != "active"
+    assert container.is_active(PROXY_SOCKET) != "active"
+    assert container.is_active(PROXY) != "active"
     # Not counted: the tests' own files, and man-db's cache of formatted
     # pages (systemd-analyze verify ran man), which man-db expires itself.
     left = container.text(
@@ -593,6 +879,7 @@ def test_purge_leaves_nothing_behind(container: Container) -> None:
         assert container.run("getent", database, "fastpoetry", check=False).returncode == 2, database
     listening = container.python(LISTENERS).stdout.decode().split()
     assert str(PORT) not in listening, f"something still listens on {PORT}: {listening}"
+    assert str(PROXY_PORT) not in listening, f"something still listens on {PROXY_PORT}: {listening}"
     refused = container.python(REFUSED, check=False)
     assert refused.returncode == 0, refused.stderr.decode(errors="replace")
 
