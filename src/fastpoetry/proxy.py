@@ -24,7 +24,7 @@ import socket
 import trio
 
 from .poetry import DEFAULT_MAX_POEM_SIZE, PoemError, check_poem
-from .service import Service, _BackgroundTask
+from .service import Service, BackgroundTask
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ class ProxyService(Service):
         self._warned_at = 0.0
         self._next_fetch = 0.0
         self._lock = trio.Lock()
-        self._task = _BackgroundTask()
+        self._task = BackgroundTask()
 
     @property
     def label(self) -> str:

@@ -164,7 +164,7 @@ class TimerService(Service):
         self.step = step
         self.function = function
         self.now = now
-        self._task = _BackgroundTask()
+        self._task = BackgroundTask()
 
     async def start(self, nursery: trio.Nursery) -> None:
         await super().start(nursery)
@@ -182,8 +182,12 @@ class TimerService(Service):
             await trio.sleep(self.step)
 
 
-class _BackgroundTask:
-    """One task that a service runs from its start to its stop."""
+class BackgroundTask:
+    """One task that a service runs from its start to its stop.
+
+    :meth:`start` runs ``function`` in the service's nursery; :meth:`cancel`
+    (from the service's ``stop``) cancels it and waits until it has ended.
+    """
 
     def __init__(self) -> None:
         self._scope = trio.CancelScope()
@@ -193,6 +197,7 @@ class _BackgroundTask:
     async def start(
         self, nursery: trio.Nursery, function: Callable[[], Awaitable[object]]
     ) -> None:
+        """Start ``function`` in ``nursery``; returns once it is running."""
         self._scope = trio.CancelScope()
         self._done = trio.Event()
         await nursery.start(self._supervise, function)
