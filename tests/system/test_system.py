@@ -853,6 +853,20 @@ def test_remove_stops_an_enabled_proxy_and_reinstalling_keeps_it_enabled(contain
     assert container.fetch() == poem
 
 
+def test_get_from_the_package_fetches_from_several_servers(container: Container) -> None:
+    """The installed ``fastpoetry get``: two servers at once, in order; a refused one named."""
+    container.reset_failed()
+    poem = PACKAGED_POEM.read_bytes()
+    done = container.run("fastpoetry", "get", "127.0.0.1:10000", "[::1]:10000")
+    # The packaged poem ends in a newline, so nothing is added between the two.
+    assert done.stdout == poem + poem
+    assert done.stderr == b""
+    failed = container.run("fastpoetry", "get", "127.0.0.1:10000", "127.0.0.1:9", check=False)
+    assert failed.returncode == 1
+    assert failed.stdout == poem
+    assert failed.stderr.decode() == "fastpoetry get: 127.0.0.1:9: connection refused\n"
+
+
 def test_purge_leaves_nothing_behind(container: Container) -> None:
     """apt-get purge removes the units, the sockets, the user and the files; also
     those of the proxy, which the package does not enable but an administrator did.
