@@ -36,7 +36,8 @@ Under systemd (socket activation), fastpoetry serves on the sockets the
 socket unit passes and ignores --iface and --port. A socket whose
 FileDescriptorName= is NAME serves the poem given as --poem NAME=FILE; any
 other socket serves the poem given without a name, or the only poem.
-Without socket activation it listens on --iface and --port itself.
+Without socket activation it listens on --iface itself: on --port N for
+the poem without a name, and on --port NAME=N for the poem named NAME.
 
 Signals: SIGHUP re-reads every poem file (all are replaced, or none);
 SIGTERM and SIGINT stop accepting and let poems in flight finish within
