@@ -35,8 +35,8 @@ ENTRY_POINTS = pytest.mark.parametrize(
     "entry", [PYTHON_M, SCRIPT], ids=["python-m", "console-script"]
 )
 
-SERVE_OPTIONS = (
-    "--poem",
+#: The options serve and proxy share.
+SERVER_OPTIONS = (
     "--port",
     "--iface",
     "--shutdown-timeout",
@@ -46,6 +46,8 @@ SERVE_OPTIONS = (
     "--log-level",
     "--log-target",
 )
+
+SERVE_OPTIONS = ("--poem", *SERVER_OPTIONS)
 
 LANTERN = POEMS / "lantern.txt"
 LEDGER = POEMS / "harbour-ledger.txt"
@@ -145,19 +147,7 @@ def test_serve_help_names_every_option() -> None:
     assert "SIGHUP" in result.stdout and "SIGTERM" in result.stdout
 
 
-PROXY_OPTIONS = (
-    "--upstream",
-    "--port",
-    "--iface",
-    "--timeout",
-    "--refresh",
-    "--shutdown-timeout",
-    "--send-timeout",
-    "--max-poem-size",
-    "--summary-interval",
-    "--log-level",
-    "--log-target",
-)
+PROXY_OPTIONS = ("--upstream", "--timeout", "--refresh", *SERVER_OPTIONS)
 
 
 def test_proxy_help_names_every_option() -> None:

@@ -449,36 +449,30 @@ def test_a_failed_server_is_one_line_and_exit_1(
     assert line.startswith(f"fastpoetry get: {name}: {reason}"), line
 
 
+def only_failure(result: subprocess.CompletedProcess[bytes], server: FakeServer, reason: str) -> int:
+    """Assert ``result`` is the one failure of ``server`` for ``reason``; return its count."""
+    assert result.returncode == 1, result
+    assert result.stdout == b""
+    [line] = error_lines(result)
+    match = re.fullmatch(rf"fastpoetry get: {re.escape(server.address)}: {reason}", line)
+    assert match, line
+    return int(match.group(1))
+
+
 def test_the_reset_message_counts_what_arrived(fake_server: StartFake) -> None:
     """A reset part-way says how many bytes came, and that the poem is incomplete."""
     server = fake_server(sends_part(b"x" * MORE_THAN_BUFFERS, then=reset))
     result = get("--max-poem-size", "64M", server.address)
-    assert result.returncode == 1, result
-    assert result.stdout == b""
-    [line] = error_lines(result)
-    match = re.fullmatch(
-        rf"fastpoetry get: {re.escape(server.address)}: connection reset after (\d+) bytes? "
-        r"\(the poem is incomplete\)",
-        line,
-    )
-    assert match, line
-    assert 0 < int(match.group(1)) <= MORE_THAN_BUFFERS
+    received = only_failure(result, server, r"connection reset after (\d+) bytes? \(the poem is incomplete\)")
+    assert 0 < received <= MORE_THAN_BUFFERS
 
 
 def test_a_timeout_says_how_much_arrived(fake_server: StartFake) -> None:
     """A server too slow to finish: the line gives the timeout and the bytes received."""
     server = fake_server(sends_part(b"x" * 1000, then=wait_for_close))
     result = get("--timeout", "1.5", server.address)
-    assert result.returncode == 1, result
-    assert result.stdout == b""
-    [line] = error_lines(result)
-    match = re.fullmatch(
-        rf"fastpoetry get: {re.escape(server.address)}: "
-        r"timed out after 1\.5 s \((\d+) bytes? received\)",
-        line,
-    )
-    assert match, line
-    assert int(match.group(1)) <= 1000
+    received = only_failure(result, server, r"timed out after 1\.5 s \((\d+) bytes? received\)")
+    assert received <= 1000
 
 
 def test_each_failure_has_its_line_in_the_order_given(
@@ -695,6 +689,26 @@ def test_progress_on_a_terminal_shows_each_server_and_its_bytes(
     assert "Traceback" not in shown
 
 
+def _release_once_shown(
+    term: Terminal, released: threading.Event, shown_first: str, *addresses: str
+) -> tuple[int, str]:
+    """Run get on ``term``; once it shows ``shown_first``, set ``released``.
+
+    Returns get's exit status and everything it showed on the terminal.
+    """
+    client = _start_on_terminal(term, *addresses)
+    try:
+        term.read_until(shown_first)
+        released.set()
+        shown = term.read_to_end()
+        client.communicate(timeout=WAIT)
+    finally:
+        released.set()
+        client.kill()
+        client.wait(WAIT)
+    return client.returncode, shown
+
+
 def test_progress_fits_the_terminal(
     fake_server: StartFake, terminal: Callable[[int], Terminal]
 ) -> None:
@@ -704,18 +718,10 @@ def test_progress_fits_the_terminal(
         fake_server(sends_part(b"z" * 100, then=sends(b"\n", after=released)))
         for _ in range(3)
     ]
-    term = terminal(30)
-    client = _start_on_terminal(term, *(server.address for server in servers))
-    try:
-        term.read_until(r"\[0/3 done\]")
-        released.set()
-        shown = term.read_to_end()
-        client.communicate(timeout=WAIT)
-    finally:
-        released.set()
-        client.kill()
-        client.wait(WAIT)
-    assert client.returncode == 0, shown
+    returncode, shown = _release_once_shown(
+        terminal(30), released, r"\[0/3 done\]", *(server.address for server in servers)
+    )
+    assert returncode == 0, shown
     assert max(map(len, shown.split("\r"))) <= 29, shown
 
 
@@ -730,18 +736,10 @@ def test_progress_is_cleared_before_an_error_line(
         reset(conn)
 
     server = fake_server(sends_part(b"x" * 100, then=resets_when_released))
-    term = terminal(120)
-    client = _start_on_terminal(term, server.address)
-    try:
-        term.read_until(rf"{re.escape(server.address)} 100 bytes")
-        released.set()
-        shown = term.read_to_end()
-        client.communicate(timeout=WAIT)
-    finally:
-        released.set()
-        client.kill()
-        client.wait(WAIT)
-    assert client.returncode == 1, shown
+    returncode, shown = _release_once_shown(
+        terminal(120), released, rf"{re.escape(server.address)} 100 bytes", server.address
+    )
+    assert returncode == 1, shown
     # The progress line, blanked, then the error on the line it occupied.
     assert re.search(
         rf"\r +\rfastpoetry get: {re.escape(server.address)}: connection reset after 100 bytes",
