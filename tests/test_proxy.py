@@ -458,6 +458,14 @@ async def test_a_name_that_does_not_resolve_is_a_failure() -> None:
     assert service.last_error.startswith("cannot resolve nonexistent.invalid: "), service.last_error
 
 
+async def test_a_name_that_cannot_be_a_host_name_is_a_failure_not_a_crash() -> None:
+    """A label over 63 characters cannot even be encoded for DNS (IDNA raises UnicodeError)."""
+    host = "x" * 64 + ".invalid"
+    service = ProxyService(host, 7, timeout=WAIT, refresh=NEVER)
+    assert await service.refresh() is False
+    assert service.last_error == f"cannot resolve {host}: not a valid host name"
+
+
 # -- the service itself -----------------------------------------------------
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import signal
 from collections.abc import Sequence
 
 from . import __version__
@@ -18,8 +19,8 @@ from . import __version__
 #: sysexits.h's EX_SOFTWARE), not when its configuration is wrong (1 and 2).
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_CRASH = 0, 1, 2, 70
 
-#: Killed by SIGINT, as a shell reports it (128 + 2).
-EXIT_INTERRUPTED = 130
+#: Interrupted (Ctrl-C), as a shell reports a command killed by SIGINT.
+EXIT_INTERRUPTED = 128 + signal.SIGINT
 
 #: The port of the poem without a name, without socket activation.
 DEFAULT_PORT = 10000

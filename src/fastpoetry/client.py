@@ -20,27 +20,25 @@ parser, and ``fastpoetry --help`` should not pay for an event loop.
 from __future__ import annotations
 
 import argparse
-import errno
 import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
-from typing import NamedTuple, TextIO
+from typing import TYPE_CHECKING, NamedTuple, TextIO
 
-from .cli import EXIT_CRASH, EXIT_FAILURE, EXIT_OK, _seconds, _size
+from .cli import EXIT_CRASH, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, _seconds, _size
 
-#: Exit statuses beyond cli's: a shell reports a command killed by SIGINT or
-#: SIGPIPE as 128 plus the signal, and these say the same, without a
-#: traceback.
-EXIT_INTERRUPTED = 128 + signal.SIGINT
+if TYPE_CHECKING:  # fetch imports trio, which --help does without
+    from .fetch import ConnectError
+
+#: An exit status beyond cli's: a shell reports a command killed by SIGPIPE
+#: as 128 plus the signal, and this says the same, without a traceback.
 EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
 
 #: Seconds each server gets, from the start of connecting to the end of
 #: its poem, unless --timeout says otherwise.
 DEFAULT_TIMEOUT = 10.0
 
-#: The most bytes asked of a socket at a time.
-RECEIVE_SIZE = 65536
 
 #: Poems go straight to the descriptor (see Output), not through sys.stdout.
 STDOUT_FILENO = 1
@@ -207,13 +205,14 @@ class Fetch:
     def __init__(self, address: Address, max_size: int) -> None:
         import trio
 
+        from .fetch import Transfer
+
         self.address = address
         #: More than this is not a poem: a hostile or broken server would
         #: otherwise fill memory until the timeout.
         self.max_size = max_size
-        self.connected = False
-        #: Bytes received so far, for the progress line and error messages.
-        self.received = 0
+        #: How far the fetch got: connected yet, bytes received so far.
+        self.transfer = Transfer()
         #: The whole poem, once the server has closed the connection cleanly.
         self.poem: bytes | None = None
         #: Why there is no poem: one line, without the server's name.
@@ -224,93 +223,55 @@ class Fetch:
         """Fetch the poem, giving up after ``timeout`` seconds."""
         import trio
 
+        from .fetch import ConnectError, ReceiveError, fetch_poem
+
+        transfer = self.transfer
         with trio.move_on_after(timeout) as deadline:
-            await self._fetch()
+            try:
+                poem = await fetch_poem(
+                    self.address.host, self.address.port, self.max_size, transfer
+                )
+            except ConnectError as exc:
+                self.error = _connect_failure(exc)
+            except ReceiveError as exc:
+                # A reset is how a server says it gave up on the poem.
+                self.error = f"{exc.reason} after {_bytes(exc.received)} (the poem is incomplete)"
+            else:
+                if len(poem) > self.max_size:
+                    self.error = (
+                        f"too big for a poem: more than --max-poem-size "
+                        f"({_bytes(self.max_size)}); stopped reading"
+                    )
+                elif not poem:
+                    # No poetry server sends an empty poem; something is wrong
+                    # there (a server turning clients away, or not a poetry
+                    # server at all).
+                    self.error = "the connection was closed without a poem"
+                else:
+                    self.poem = poem
         if deadline.cancelled_caught:
-            if self.connected:
-                self.error = f"timed out after {timeout:g} s ({_bytes(self.received)} received)"
+            if transfer.connected:
+                self.error = f"timed out after {timeout:g} s ({_bytes(transfer.received)} received)"
             else:
                 self.error = f"timed out after {timeout:g} s while connecting"
         # Not in a ``finally``: a fetch that ends in an exception (Ctrl-C, a
         # bug) has nothing to print, and the nursery deals with it.
         self.done.set()
 
-    async def _fetch(self) -> None:
-        import trio
+    @property
+    def received(self) -> int:
+        """Bytes received so far, for the progress line."""
+        return self.transfer.received
 
-        try:
-            # Happy eyeballs: every address of a name is tried, the next
-            # one as soon as a previous one fails or dawdles.
-            stream = await trio.open_tcp_stream(self.address.host, self.address.port)
-        except OSError as exc:
-            self.error = _connect_failure(exc)
-            return
-        except UnicodeError:  # the name cannot even be encoded for DNS (IDNA)
-            self.error = "cannot resolve the host name (not a valid host name)"
-            return
-        self.connected = True
-        chunks: list[bytes] = []
-        async with stream:
-            while True:
-                try:
-                    chunk = await stream.receive_some(RECEIVE_SIZE)
-                except trio.BrokenResourceError as exc:
-                    # A reset is how a server says it gave up on the poem.
-                    self.error = (
-                        f"{_receive_failure(exc)} after {_bytes(self.received)} "
-                        "(the poem is incomplete)"
-                    )
-                    return
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                self.received += len(chunk)
-                if self.received > self.max_size:
-                    self.error = (
-                        f"too big for a poem: more than --max-poem-size "
-                        f"({_bytes(self.max_size)}); stopped reading"
-                    )
-                    return
-        if not chunks:
-            # No poetry server sends an empty poem; something is wrong there
-            # (a server turning clients away, or not a poetry server at all).
-            self.error = "the connection was closed without a poem"
-            return
-        self.poem = b"".join(chunks)
+    @property
+    def connected(self) -> bool:
+        return self.transfer.connected
 
 
-def _connect_failure(exc: OSError) -> str:
-    import socket
-
-    if isinstance(exc, socket.gaierror):
-        return f"cannot resolve the host name ({(exc.strerror or str(exc)).lower()})"
-    # open_tcp_stream tries every address of a name and, when all fail,
-    # raises a plain OSError caused by a group of the attempts' errors.
-    attempts = _leaves(exc.__cause__) if isinstance(exc.__cause__, BaseExceptionGroup) else [exc]
-    reasons = [_reason(attempt) for attempt in attempts]
-    return "; ".join(dict.fromkeys(reasons))  # each once, in order
-
-
-def _receive_failure(exc: BaseException) -> str:
-    cause = exc.__cause__
-    return _reason(cause) if isinstance(cause, OSError) else str(exc)
-
-
-def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
-    found: list[BaseException] = []
-    for exc in group.exceptions:
-        found.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
-    return found
-
-
-def _reason(exc: BaseException) -> str:
-    number = getattr(exc, "errno", None)
-    if number == errno.ECONNRESET:
-        # Not "by peer": who else.  It can also come while connecting, when
-        # a server resets the connection the moment it accepts it.
-        return "connection reset"
-    # os.strerror: a socket error's own text may repeat the address.
-    return (os.strerror(number) if number else str(exc)).lower()
+def _connect_failure(exc: ConnectError) -> str:
+    if exc.unresolved is not None:
+        return f"cannot resolve the host name ({exc.unresolved})"
+    return "; ".join(exc.reasons)
 
 
 def _bytes(count: int) -> str:
@@ -464,36 +425,56 @@ async def _get(
     import trio
 
     fetches = [Fetch(address, max_size) for address in addresses]
-    output = Output(STDOUT_FILENO)
+    interrupted = False
     status = EXIT_OK
-    async with trio.open_nursery() as nursery:
-        for fetch in fetches:
-            nursery.start_soon(fetch.run, timeout)
-        if progress is not None:
-            nursery.start_soon(progress.run, fetches)
-        for fetch in fetches:  # in the order given, whichever finishes first
-            await fetch.done.wait()
+    # Ctrl-C as a signal the event loop receives, not a KeyboardInterrupt
+    # raised wherever the program happens to be (it could leave a coroutine
+    # half made, and Python would print a warning about it on the way out).
+    with trio.open_signal_receiver(signal.SIGINT) as interrupts:
+        async with trio.open_nursery() as nursery:
+
+            async def stop_on_ctrl_c() -> None:
+                nonlocal interrupted
+                async for _ in interrupts:
+                    interrupted = True
+                    nursery.cancel_scope.cancel()
+
+            nursery.start_soon(stop_on_ctrl_c)
+            for fetch in fetches:
+                nursery.start_soon(fetch.run, timeout)
             if progress is not None:
-                progress.paused = True
-                progress.clear()
-            if fetch.poem is None:
-                _say(f"{prog}: {fetch.address}: {fetch.error}")
-                status = EXIT_FAILURE
-            else:
-                try:
-                    await output.write_poem(fetch.poem)
-                except StdoutClosed:
-                    # Nobody wants the rest; stop as quietly as `| head`
-                    # expects, without the other fetches.
-                    status = EXIT_BROKEN_PIPE
-                    break
-                except OSError as exc:
-                    _say(f"{prog}: cannot write to standard output: {_reason(exc)}")
-                    status = EXIT_FAILURE
-                    break
-            if progress is not None:
-                progress.paused = output.is_terminal and output.mid_line
-        nursery.cancel_scope.cancel()  # the progress line, or fetches nobody will print
+                nursery.start_soon(progress.run, fetches)
+            status = await _print_in_order(prog, fetches, progress)
+            nursery.cancel_scope.cancel()  # the progress line, or fetches nobody will print
     if progress is not None:
         progress.clear()
+    return EXIT_INTERRUPTED if interrupted else status
+
+
+async def _print_in_order(prog: str, fetches: Sequence[Fetch], progress: Progress | None) -> int:
+    """Write each poem, or say why there is none, in the order given; the exit status."""
+    from .fetch import reason
+
+    output = Output(STDOUT_FILENO)
+    status = EXIT_OK
+    for fetch in fetches:  # in the order given, whichever finishes first
+        await fetch.done.wait()
+        if progress is not None:
+            progress.paused = True
+            progress.clear()
+        if fetch.poem is None:
+            _say(f"{prog}: {fetch.address}: {fetch.error}")
+            status = EXIT_FAILURE
+        else:
+            try:
+                await output.write_poem(fetch.poem)
+            except StdoutClosed:
+                # Nobody wants the rest; stop as quietly as `| head`
+                # expects, without the other fetches.
+                return EXIT_BROKEN_PIPE
+            except OSError as exc:
+                _say(f"{prog}: cannot write to standard output: {reason(exc)}")
+                return EXIT_FAILURE
+        if progress is not None:
+            progress.paused = output.is_terminal and output.mid_line
     return status

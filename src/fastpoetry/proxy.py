@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
-import socket
 
 import trio
 
+from .fetch import ConnectError, ReceiveError, Transfer, fetch_poem
 from .poetry import DEFAULT_MAX_POEM_SIZE, PoemError, check_poem
 from .service import Service, BackgroundTask
 
@@ -35,9 +34,6 @@ FIRST_RETRY = 1.0
 #: A run of failed fetches is logged as a warning when it begins, then at
 #: most once per this many seconds (the rest at debug level).
 WARNING_INTERVAL = 300.0
-
-#: The most read from the upstream in one call.
-RECEIVE_SIZE = 64 * 1024
 
 # The longest backoff is refresh anyway; the cap only keeps 2 ** n a float.
 _MAX_DOUBLINGS = 32
@@ -171,38 +167,25 @@ class ProxyService(Service):
         Raises :exc:`_FetchFailed`; nothing else the upstream or the
         network does escapes.
         """
-        chunks: list[bytes] = []
-        received = 0
-        connected = False
+        transfer = Transfer()
         with trio.move_on_after(self.timeout) as deadline:
             try:
-                stream = await trio.open_tcp_stream(self.host, self.port)
-            except OSError as exc:
-                raise _FetchFailed(_connect_failure(self.host, exc), connected=False) from None
-            connected = True
-            async with stream:
-                try:
-                    # One byte more than allowed tells a poem that is too big,
-                    # without reading (or holding) any more of it.
-                    while received <= self.max_size:
-                        chunk = await stream.receive_some(
-                            min(RECEIVE_SIZE, self.max_size + 1 - received)
-                        )
-                        if not chunk:
-                            break
-                        chunks.append(chunk)
-                        received += len(chunk)
-                except trio.BrokenResourceError as exc:
-                    # The end of a poem is a clean end of stream; a reset is
-                    # an upstream that gave up part-way.
-                    raise _FetchFailed(_broken(exc, received), connected=True) from None
+                reply = await fetch_poem(self.host, self.port, self.max_size, transfer)
+            except ConnectError as exc:
+                if exc.unresolved is not None:
+                    reason = f"cannot resolve {self.host}: {exc.unresolved}"
+                else:
+                    reason = ", ".join(exc.reasons)
+                raise _FetchFailed(reason, connected=False) from None
+            except ReceiveError as exc:
+                raise _FetchFailed(str(exc), connected=True) from None
         if deadline.cancelled_caught:
             reason = f"timed out after {self.timeout:g} s"
-            if connected:
-                reason += f", {received} bytes received"
-            raise _FetchFailed(reason, connected=connected)
+            if transfer.connected:
+                reason += f", {transfer.received} bytes received"
+            raise _FetchFailed(reason, connected=transfer.connected)
         check = functools.partial(
-            check_poem, b"".join(chunks), f"upstream {self.label}", self.max_size, what="the reply"
+            check_poem, reply, f"upstream {self.label}", self.max_size, what="the reply"
         )
         try:
             # Decoding megabytes would hold up the clients being served.
@@ -281,38 +264,6 @@ class ProxyService(Service):
             return self.refresh_interval
         doublings = min(self.failures - 1, _MAX_DOUBLINGS)
         return min(FIRST_RETRY * 2**doublings, self.refresh_interval)
-
-
-def _connect_failure(host: str, exc: OSError) -> str:
-    """Why ``trio.open_tcp_stream`` failed, as the rest of the logs say it."""
-    if isinstance(exc, socket.gaierror):
-        return f"cannot resolve {host}: {_strerror(exc)}"
-    # Every address the name has was tried: the errors are in the cause.
-    cause = exc.__cause__
-    errors = cause.exceptions if isinstance(cause, BaseExceptionGroup) else (exc,)
-    # trio words them "error connecting to ADDRESS: ...": the errno alone
-    # says it, and the same way for every address.
-    reasons = dict.fromkeys(
-        os.strerror(e.errno).lower() if e.errno else _strerror(e)
-        for e in errors
-        if isinstance(e, OSError)
-    )
-    return ", ".join(reasons) or _strerror(exc)
-
-
-def _broken(exc: trio.BrokenResourceError, received: int) -> str:
-    cause = exc.__cause__
-    if isinstance(cause, ConnectionResetError):
-        what = "connection reset"
-    elif isinstance(cause, OSError):
-        what = _strerror(cause)
-    else:
-        what = str(exc).lower() or "connection broken"
-    return f"{what} after {received} bytes"
-
-
-def _strerror(exc: OSError) -> str:
-    return (exc.strerror or str(exc)).lower()
 
 
 def _count(number: int, one: str, many: str) -> str:

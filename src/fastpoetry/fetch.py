@@ -1,0 +1,122 @@
+"""Fetching one poem from a poetry server: the protocol's client side.
+
+``fastpoetry get`` and the proxy's :class:`~.proxy.ProxyService` fetch the
+same way: connect (trying every address of the name, happy eyeballs), read
+to a clean end of stream, which is the only end-of-poem mark the protocol
+has, and take a reset as a poem cut off.  Each says what went wrong in its
+own words; the facts come from here.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+from dataclasses import dataclass
+
+import trio
+
+#: The most read from a server in one call.
+RECEIVE_SIZE = 64 * 1024
+
+
+@dataclass
+class Transfer:
+    """How far a fetch got; the caller reads it also after cancelling the fetch."""
+
+    connected: bool = False
+    received: int = 0
+
+
+class ConnectError(Exception):
+    """The server could not be reached.
+
+    ``unresolved`` is why the name did not resolve, or None; otherwise
+    ``reasons`` says, once each, why connecting to its addresses failed.
+    """
+
+    def __init__(self, reasons: list[str], unresolved: str | None = None) -> None:
+        super().__init__(unresolved or ", ".join(reasons))
+        self.reasons = reasons
+        self.unresolved = unresolved
+
+
+class ReceiveError(Exception):
+    """The connection broke before a clean end of stream: the poem is incomplete.
+
+    ``reason`` says how (``connection reset``); ``received`` is how many
+    bytes had come.
+    """
+
+    def __init__(self, reason: str, received: int) -> None:
+        super().__init__(f"{reason} after {received} bytes")
+        self.reason = reason
+        self.received = received
+
+
+async def fetch_poem(host: str, port: int, limit: int, transfer: Transfer | None = None) -> bytes:
+    """Connect to ``host``:``port`` and return what it sends until a clean end of stream.
+
+    At most ``limit + 1`` bytes are read: a longer reply means the server
+    sent more than ``limit``, and the caller decides what that is.  An
+    empty reply is returned as it is.  ``transfer`` is kept up to date
+    while the fetch runs, so that a caller that times it out can say how
+    far it got.
+
+    Raises :exc:`ConnectError` or :exc:`ReceiveError`; the connection is
+    closed whatever happens, cancellation included.
+    """
+    transfer = transfer if transfer is not None else Transfer()
+    try:
+        stream = await trio.open_tcp_stream(host, port)
+    except OSError as exc:
+        raise _connect_error(exc) from None
+    except UnicodeError:  # the name cannot even be encoded for DNS (IDNA)
+        raise ConnectError([], unresolved="not a valid host name") from None
+    transfer.connected = True
+    chunks: list[bytes] = []
+    async with stream:
+        while transfer.received <= limit:
+            try:
+                chunk = await stream.receive_some(min(RECEIVE_SIZE, limit + 1 - transfer.received))
+            except trio.BrokenResourceError as exc:
+                raise ReceiveError(_broken(exc), transfer.received) from None
+            if not chunk:
+                break
+            chunks.append(chunk)
+            transfer.received += len(chunk)
+    return b"".join(chunks)
+
+
+def reason(exc: BaseException) -> str:
+    """An error as the logs and messages say it: lower case, no address repeated."""
+    number = getattr(exc, "errno", None)
+    if number == errno.ECONNRESET:
+        # Not "by peer": who else.
+        return "connection reset"
+    # os.strerror: a socket error's own text may repeat the address.
+    return (os.strerror(number) if number else str(exc)).lower()
+
+
+def _connect_error(exc: OSError) -> ConnectError:
+    if isinstance(exc, socket.gaierror):
+        return ConnectError([], unresolved=(exc.strerror or str(exc)).lower())
+    # open_tcp_stream tries every address of a name and, when all fail,
+    # raises a plain OSError caused by a group of the attempts' errors.
+    cause = exc.__cause__
+    attempts = _leaves(cause) if isinstance(cause, BaseExceptionGroup) else [exc]
+    return ConnectError(list(dict.fromkeys(reason(attempt) for attempt in attempts)))
+
+
+def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
+    found: list[BaseException] = []
+    for exc in group.exceptions:
+        found.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return found
+
+
+def _broken(exc: trio.BrokenResourceError) -> str:
+    cause = exc.__cause__
+    if isinstance(cause, OSError):
+        return reason(cause)
+    return str(exc).lower() or "connection broken"
