@@ -27,6 +27,26 @@ _SERVED_FAMILIES = (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX)
 _SKIPPABLE_ERRNOS = (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL)
 
 
+#: accept() fails like this when the connection died while it was queued, or
+#: a firewall refused it: it concerns that one connection, not the socket.
+CLIENT_GONE_ERRNOS = frozenset(
+    {
+        errno.ECONNABORTED,
+        errno.ECONNRESET,
+        errno.EPROTO,
+        errno.EPERM,
+        errno.ETIMEDOUT,
+        errno.EHOSTUNREACH,
+        errno.ENETUNREACH,
+        errno.ENETDOWN,
+        errno.EHOSTDOWN,
+        errno.ENONET,
+        errno.ENOPROTOOPT,
+        errno.EOPNOTSUPP,
+    }
+)
+
+
 class ListenerError(Exception):
     """A socket that cannot be listened on or served from."""
 
@@ -112,7 +132,7 @@ def turn_away(sock: socket.socket, limit: int | None = None) -> int:
         except BlockingIOError:
             return turned
         except OSError as exc:
-            if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
+            if exc.errno in CLIENT_GONE_ERRNOS:
                 continue  # that client gave up while queued
             log.debug("stopped turning clients away on %s: %s", describe(sock), _reason(exc))
             return turned

@@ -23,7 +23,7 @@ import trio
 
 from .fetch import ConnectError, ReceiveError, Transfer, fetch_poem
 from .poetry import DEFAULT_MAX_POEM_SIZE, PoemError, check_poem
-from .service import Service, BackgroundTask
+from .service import BackgroundTask, Service
 
 log = logging.getLogger(__name__)
 

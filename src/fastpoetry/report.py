@@ -56,31 +56,16 @@ class Reporter:
 
     def status(self) -> str:
         """One line: which poem, how large, on how many sockets, how many served."""
-        sockets = sum(len(server.listeners) for server in self.servers)
-        served = count(self.poems_served, "poem")
+        sockets = count(sum(len(server.listeners) for server in self.servers), "socket")
+        served = f"{count(self.poems_served, 'poem')} served"
         if len(self.poets) == 1 and isinstance(self.poets[0], ProxyService):
-            return self._proxy_status(self.poets[0], sockets, served)
-        if len(self.poets) == 1:
+            line = _proxy_status(self.poets[0], sockets, served)
+        elif len(self.poets) == 1:
             poet = self.poets[0]
-            what = f"{poet.label} ({len(poet.poem)} bytes)"
+            line = f"Serving {poet.label} ({len(poet.poem)} bytes) on {sockets}; {served}"
         else:
-            what = f"{count(len(self.poets), 'poem')} ({sum(len(p.poem) for p in self.poets)} bytes)"
-        line = f"Serving {what} on {count(sockets, 'socket')}; {count(self.poems_served, 'poem')} served"
-        if self.reload_failure:
-            line += f"; last reload failed: {self.reload_failure}"
-        return line
-
-    def _proxy_status(self, proxy: ProxyService, sockets: int, served: str) -> str:
-        if not proxy.poem:
-            reason = proxy.last_error or "fetching"
-            line = f"Waiting for a poem from upstream {proxy.label}: {reason}; {served} served"
-        else:
-            line = (
-                f"Serving the poem of upstream {proxy.label} ({len(proxy.poem)} bytes) "
-                f"on {count(sockets, 'socket')}; {served} served"
-            )
-            if proxy.last_error:
-                line += f"; upstream failing: {proxy.last_error}"
+            size = sum(len(poet.poem) for poet in self.poets)
+            line = f"Serving {count(len(self.poets), 'poem')} ({size} bytes) on {sockets}; {served}"
         if self.reload_failure:
             line += f"; last reload failed: {self.reload_failure}"
         return line
@@ -116,3 +101,13 @@ class Reporter:
             count(poems, "poem"),
             extra={"POEMS": new_poems, "BYTES": new_bytes, "POEMS_TOTAL": poems},
         )
+
+
+def _proxy_status(proxy: ProxyService, sockets: str, served: str) -> str:
+    """The proxy's line: the poem it has, or why it has none, and its upstream's health."""
+    if not proxy.poem:
+        return f"Waiting for a poem from upstream {proxy.label}: {proxy.last_error or 'fetching'}; {served}"
+    line = f"Serving the poem of upstream {proxy.label} ({len(proxy.poem)} bytes) on {sockets}; {served}"
+    if proxy.last_error:
+        line += f"; upstream failing: {proxy.last_error}"
+    return line

@@ -26,7 +26,7 @@ from typing import Protocol
 import trio
 
 from .linger import LingeringCloser, discard_input
-from .listeners import describe, format_peer, turn_away
+from .listeners import CLIENT_GONE_ERRNOS, describe, format_peer, turn_away
 from .service import Service
 
 log = logging.getLogger(__name__)
@@ -43,26 +43,6 @@ CAPACITY_LOG_INTERVAL = 10.0
 # accept() fails like this when the process or the system is out of a
 # resource; the connection stays queued, so wait and try again.
 _CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
-
-# accept() fails like this when the connection died while it was queued, or
-# a firewall refused it; it only concerns that one connection.
-_CONNECTION_ERRNOS = frozenset(
-    {
-        errno.ECONNABORTED,
-        errno.ECONNRESET,
-        errno.EPROTO,
-        errno.EPERM,
-        errno.ETIMEDOUT,
-        errno.EHOSTUNREACH,
-        errno.ENETUNREACH,
-        errno.ENETDOWN,
-        errno.EHOSTDOWN,
-        errno.ENONET,
-        errno.ENOPROTOOPT,
-        errno.EOPNOTSUPP,
-    }
-)
-
 
 # SO_LINGER on, with a zero timeout: close() resets the connection.
 _RESET_ON_CLOSE = struct.pack("ii", 1, 0)
@@ -109,10 +89,8 @@ class StreamServer(Service):
         self._accepting = trio.CancelScope()
         self._everything = trio.CancelScope()
         self._stopped = trio.Event()
-        self._capacity_logged_at = -CAPACITY_LOG_INTERVAL
-        self._capacity_failures = 0
-        self._turned_away_logged_at = -CAPACITY_LOG_INTERVAL
-        self._turned_away = 0
+        self._failed_accepts = _Tally(CAPACITY_LOG_INTERVAL)
+        self._turned_away = _Tally(CAPACITY_LOG_INTERVAL)
 
     @property
     def clients_lingering(self) -> int:
@@ -187,7 +165,7 @@ class StreamServer(Service):
                 except BlockingIOError:
                     break
                 except OSError as exc:
-                    if exc.errno in _CONNECTION_ERRNOS:
+                    if exc.errno in CLIENT_GONE_ERRNOS:
                         continue
                     if exc.errno not in _CAPACITY_ERRNOS:
                         raise
@@ -282,36 +260,46 @@ class StreamServer(Service):
 
     def _turn_away(self, listener: socket.socket) -> None:
         """No poem yet (a proxy whose upstream never answered): close at once."""
-        self._turned_away += turn_away(listener, ACCEPT_BATCH)
-        now = trio.current_time()
-        if now - self._turned_away_logged_at < CAPACITY_LOG_INTERVAL:
-            return
-        log.warning(
-            "no poem to serve yet: closed %d connection%s on %s without one",
-            self._turned_away,
-            "" if self._turned_away == 1 else "s",
-            describe(listener),
-            extra={"POEM": self.source.label, "CLIENTS": self._turned_away},
-        )
-        self._turned_away_logged_at = now
-        self._turned_away = 0
+        turned = self._turned_away.add(turn_away(listener, ACCEPT_BATCH))
+        if turned:
+            log.warning(
+                "no poem to serve yet: closed %d connection%s on %s without one",
+                turned,
+                "" if turned == 1 else "s",
+                describe(listener),
+                extra={"POEM": self.source.label, "CLIENTS": turned},
+            )
 
     def _report_capacity(self, listener: socket.socket, exc: OSError) -> None:
         # Every queued connection fails the same way until a descriptor is
         # free again: say so once in a while, with how often it happened.
-        self._capacity_failures += 1
+        failures = self._failed_accepts.add(1)
+        if failures:
+            log.warning(
+                "cannot accept connections on %s: %s; retrying (%d failed accepts since the last report)",
+                describe(listener),
+                (exc.strerror or str(exc)).lower(),
+                failures,
+                extra={"POEM": self.source.label, "ERRNO": exc.errno},
+            )
+
+
+class _Tally:
+    """Counts what happens too often to log each time, for a report now and then."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._count = 0
+        self._reported_at = -interval
+
+    def add(self, number: int) -> int:
+        """Count ``number`` more; the count to report now (then start again), or 0 if too soon."""
+        self._count += number
         now = trio.current_time()
-        if now - self._capacity_logged_at < CAPACITY_LOG_INTERVAL:
-            return
-        log.warning(
-            "cannot accept connections on %s: %s; retrying (%d failed accepts since the last report)",
-            describe(listener),
-            (exc.strerror or str(exc)).lower(),
-            self._capacity_failures,
-            extra={"POEM": self.source.label, "ERRNO": exc.errno},
-        )
-        self._capacity_logged_at = now
-        self._capacity_failures = 0
+        if not self._count or now - self._reported_at < self.interval:
+            return 0
+        count, self._count, self._reported_at = self._count, 0, now
+        return count
 
 
 async def _discard_input(conn: socket.socket) -> None:
