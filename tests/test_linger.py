@@ -65,6 +65,14 @@ def finished(request: pytest.FixtureRequest) -> Iterator[Pair]:
     client.close()
 
 
+@pytest.fixture
+def running_closer(nursery: trio.Nursery) -> LingeringCloser:
+    """A LingeringCloser without a timeout, running in the test's nursery."""
+    closer = LingeringCloser(NEVER)
+    nursery.start_soon(closer.run)
+    return closer
+
+
 def queued(sock: socket.socket, request: int) -> int:
     """Bytes in a socket's receive (FIONREAD) or send (TIOCOUTQ) queue."""
     return struct.unpack("i", fcntl.ioctl(sock.fileno(), request, bytes(4)))[0]
@@ -84,12 +92,11 @@ def assert_peer_closed(client: socket.socket) -> None:
 
 
 async def test_closes_the_socket_once_the_client_closes(
-    finished: Pair, nursery: trio.Nursery
+    finished: Pair, running_closer: LingeringCloser
 ) -> None:
     """A lingering socket stays open while its client is connected and closes when it closes."""
     server, client = finished
-    closer = LingeringCloser(NEVER)
-    nursery.start_soon(closer.run)
+    closer = running_closer
     closer.close_when_done(server)
     await trio.testing.wait_all_tasks_blocked()
     assert server.fileno() != -1 and len(closer) == 1
@@ -100,12 +107,11 @@ async def test_closes_the_socket_once_the_client_closes(
 
 
 async def test_discards_client_input_and_keeps_waiting_for_eof(
-    finished: Pair, nursery: trio.Nursery
+    finished: Pair, running_closer: LingeringCloser
 ) -> None:
     """Input from the client is read and thrown away; the socket lingers until EOF."""
     server, client = finished
-    closer = LingeringCloser(NEVER)
-    nursery.start_soon(closer.run)
+    closer = running_closer
     closer.close_when_done(server)
     junk = b"GET / HTTP/1.0\r\n" * (3 * DRAIN_LIMIT // 16)
     await trio.to_thread.run_sync(client.sendall, junk)
