@@ -206,6 +206,11 @@ class Outcome:
     data: bytes = b""
     eof: bool = False
     error: str | None = None  # the OSError that ended it, if one did
+    #: A send failed because the server had already closed (--linger auto
+    #: closes a client that had sent nothing and acknowledged the poem); the
+    #: client sends no more and carries on reading, as one that does not care
+    #: whether its words are read would.
+    refused: bool = False
     hung: bool = False  # a socket operation hit the WAIT hang guard
     elapsed: float = 0.0  # from just before connect() until it closed
 
@@ -234,8 +239,11 @@ def run_client(script: Script, address: tuple[str, int], start: threading.Barrie
         half_closed = False
         for step in script.steps:
             match step:
-                case Send(size) if not half_closed:
-                    sock.sendall(_flood_bytes()[:size])
+                case Send(size) if not half_closed and not outcome.refused:
+                    try:
+                        sock.sendall(_flood_bytes()[:size])
+                    except (BrokenPipeError, ConnectionResetError):
+                        outcome.refused = True
                 case Read(size) if not outcome.eof:
                     chunk = sock.recv(size)
                     outcome.eof = not chunk
@@ -243,7 +251,10 @@ def run_client(script: Script, address: tuple[str, int], start: threading.Barrie
                 case Pause(ms):
                     time.sleep(ms / 1000)
                 case HalfClose() if not half_closed:
-                    sock.shutdown(socket.SHUT_WR)
+                    # After a refused send the connection is reset: there is
+                    # no sending side left to shut down.
+                    if not outcome.refused:
+                        sock.shutdown(socket.SHUT_WR)
                     half_closed = True
                 case Stall():
                     time.sleep(STALL)
@@ -450,6 +461,7 @@ class Tally:
             got = "whole" if len(outcome.data) == self.sizes[script.poem] else "part"
             end = "EOF" if outcome.eof else (outcome.error or "no EOF")
             c[f"saw: {got} poem, {end}"] += 1
+            c["sends refused: the server had closed"] += outcome.refused
             if script.stalls:
                 c[f"stalled on the {script.poem} poem, then {script.ending}: saw {got}, {end}"] += 1
 

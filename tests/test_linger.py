@@ -8,6 +8,7 @@ import socket
 import struct
 import termios
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -16,7 +17,7 @@ import trio
 import trio.testing
 
 from conftest import WAIT
-from fastpoetry.linger import DRAIN_LIMIT, LingeringCloser
+from fastpoetry.linger import DRAIN_LIMIT, LingeringCloser, nothing_at_stake
 
 #: A linger timeout that never passes within a test: a socket closed under
 #: it was closed because of what its client did.
@@ -374,3 +375,70 @@ async def test_without_the_closer_unread_input_resets_the_connection() -> None:
     assert delivery.in_flight > 0, "the premise: data was still in flight at the hand-over"
     assert isinstance(delivery.error, ConnectionResetError)
     assert len(delivery.received) < len(PAYLOAD)
+
+
+# -- nothing_at_stake: when closing at once cannot cost the client anything ----
+
+
+def _wait_for(condition: Callable[[], bool]) -> None:
+    """Poll ``condition`` (hang guard only): acknowledgements arrive on their own."""
+    limit = time.monotonic() + WAIT
+    while not condition():
+        assert time.monotonic() < limit, "condition not met within WAIT"
+        time.sleep(0.001)
+
+
+def test_nothing_is_at_stake_once_a_quiet_client_has_acknowledged_everything() -> None:
+    """A client that sent nothing and acknowledged the poem (and its end): close at once."""
+    server, client = tcp_pair()
+    with server, client:
+        server.sendall(b"a short poem\n")
+        server.shutdown(socket.SHUT_WR)
+        _wait_for(lambda: nothing_at_stake(server, len(b"a short poem\n")))
+        assert client.recv(100) == b"a short poem\n"
+        assert client.recv(100) == b""
+
+
+def test_input_from_the_client_is_at_stake() -> None:
+    """Once the client has sent a byte, read or not, closing at once is ruled out."""
+    server, client = tcp_pair()
+    with server, client:
+        client.sendall(b"\n")
+        _wait_for(lambda: _queued_input(server) == 1)
+        server.sendall(b"poem")
+        server.shutdown(socket.SHUT_WR)
+        _wait_for(lambda: client.recv(100, socket.MSG_PEEK) == b"poem")
+        assert not nothing_at_stake(server, 4)
+        assert server.recv(1) == b"\n"
+        assert not nothing_at_stake(server, 4), "input that was read still counts"
+
+
+def test_a_poem_not_yet_acknowledged_is_at_stake() -> None:
+    """Bytes the client's window has not taken yet are still the server's to lose."""
+    server, client = tcp_pair(client_rcvbuf=4096)
+    with server, client:
+        payload = b"x" * (256 * 1024)  # far more than a 4 KiB window takes
+        server.setblocking(False)
+        sent = server.send(payload)
+        assert sent > 4096
+        server.shutdown(socket.SHUT_WR)
+        assert not nothing_at_stake(server, sent)
+        received = 0
+        while chunk := client.recv(65536):
+            received += len(chunk)
+        assert received == sent
+        _wait_for(lambda: nothing_at_stake(server, sent))
+
+
+def test_nothing_at_stake_is_never_claimed_for_a_unix_socket() -> None:
+    """AF_UNIX has no struct tcp_info: such sockets always linger."""
+    server, client = unix_pair()
+    with server, client:
+        server.sendall(b"poem")
+        server.shutdown(socket.SHUT_WR)
+        assert client.recv(100) == b"poem"
+        assert not nothing_at_stake(server, 4)
+
+
+def _queued_input(sock: socket.socket) -> int:
+    return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0" * 4))[0]

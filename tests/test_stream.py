@@ -153,6 +153,20 @@ async def send_all(sock: trio.socket.SocketType, data: bytes) -> None:
             view = view[await sock.send(view) :]
 
 
+async def send_junk(sock: trio.socket.SocketType, data: bytes, linger: str) -> None:
+    """Send ``data`` as a client that does not care whether the server listens.
+
+    Under ``--linger auto`` the server may have closed before the data
+    arrived (the client had sent nothing and acknowledged the poem), and
+    the writes then fail; under ``always`` they must not.
+    """
+    try:
+        await send_all(sock, data)
+    except (BrokenPipeError, ConnectionResetError):
+        if linger == "always":
+            raise
+
+
 async def fetch_poem(address: object, family: int = socket.AF_INET, send: bytes = b"") -> bytes:
     """Connect, optionally send ``send``, read to a clean EOF, close."""
     with await connect(address, family) as sock:
@@ -163,12 +177,18 @@ async def fetch_poem(address: object, family: int = socket.AF_INET, send: bytes 
 
 @asynccontextmanager
 async def serving(
-    source: object, listeners: list[socket.socket] | None = None, *, send_timeout: float = WAIT
+    source: object,
+    listeners: list[socket.socket] | None = None,
+    *,
+    send_timeout: float = WAIT,
+    always_linger: bool = False,
 ) -> AsyncIterator[StreamServer]:
     """A started StreamServer (on 127.0.0.1, a free port, unless given listeners)."""
     if listeners is None:
         listeners = bind("127.0.0.1", 0)
-    server = StreamServer(source, listeners, send_timeout=send_timeout)  # type: ignore[arg-type]
+    server = StreamServer(
+        source, listeners, send_timeout=send_timeout, always_linger=always_linger  # type: ignore[arg-type]
+    )
     async with trio.open_nursery() as nursery:
         await server.start(nursery)
         try:
@@ -274,17 +294,20 @@ async def test_many_concurrent_clients_each_get_the_whole_poem(tmp_path: Path, s
     ],
     ids=["a-line", "1MiB", "a-line-big-poem"],
 )
-async def test_junk_sent_first_does_not_cut_the_poem(junk: bytes, which: str, big_poem: bytes) -> None:
+@pytest.mark.parametrize("linger", ["auto", "always"])
+async def test_junk_sent_first_does_not_cut_the_poem(
+    junk: bytes, which: str, linger: str, big_poem: bytes
+) -> None:
     """A client that sends junk before reading gets the whole poem and a clean EOF."""
     poem = LEDGER.read_bytes() if which == "small" else big_poem
     # A small window keeps part of a big poem in the server's send buffer
     # when it finishes, where a reset (unread junk at close) would destroy it.
     rcvbuf = SMALL_RCVBUF if which == "big" else None
-    async with serving(Source(poem)) as server:
+    async with serving(Source(poem), always_linger=linger == "always") as server:
         address = address_of(server.listeners[0])
         for _ in range(3):
             with await connect(address, rcvbuf=rcvbuf) as sock:
-                await send_all(sock, junk)
+                await send_junk(sock, junk, linger)
                 assert await receive_to_eof(sock) == poem
         assert server.poems_served == 3
         await wait_until(lambda: server.clients_lingering == 0)
@@ -366,15 +389,84 @@ async def test_junk_after_part_of_the_poem_does_not_cut_it(big_poem: bytes) -> N
 
 
 @pytest.mark.parametrize("which", ["small", "big"])
-async def test_junk_after_the_whole_poem_still_ends_in_a_clean_eof(which: str, big_poem: bytes) -> None:
+@pytest.mark.parametrize("linger", ["auto", "always"])
+async def test_junk_after_the_whole_poem_still_ends_in_a_clean_eof(
+    which: str, linger: str, big_poem: bytes
+) -> None:
     """A client that sends junk after the last byte of the poem still sees a clean EOF."""
     poem = LEDGER.read_bytes() if which == "small" else big_poem
-    async with serving(Source(poem)) as server:
+    async with serving(Source(poem), always_linger=linger == "always") as server:
         address = address_of(server.listeners[0])
         with await connect(address) as sock:
             data = await receive_exactly(sock, len(poem))
-            await send_all(sock, b"thank you\n" * 10000)
+            await send_junk(sock, b"thank you\n" * 10000, linger)
             assert data + await receive_to_eof(sock) == poem
+        await wait_until(lambda: server.clients_lingering == 0)
+
+
+# -- 5b. when a client that has its poem is closed ---------------------------------
+
+
+async def test_a_quiet_client_is_closed_as_soon_as_it_has_its_poem() -> None:
+    """--linger auto: a client that sent nothing and took the poem costs nothing afterwards.
+
+    The server's end is gone at once (not after the send timeout): a write
+    from the client is answered with a reset, and nothing lingers.
+    """
+    poem = LEDGER.read_bytes()
+    async with serving(Source(poem), send_timeout=10 * WAIT) as server:
+        with await connect(address_of(server.listeners[0])) as sock:
+            assert await receive_to_eof(sock) == poem
+            assert server.clients_lingering == 0
+            with pytest.raises((ConnectionResetError, BrokenPipeError)):
+                with trio.fail_after(WAIT):
+                    while True:
+                        await sock.send(b"still there?\n")
+                        await trio.sleep(0.01)
+        assert server.poems_served == 1
+
+
+async def test_a_client_whose_words_came_first_lingers_until_it_closes() -> None:
+    """--linger auto: input waiting when the poem is sent keeps the connection open."""
+    poem = LEDGER.read_bytes()
+    [listener] = bind("127.0.0.1", 0)
+    # Connected and talking before the server runs: its words are certainly
+    # there when the poem goes out.
+    with await connect(address_of(listener)) as sock:
+        await send_all(sock, b"hello?\n")
+        async with serving(Source(poem), [listener]) as server:
+            assert await receive_to_eof(sock) == poem
+            await wait_until(lambda: server.clients_lingering == 1)
+            sock.close()
+            await wait_until(lambda: server.clients_lingering == 0)
+
+
+async def test_always_linger_keeps_even_a_quiet_client_until_it_closes() -> None:
+    """--linger always: the quiet client of the test above lingers, and its writes are read."""
+    poem = LEDGER.read_bytes()
+    async with serving(Source(poem), always_linger=True) as server:
+        with await connect(address_of(server.listeners[0])) as sock:
+            assert await receive_to_eof(sock) == poem
+            await wait_until(lambda: server.clients_lingering == 1)
+            await send_all(sock, b"thank you\n" * 1000)
+            assert server.clients_lingering == 1
+        await wait_until(lambda: server.clients_lingering == 0)
+
+
+async def test_unix_clients_always_linger(tmp_path: Path) -> None:
+    """AF_UNIX has no struct tcp_info to ask: its clients are kept until they close."""
+    path = tmp_path / "poetry.sock"
+    if len(str(path)) > 100:  # sun_path is 108 bytes
+        pytest.skip(f"temporary path too long for an AF_UNIX address: {path}")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen()
+    listener.setblocking(False)
+    poem = LEDGER.read_bytes()
+    async with serving(Source(poem), [listener]) as server:
+        with await connect(str(path), socket.AF_UNIX) as sock:
+            assert await receive_to_eof(sock) == poem
+            await wait_until(lambda: server.clients_lingering == 1)
         await wait_until(lambda: server.clients_lingering == 0)
 
 
@@ -633,7 +725,7 @@ async def test_stop_does_not_wait_for_a_client_that_has_its_poem_but_stays() -> 
     """A client that holds the whole poem but keeps its end open does not delay stop()."""
     poem = LEDGER.read_bytes()
     [listener] = bind("127.0.0.1", 0)
-    server = StreamServer(Source(poem), [listener], send_timeout=WAIT)
+    server = StreamServer(Source(poem), [listener], send_timeout=WAIT, always_linger=True)
     async with trio.open_nursery() as server_nursery:
         await server.start(server_nursery)
         with await connect(address_of(listener)) as sock:
@@ -651,7 +743,7 @@ async def test_stop_waits_until_a_lingering_client_has_received_everything(
     size = 256 * KiB  # the kernel takes it all at once, the client reads none
     poem = big_poem[:size]
     [listener] = bind("127.0.0.1", 0)
-    server = StreamServer(Source(poem), [listener], send_timeout=WAIT)
+    server = StreamServer(Source(poem), [listener], send_timeout=WAIT, always_linger=True)
     stop_returned = trio.Event()
 
     async def stop() -> None:
@@ -677,7 +769,7 @@ async def test_client_that_never_closes_is_closed_after_send_timeout(
 ) -> None:
     """A client that has its poem but never closes is closed by the server after send_timeout."""
     poem = LEDGER.read_bytes()
-    async with serving(Source(poem), send_timeout=0.5) as server:
+    async with serving(Source(poem), send_timeout=0.5, always_linger=True) as server:
         with await connect(address_of(server.listeners[0])) as sock:
             assert await receive_to_eof(sock) == poem
             await wait_until(lambda: server.clients_lingering == 1)
@@ -707,7 +799,7 @@ async def test_stop_does_not_spin_while_a_client_lingers() -> None:
     """While stop() waits for an idle lingering client, the closer sleeps instead of spinning."""
     poem = LEDGER.read_bytes()
     [listener] = bind("127.0.0.1", 0)
-    server = StreamServer(Source(poem), [listener], send_timeout=WAIT)
+    server = StreamServer(Source(poem), [listener], send_timeout=WAIT, always_linger=True)
     counter = _StepCounter("LingeringCloser.run")
     async with trio.open_nursery() as server_nursery:
         await server.start(server_nursery)
@@ -731,7 +823,7 @@ async def test_stop_under_a_deadline_closes_stalled_and_lingering_clients(big_po
     """stop() cut short by the caller's deadline returns and closes every open connection."""
     [listener] = bind("127.0.0.1", 0)
     address = address_of(listener)
-    server = StreamServer(Source(big_poem), [listener], send_timeout=WAIT)
+    server = StreamServer(Source(big_poem), [listener], send_timeout=WAIT, always_linger=True)
     async with trio.open_nursery() as server_nursery:
         await server.start(server_nursery)
         with await connect(address) as lingering, await connect(address, rcvbuf=4 * KiB) as stalled:
@@ -804,7 +896,9 @@ async def main():
     poem = open(sys.argv[1], "rb").read()
     spare = int(sys.argv[2])
     [listener] = bind("127.0.0.1", 0)
-    server = StreamServer(Source(poem), [listener], send_timeout=60.0)
+    # Every client holds a descriptor until it closes, even a quiet one
+    # (--linger always): the burst of held clients exhausts them.
+    server = StreamServer(Source(poem), [listener], send_timeout=60.0, always_linger=True)
     async with trio.open_nursery() as nursery:
         await server.start(nursery)
         highest = max(int(fd) for fd in os.listdir("/proc/self/fd"))

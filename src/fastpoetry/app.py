@@ -74,6 +74,8 @@ class ServeConfig:
     named_ports: Mapping[str, int] = field(default_factory=dict)
     shutdown_timeout: float = 5.0
     send_timeout: float = 30.0
+    #: Keep every client until it closes (--linger always), not only those with something at stake.
+    always_linger: bool = False
     max_poem_size: int = DEFAULT_MAX_POEM_SIZE
     summary_interval: float = 60.0
 
@@ -317,7 +319,10 @@ async def _build(config: ServeConfig, sockets: list[tuple[str | None, socket.soc
         group = MultiService(f"poem:{source.label}")
         await group.add(source)
         if assigned:
-            server = StreamServer(source, assigned, send_timeout=config.send_timeout)
+            server = StreamServer(
+                source, assigned, send_timeout=config.send_timeout,
+                always_linger=config.always_linger,
+            )
             await group.add(server)
             servers.append(server)
         else:

@@ -250,6 +250,14 @@ def _add_server_options(command: argparse.ArgumentParser) -> None:
         "or to close once it has it (default: %(default)g)",
     )
     command.add_argument(
+        "--linger",
+        choices=("auto", "always"),
+        default="auto",
+        help="when to close a client that has its poem: 'auto' at once if it "
+        "has sent nothing and acknowledged every byte, else when it closes; "
+        "'always' when it closes (default: %(default)s)",
+    )
+    command.add_argument(
         "--max-poem-size",
         type=_size,
         default="16M",
@@ -342,6 +350,7 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         named_ports=named_ports,
         shutdown_timeout=args.shutdown_timeout,
         send_timeout=args.send_timeout,
+        always_linger=args.linger == "always",
         max_poem_size=args.max_poem_size,
         summary_interval=args.summary_interval,
     )
@@ -361,6 +370,7 @@ def _proxy(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         port=args.port,
         shutdown_timeout=args.shutdown_timeout,
         send_timeout=args.send_timeout,
+        always_linger=args.linger == "always",
         max_poem_size=args.max_poem_size,
         summary_interval=args.summary_interval,
     )

@@ -6,7 +6,8 @@ poem's bytes exactly, and the server closes the connection.
 Most poems fit in a socket's send buffer, so the common case is one
 ``send()`` that takes the whole poem.  The accept loop is built for it: it
 accepts connections in batches, sends each poem straight from the loop,
-hands the finished connection to a :class:`~.linger.LingeringCloser`, and
+closes the connection at once when nothing is at stake (see
+:mod:`~.linger`) or hands it to a :class:`~.linger.LingeringCloser`, and
 spawns a task only for a poem the kernel did not take at once.  (The
 idiomatic ``trio.serve_tcp`` spends a task and a stream object on every
 client and serves several times fewer poems a second.)
@@ -17,6 +18,7 @@ they were bound here or passed in by systemd.
 
 from __future__ import annotations
 
+import _socket
 import errno
 import logging
 import socket
@@ -25,7 +27,7 @@ from typing import Protocol
 
 import trio
 
-from .linger import LingeringCloser, discard_input
+from .linger import LingeringCloser, discard_input, nothing_at_stake
 from .listeners import CLIENT_GONE_ERRNOS, describe, format_peer, turn_away
 from .service import Service
 
@@ -43,6 +45,9 @@ CAPACITY_LOG_INTERVAL = 10.0
 # accept() fails like this when the process or the system is out of a
 # resource; the connection stays queued, so wait and try again.
 _CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+
+# The families whose connections have a struct tcp_info to ask.
+_TCP_FAMILIES = frozenset({socket.AF_INET, socket.AF_INET6})
 
 # SO_LINGER on, with a zero timeout: close() resets the connection.
 _RESET_ON_CLOSE = struct.pack("ii", 1, 0)
@@ -66,6 +71,11 @@ class StreamServer(Service):
     not taken the whole poem within ``send_timeout`` seconds (with a reset,
     so that it cannot take part of the poem for all of it), or has not
     closed within that time once it has it.
+
+    A client that has the whole poem is closed at once when nothing is at
+    stake (:func:`~.linger.nothing_at_stake`); with ``always_linger`` every
+    client is kept until it closes, which also spares a client that starts
+    writing only after it has the poem a reset on its writes.
     """
 
     def __init__(
@@ -74,12 +84,14 @@ class StreamServer(Service):
         listeners: list[socket.socket],
         *,
         send_timeout: float,
+        always_linger: bool = False,
         name: str = "stream",
     ) -> None:
         super().__init__(name)
         self.source = source
         self.listeners = listeners
         self.send_timeout = send_timeout
+        self.always_linger = always_linger
         #: Poems handed whole to the kernel, and their bytes.
         self.poems_served = 0
         self.bytes_served = 0
@@ -146,8 +158,14 @@ class StreamServer(Service):
             sock.close()
 
     async def _accept_loop(self, listener: socket.socket, senders: trio.Nursery) -> None:
-        accept = listener.accept
-        family = listener.family
+        # listener.accept() wraps each connection in a socket.socket and reads
+        # the listener's family and type through properties that build enum
+        # members: a tenth of the CPU time of a poem.  The C-level accept and
+        # socket type underneath do the same without that.
+        accept = listener._accept  # type: ignore[attr-defined]
+        family, kind, proto = int(listener.family), int(listener.type), listener.proto
+        # Only TCP says, through struct tcp_info, when nothing is at stake.
+        quick = family in _TCP_FAMILIES and not self.always_linger
         finish = self._finish
         while True:
             await trio.lowlevel.wait_readable(listener)
@@ -161,7 +179,7 @@ class StreamServer(Service):
             exhausted = False
             for _ in range(ACCEPT_BATCH):
                 try:
-                    conn, address = accept()
+                    fd, address = accept()
                 except BlockingIOError:
                     break
                 except OSError as exc:
@@ -172,6 +190,7 @@ class StreamServer(Service):
                     self._report_capacity(listener, exc)
                     exhausted = True
                     break
+                conn = _socket.socket(family, kind, proto, fd)
                 if debug:
                     self._log_sending(size, format_peer(family, address))
                 try:
@@ -183,16 +202,16 @@ class StreamServer(Service):
                     conn.close()
                     continue
                 if sent == size:
-                    finish(conn)
+                    finish(conn, size, quick)
                     served += 1
                 else:
-                    senders.start_soon(self._send_rest, conn, poem, sent)
+                    senders.start_soon(self._send_rest, conn, quick, poem, sent)
             self.poems_served += served
             self.bytes_served += served * size
             if exhausted:
                 await trio.sleep(ACCEPT_RETRY)
 
-    async def _send_rest(self, conn: socket.socket, poem: bytes, sent: int) -> None:
+    async def _send_rest(self, conn: _socket.socket, quick: bool, poem: bytes, sent: int) -> None:
         """Send what the first ``send()`` left of ``poem``, then finish.
 
         What the client sends meanwhile is read and dropped: a client that
@@ -237,18 +256,27 @@ class StreamServer(Service):
             )
             _abort(conn)
             return
-        self._finish(conn)
+        self._finish(conn, len(view), quick)
         self.poems_served += 1
         self.bytes_served += len(view)
 
-    def _finish(self, conn: socket.socket) -> None:
-        """The whole poem is with the kernel: end the stream, then linger."""
+    def _finish(self, conn: _socket.socket, size: int, quick: bool) -> None:
+        """The whole poem is with the kernel: close, or end the stream and linger.
+
+        ``size``: the bytes sent; ``quick``: close at once if nothing is at stake.
+        """
         try:
             conn.shutdown(socket.SHUT_WR)
         except OSError:  # the client is already gone
             conn.close()
             return
-        self._closer.close_when_done(conn)
+        # The end of the poem is on its way before the question is asked:
+        # input arriving between the question and close() then makes the
+        # close a reset after the end of the poem, not instead of it.
+        if quick and nothing_at_stake(conn, size):
+            conn.close()
+        else:
+            self._closer.close_when_done(conn)
 
     def _log_sending(self, size: int, peer: str) -> None:
         log.debug(
@@ -302,13 +330,13 @@ class _Tally:
         return count
 
 
-async def _discard_input(conn: socket.socket) -> None:
+async def _discard_input(conn: _socket.socket) -> None:
     """Read and drop whatever the client sends, until it stops sending."""
     while not discard_input(conn):
         await trio.lowlevel.wait_readable(conn)
 
 
-def _abort(conn: socket.socket) -> None:
+def _abort(conn: _socket.socket) -> None:
     """Close a connection whose poem is not all sent, with a reset.
 
     End of stream is the only end-of-poem mark the protocol has: a plain

@@ -402,13 +402,29 @@ def journal_cursor(container: Container) -> str:
     return json.loads(container.text("journalctl", "--no-pager", "-o", "json", "-n", "1"))["__CURSOR"]
 
 
+#: The packaged ExecStart=, keeping every client until it closes: a quiet
+#: client that has its poem is otherwise closed at once (--linger auto), and
+#: idle clients would cost the service no descriptor to hold.
+ALWAYS_LINGER = (
+    "[Service]\nExecStart=\n"
+    "ExecStart=/usr/bin/fastpoetry serve --poem /usr/share/fastpoetry/poems/harbour-ledger.txt --linger always\n"
+)
+
+
 def test_fresh_client_gets_poem_while_10000_idle_clients_are_held(container: Container) -> None:
     """With 10,000 idle clients held by the socket-activated service (its unit
-    raises LimitNOFILE=), fresh clients still get the whole poem; nothing is
-    logged about accepting, the service is neither restarted nor replaced,
-    and it gives every descriptor back once the idle clients close.
+    raises LimitNOFILE=; --linger always makes it hold each one), fresh
+    clients still get the whole poem; nothing is logged about accepting, the
+    service is neither restarted nor replaced, and it gives every descriptor
+    back once the idle clients close.
     """
     container.reset_failed()
+    with container.drop_in("50-linger.conf", ALWAYS_LINGER):
+        container.run("systemctl", "restart", "fastpoetry.service")
+        _hold_10000_idle_clients(container)
+
+
+def _hold_10000_idle_clients(container: Container) -> None:
     poem = PACKAGED_POEM.read_bytes()
     pid = started_service(container)
     restarts = container.show("fastpoetry.service", "NRestarts")
