@@ -206,10 +206,11 @@ class Outcome:
     data: bytes = b""
     eof: bool = False
     error: str | None = None  # the OSError that ended it, if one did
-    #: A send failed because the server had already closed (--linger auto
-    #: closes a client that had sent nothing and acknowledged the poem); the
-    #: client sends no more and carries on reading, as one that does not care
-    #: whether its words are read would.
+    #: A send or half-close failed because the server had already closed
+    #: (--linger auto closes a client that had sent nothing and acknowledged
+    #: the poem, and answers later words with a reset); the client sends no
+    #: more and carries on reading, as one that does not care whether its
+    #: words are read would.
     refused: bool = False
     hung: bool = False  # a socket operation hit the WAIT hang guard
     elapsed: float = 0.0  # from just before connect() until it closed
@@ -251,10 +252,15 @@ def run_client(script: Script, address: tuple[str, int], start: threading.Barrie
                 case Pause(ms):
                     time.sleep(ms / 1000)
                 case HalfClose() if not half_closed:
-                    # After a refused send the connection is reset: there is
-                    # no sending side left to shut down.
+                    # After words the server did not wait for, the connection
+                    # may be reset: then there is no sending side to shut down.
                     if not outcome.refused:
-                        sock.shutdown(socket.SHUT_WR)
+                        try:
+                            sock.shutdown(socket.SHUT_WR)
+                        except OSError as exc:
+                            if exc.errno != errno.ENOTCONN:
+                                raise
+                            outcome.refused = True
                     half_closed = True
                 case Stall():
                     time.sleep(STALL)
@@ -461,7 +467,7 @@ class Tally:
             got = "whole" if len(outcome.data) == self.sizes[script.poem] else "part"
             end = "EOF" if outcome.eof else (outcome.error or "no EOF")
             c[f"saw: {got} poem, {end}"] += 1
-            c["sends refused: the server had closed"] += outcome.refused
+            c["sends or half-close refused: the server had closed"] += outcome.refused
             if script.stalls:
                 c[f"stalled on the {script.poem} poem, then {script.ending}: saw {got}, {end}"] += 1
 
