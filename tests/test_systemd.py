@@ -395,7 +395,9 @@ def test_watchdog_is_pinged_while_idle_clients_hold_every_descriptor(
     too many open files") and the packaged unit's WatchdogSec= killed it.
     """
     server = start_server(
-        "serve", "--iface", "127.0.0.1", "--port", "0", "--send-timeout", "3600",
+        # --linger always: a quiet client that has its poem keeps its
+        # descriptor (under auto it would be closed at once, costing none).
+        "serve", "--iface", "127.0.0.1", "--port", "0", "--send-timeout", "3600", "--linger", "always",
         # Pings every 0.5 s: half of WATCHDOG_USEC.
         env=clean_env(NOTIFY_SOCKET=notify_socket.path, WATCHDOG_USEC="1000000"),
         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (SMALL_NOFILE, SMALL_NOFILE)),
