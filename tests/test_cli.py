@@ -47,7 +47,7 @@ SERVER_OPTIONS = (
     "--log-target",
 )
 
-SERVE_OPTIONS = ("--poem", *SERVER_OPTIONS)
+SERVE_OPTIONS = ("--poem", "--workers", *SERVER_OPTIONS)
 
 LANTERN = POEMS / "lantern.txt"
 LEDGER = POEMS / "harbour-ledger.txt"

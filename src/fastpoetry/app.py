@@ -14,6 +14,11 @@ deeper so that several poems can be served side by side::
 Start-up reads every poem and takes every socket before READY=1; SIGHUP
 reloads the poems; SIGTERM or SIGINT stops accepting and lets the poems in
 flight finish within the shutdown timeout.
+
+With ``serve --workers N`` each worker process runs this tree too, on the
+sockets and poems its main process took and read (:func:`prepare`), and is
+asked to reload or stop by the main process instead of by signals alone;
+:mod:`.workers` forks and supervises them.
 """
 
 from __future__ import annotations
@@ -23,15 +28,22 @@ import os
 import resource
 import signal
 import socket
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import trio
 
 from . import __version__, listeners, systemd
-from .poetry import DEFAULT_MAX_POEM_SIZE, DEFAULT_POEM_PATH, PoemError, PoetryService
+from .poetry import (
+    DEFAULT_MAX_POEM_SIZE,
+    DEFAULT_POEM_PATH,
+    PoemError,
+    PoetryService,
+    read_poem,
+)
 from .proxy import ProxyService
-from .report import STATUS_INTERVAL, Reporter, count
+from .report import Reporter, count
 from .service import Application, MultiService, TimerService
 from .stream import StreamServer
 
@@ -78,10 +90,53 @@ class ServeConfig:
     always_linger: bool = False
     max_poem_size: int = DEFAULT_MAX_POEM_SIZE
     summary_interval: float = 60.0
+    #: Processes serving side by side (``serve --workers``); 1 is this one alone.
+    workers: int = 1
 
 
 class StartupError(Exception):
     """The server cannot start; the message says why in one line."""
+
+
+@dataclass(frozen=True)
+class Request:
+    """A request to reload the poems or to stop, and what brought it."""
+
+    reload: bool
+    #: What came, as the log names it: ``SIGTERM``, ``a stop request from ...``.
+    what: str
+
+
+class SignalRequests:
+    """The handled signals as requests: SIGHUP reloads, SIGTERM and SIGINT stop.
+
+    An async iterator over ``signals`` (trio's signal receiver) that may be
+    iterated again after a ``break``, as shutting down does.
+    """
+
+    def __init__(self, signals: AsyncIterator[int]) -> None:
+        self._signals = signals
+
+    def __aiter__(self) -> SignalRequests:
+        return self
+
+    async def __anext__(self) -> Request:
+        signum = await self._signals.__anext__()
+        return Request(reload=signum == signal.SIGHUP, what=signal.Signals(signum).name)
+
+
+@dataclass
+class Prepared:
+    """What the main process takes and reads for its workers before it forks them."""
+
+    #: The listening sockets with their names, as :func:`prepare` took them.
+    sockets: list[tuple[str | None, socket.socket]]
+    #: The poems of ``config.poems``, in that order.
+    poems: list[bytes]
+
+
+#: Makes the reporter of a tree from its poem sources and stream servers.
+ReporterFactory = Callable[[Sequence[PoetryService | ProxyService], Sequence[StreamServer]], Reporter]
 
 
 @dataclass
@@ -104,10 +159,22 @@ def block_signals() -> None:
 
 
 def run(config: ServeConfig) -> int:
-    """Serve poems until SIGTERM or SIGINT; return the exit status.
+    """Serve poems in this process until SIGTERM or SIGINT; return the exit status.
 
     0 after a clean shutdown, 1 when the server could not start (the reason
     is logged and given to systemd as STATUS=).
+    """
+    with signals_held():
+        return trio.run(_serve, config)
+
+
+@contextmanager
+def signals_held() -> Iterator[None]:
+    """Hold the handled signals for an event loop's signal receiver to take.
+
+    They stay blocked (a process forked meanwhile starts with them blocked
+    too) until a receiver unblocks them; signals that come once serving is
+    over are ignored.
     """
     block_signals()
     # A signal that comes while the process exits must not kill it, in any
@@ -120,7 +187,7 @@ def run(config: ServeConfig) -> int:
     for signum in SIGNALS:
         signal.signal(signum, _ignore_late_signal)
     try:
-        return trio.run(_serve, config)
+        yield
     finally:
         for signum in SIGNALS:
             signal.signal(signum, signal.SIG_IGN)
@@ -135,14 +202,45 @@ async def _serve(config: ServeConfig) -> int:
         # Signals held back since start-up are delivered now, to the receiver.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
         async with trio.open_nursery() as nursery:
-            status = await _run_until_stopped(config, nursery, signals)
+            status = await _run_until_stopped(config, nursery, SignalRequests(signals))
             nursery.cancel_scope.cancel()
         return status
 
 
 async def _run_until_stopped(
-    config: ServeConfig, nursery: trio.Nursery, signals: AsyncIterator[int]
+    config: ServeConfig, nursery: trio.Nursery, requests: AsyncIterator[Request]
 ) -> int:
+    begin()
+    try:
+        server = await _start(config, nursery)
+    except StartupError as exc:
+        return fail_to_start(exc)
+    await _serve_until_stopped(server, config.shutdown_timeout, requests)
+    return 0
+
+
+async def serve_prepared(
+    config: ServeConfig,
+    prepared: Prepared,
+    nursery: trio.Nursery,
+    requests: AsyncIterator[Request],
+    reporter: ReporterFactory,
+) -> int:
+    """Serve as a worker: the tree on ``prepared``, until ``requests`` stops it.
+
+    The sockets and poems are the ones the main process took and read: the
+    first poem served is the one it checked, even if the file changed since.
+    ``reporter`` makes the tree's reporter, which says where readiness and
+    status go.  There is no watchdog timer: the main process pings it.
+    Returns 0 after a clean shutdown; every socket is closed on the way out.
+    """
+    server = await _start(config, nursery, prepared=prepared, reporter=reporter)
+    await _serve_until_stopped(server, config.shutdown_timeout, requests)
+    return 0
+
+
+def begin() -> None:
+    """What every start does first: say so, warn about root, lift the descriptor limit."""
     log.info("fastpoetry %s starting", __version__)
     if os.geteuid() == 0:
         log.warning(
@@ -150,22 +248,26 @@ async def _run_until_stopped(
             "run it as a service user (User= in its systemd unit)"
         )
     _raise_open_files_limit()
-    try:
-        server = await _start(config, nursery)
-    except StartupError as exc:
-        log.error("%s", exc)
-        systemd.notify_status(f"Failed to start: {exc}")
-        return 1
-    server.reporter.ready()
 
-    async for signum in signals:
-        if signum == signal.SIGHUP:
-            await _reload(server)
+
+def fail_to_start(exc: StartupError) -> int:
+    """Say why the server cannot start, in the log and to systemd; return the exit status."""
+    log.error("%s", exc)
+    systemd.notify_status(f"Failed to start: {exc}")
+    return 1
+
+
+async def _serve_until_stopped(
+    server: _Server, shutdown_timeout: float, requests: AsyncIterator[Request]
+) -> None:
+    server.reporter.ready()
+    async for request in requests:
+        if request.reload:
+            await _reload(server, request)
             continue
-        log.info("received %s: shutting down", signal.Signals(signum).name)
+        log.info("received %s: shutting down", request.what)
         break
-    await _shut_down(server, config.shutdown_timeout, signals)
-    return 0
+    await _shut_down(server, shutdown_timeout, requests)
 
 
 def _raise_open_files_limit() -> None:
@@ -187,33 +289,70 @@ def _raise_open_files_limit() -> None:
     log.debug("raised the open files limit from %d to %d", soft, hard)
 
 
-async def _start(config: ServeConfig, nursery: trio.Nursery) -> _Server:
+async def _start(
+    config: ServeConfig,
+    nursery: trio.Nursery,
+    *,
+    prepared: Prepared | None = None,
+    reporter: ReporterFactory = Reporter,
+) -> _Server:
     """Take the sockets, build the tree, read the poems, start serving.
 
-    On failure whatever had started is stopped and every socket closed.
+    With ``prepared``, its sockets and poems are used instead.  On failure
+    whatever had started is stopped and every socket closed.
     """
-    sockets = _listening_sockets(config)
+    sockets = _listening_sockets(config) if prepared is None else prepared.sockets
     server = None
     try:
-        server = await _build(config, sockets)
+        poems = None if prepared is None else prepared.poems
+        server = await _build(config, sockets, poems=poems, reporter=reporter)
         await server.application.start(nursery)
     except BaseException as exc:
         if server is not None:
             with trio.CancelScope(shield=True):
                 await server.application.stop()
-        # A configuration error is not retried (exit 1): the clients that
-        # are waiting would wait in vain, and would make systemd start us
-        # again and again. After a crash systemd restarts the service,
-        # which serves them.
-        unservable = isinstance(exc, (PoemError, StartupError))
-        for _, sock in sockets:
-            if unservable:
-                _turn_away(sock)
-            sock.close()
-        if isinstance(exc, PoemError):
-            raise StartupError(str(exc)) from None
+        _give_up(sockets, exc)
         raise
     return server
+
+
+def prepare(config: ServeConfig) -> Prepared:
+    """Take the sockets and read every poem file, without an event loop.
+
+    What the main process of ``serve --workers`` does before it forks: any
+    error of the configuration shows here, once, as :exc:`StartupError`,
+    with the clients already waiting turned away and the sockets closed, as
+    at a start without workers.  Poem files only: a proxy has no workers.
+    """
+    sockets = _listening_sockets(config)
+    try:
+        _assign(config.poems, sockets)
+        poems = []
+        for spec in config.poems:
+            if not isinstance(spec, PoemSpec):
+                raise TypeError(f"workers serve poem files, not {spec!r}")
+            poems.append(read_poem(spec.path, config.max_poem_size))
+    except BaseException as exc:
+        _give_up(sockets, exc)
+        raise
+    return Prepared(sockets, poems)
+
+
+def _give_up(sockets: list[tuple[str | None, socket.socket]], exc: BaseException) -> None:
+    """Close ``sockets`` after ``exc`` stopped the start; a bad poem becomes a StartupError.
+
+    A configuration error is not retried (exit 1): the clients that are
+    waiting would wait in vain, and would make systemd start us again and
+    again, so they are turned away. After a crash systemd restarts the
+    service, which serves them.
+    """
+    unservable = isinstance(exc, (PoemError, StartupError))
+    for _, sock in sockets:
+        if unservable:
+            _turn_away(sock)
+        sock.close()
+    if isinstance(exc, PoemError):
+        raise StartupError(str(exc)) from None
 
 
 def _turn_away(sock: socket.socket) -> None:
@@ -296,16 +435,46 @@ def _assign(
     return assigned
 
 
-async def _build(config: ServeConfig, sockets: list[tuple[str | None, socket.socket]]) -> _Server:
+class _PreparedPoetryService(PoetryService):
+    """A :class:`PoetryService` whose first read is the poem the main process read.
+
+    A worker starts with the very bytes its main process checked before it
+    forked, so every worker starts with the same poem; reloads read the file.
+    """
+
+    def __init__(self, spec: PoemSpec, poem: bytes, *, max_size: int) -> None:
+        super().__init__(spec.path, spec.name, max_size=max_size)
+        self._prepared: bytes | None = poem
+
+    async def read(self) -> bytes:
+        if self._prepared is not None:
+            poem, self._prepared = self._prepared, None
+            return poem
+        return await super().read()
+
+
+async def _build(
+    config: ServeConfig,
+    sockets: list[tuple[str | None, socket.socket]],
+    *,
+    poems: Sequence[bytes] | None = None,
+    reporter: ReporterFactory = Reporter,
+) -> _Server:
+    """The tree for ``config`` on ``sockets``, not started yet.
+
+    With ``poems`` (a worker's), those are the poems it starts with, and no
+    watchdog is pinged: only the main process may, and does.
+    """
     app = Application("fastpoetry")
-    interval = systemd.watchdog_interval()
+    interval = systemd.watchdog_interval() if poems is None else None
     if interval is not None:
         log.info("pinging the systemd watchdog every %g s", interval)
         await app.add(TimerService(interval, systemd.notify_watchdog, name="watchdog"))
     poets: list[PoetryService] = []
     proxies: list[ProxyService] = []
     servers: list[StreamServer] = []
-    for spec, assigned in zip(config.poems, _assign(config.poems, sockets), strict=True):
+    assignments = zip(config.poems, _assign(config.poems, sockets), strict=True)
+    for index, (spec, assigned) in enumerate(assignments):
         source: PoetryService | ProxyService
         if isinstance(spec, UpstreamSpec):
             source = ProxyService(
@@ -313,6 +482,9 @@ async def _build(config: ServeConfig, sockets: list[tuple[str | None, socket.soc
                 max_size=config.max_poem_size,
             )
             proxies.append(source)
+        elif poems is not None:
+            source = _PreparedPoetryService(spec, poems[index], max_size=config.max_poem_size)
+            poets.append(source)
         else:
             source = PoetryService(spec.path, spec.name, max_size=config.max_poem_size)
             poets.append(source)
@@ -331,22 +503,26 @@ async def _build(config: ServeConfig, sockets: list[tuple[str | None, socket.soc
                 spec.name, spec.name, source.label,
             )
         await app.add(group)
-    reporter = Reporter([*poets, *proxies], servers)
-    await app.add(TimerService(STATUS_INTERVAL, reporter.update_status, name="status"))
+    tally = reporter([*poets, *proxies], servers)
+    await app.add(TimerService(tally.interval, tally.update_status, name="status"))
     await app.add(
-        TimerService(config.summary_interval, reporter.log_summary, name="summary", now=False)
+        TimerService(config.summary_interval, tally.log_summary, name="summary", now=False)
     )
-    return _Server(app, poets, proxies, reporter)
+    return _Server(app, poets, proxies, tally)
 
 
-async def _reload(server: _Server) -> None:
+async def _reload(server: _Server, request: Request) -> None:
     """Re-read every poem file, and fetch from every upstream.
 
     Poem files are replaced all or none: the new ones are served only if
     every one could be read. An upstream that fails keeps its cached poem.
     """
-    log.info("received SIGHUP: reloading %s", count(len(server.poets) + len(server.proxies), "poem"))
-    systemd.notify_reloading()
+    log.info(
+        "received %s: reloading %s",
+        request.what,
+        count(len(server.poets) + len(server.proxies), "poem"),
+    )
+    server.reporter.reloading()
     failures: list[str] = []
     try:
         fresh = [await poet.read() for poet in server.poets]
@@ -365,19 +541,19 @@ async def _reload(server: _Server) -> None:
 
 
 async def _shut_down(
-    server: _Server, timeout: float, signals: AsyncIterator[int]
+    server: _Server, timeout: float, requests: AsyncIterator[Request]
 ) -> None:
     """Stop the tree, giving poems in flight ``timeout`` seconds to finish.
 
-    A second SIGTERM or SIGINT ends the wait at once.
+    A second request to stop (SIGTERM or SIGINT) ends the wait at once.
     """
     reporter = server.reporter
     waiting = f"waiting up to {timeout:g} s for {count(reporter.poems_in_flight, 'poem')} in flight"
-    systemd.notify_stopping(f"Shutting down, {waiting}")
+    reporter.stopping(f"Shutting down, {waiting}")
     log.info("shutting down: accepting no more clients, %s", waiting)
     with trio.move_on_after(timeout) as grace:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_cut_short_on_signal, signals, grace)
+            nursery.start_soon(_cut_short_on_request, requests, grace)
             await server.application.stop()
             nursery.cancel_scope.cancel()
     if grace.cancelled_caught:
@@ -390,12 +566,12 @@ async def _shut_down(
     )
 
 
-async def _cut_short_on_signal(
-    signals: AsyncIterator[int], grace: trio.CancelScope
+async def _cut_short_on_request(
+    requests: AsyncIterator[Request], grace: trio.CancelScope
 ) -> None:
-    async for signum in signals:
-        if signum != signal.SIGHUP:
-            log.info("received %s again: not waiting any longer", signal.Signals(signum).name)
+    async for request in requests:
+        if not request.reload:
+            log.info("received %s again: not waiting any longer", request.what)
             grace.cancel()
             return
-        log.info("ignoring SIGHUP while shutting down")
+        log.info("ignoring %s while shutting down", request.what)

@@ -28,6 +28,10 @@ DEFAULT_PORT = 10000
 #: The proxy's port without socket activation: beside the server's.
 DEFAULT_PROXY_PORT = 10001
 
+#: The most processes ``serve --workers`` starts: far more than the cores
+#: of most machines, which is where more workers stop helping.
+MAX_WORKERS = 64
+
 # systemd.socket(5): a FileDescriptorName= is at most 255 characters, with
 # no colon (it separates names in LISTEN_FDNAMES) and no control characters.
 _MAX_NAME_LENGTH = 255
@@ -43,6 +47,12 @@ the poem without a name, and on --port NAME=N for the poem named NAME.
 Signals: SIGHUP re-reads every poem file (all are replaced, or none);
 SIGTERM and SIGINT stop accepting and let poems in flight finish within
 --shutdown-timeout.
+
+With --workers N, the process started takes the sockets and reads the
+poems, then starts N worker processes that serve on the same sockets. It
+passes the signals it gets on to them (send signals to it, the unit's main
+process); each worker re-reads the poem files itself. If a worker dies, it
+stops the others and exits with status 70.
 
 Exit status: 0 after a clean shutdown, 1 when the server cannot start,
 2 for a usage error, 70 if it crashed.
@@ -79,6 +89,13 @@ def _port(text: str) -> int:
     if not 0 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0 to 65535)")
     return port
+
+
+def _workers(text: str) -> int:
+    number = int(text) if text.isascii() and text.isdigit() else 0
+    if not 1 <= number <= MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of workers (1 to {MAX_WORKERS})")
+    return number
 
 
 def _named_port(text: str) -> tuple[str | None, int]:
@@ -168,6 +185,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="[NAME=]N",
         help="port to listen on without socket activation, for the poem named NAME "
         "if given; 0 picks a free one (default: 10000 for the poem without a name)",
+    )
+    serve.add_argument(
+        "--workers",
+        type=_workers,
+        default=1,
+        metavar="N",
+        help="serve from N processes that share the sockets, to use N cores; "
+        "N should not exceed the cores (default: 1, this process alone)",
     )
     _add_server_options(serve)
 
@@ -353,6 +378,7 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         always_linger=args.linger == "always",
         max_poem_size=args.max_poem_size,
         summary_interval=args.summary_interval,
+        workers=args.workers,
     )
     return _run(config)
 
@@ -381,6 +407,10 @@ def _run(config) -> int:  # config: app.ServeConfig, imported late
     from . import app
 
     try:
+        if config.workers > 1:
+            from . import workers
+
+            return workers.run(config)
         return app.run(config)
     except Exception:  # a bug: say where, and let systemd restart the server
         logging.getLogger(__package__).critical("crashed", exc_info=True)

@@ -4,12 +4,18 @@ The STATUS= line that ``systemctl status`` shows, and a periodic summary in
 the log.  Single connections are logged at debug level only: journald
 rate-limits each service (10,000 messages in 30 s by default), and a busy
 poetry server would hit that within a second.
+
+A server of several processes (``serve --workers``) has a :class:`Reporter`
+in every worker, whose announcements go to the main process instead of
+systemd (see :mod:`.workers`), and a :class:`WorkersReporter` in the main
+process, which adds up what the workers reported.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from . import systemd
 from .poetry import PoetryService
@@ -27,18 +33,58 @@ def count(number: int, noun: str) -> str:
     return f"{number} {noun}{'' if number == 1 else 's'}"
 
 
-class Reporter:
+class _Announcer:
+    """Tells systemd and the log how the server is doing, from :meth:`status`.
+
+    Subclasses build the line; this class decides when systemd hears it.
+    """
+
+    #: How often :meth:`update_status` is to be called, in seconds.
+    interval = STATUS_INTERVAL
+
+    def __init__(self) -> None:
+        # None until ready(): before that, systemd is told nothing.
+        self._last_status: str | None = None
+
+    def status(self) -> str:
+        raise NotImplementedError
+
+    def update_status(self) -> None:
+        """Send the status line to systemd if it has changed since it was ready."""
+        if self._last_status is None:
+            return
+        line = self.status()
+        if line != self._last_status:
+            self._last_status = line
+            systemd.notify_status(line)
+
+    def ready(self) -> None:
+        """Tell systemd and the log that poems are being served (after a start or a reload)."""
+        line = self.status()
+        self._last_status = line
+        systemd.notify_ready(line)
+        log.info("ready: %s", line[0].lower() + line[1:])
+
+    def reloading(self) -> None:
+        """Tell systemd a reload has begun; :meth:`ready` says it is over."""
+        systemd.notify_reloading()
+
+    def stopping(self, status: str) -> None:
+        """Tell systemd the server is shutting down, and what it waits for."""
+        systemd.notify_stopping(status)
+
+
+class Reporter(_Announcer):
     """Builds the status line and the summaries from the running services."""
 
     def __init__(
         self, poets: Sequence[PoetryService | ProxyService], servers: Sequence[StreamServer]
     ) -> None:
+        super().__init__()
         self.poets = poets
         self.servers = servers
         #: Why the last reload failed, until a reload succeeds.
         self.reload_failure: str | None = None
-        # None until ready(): before that, systemd is told nothing.
-        self._last_status: str | None = None
         self._summarised_poems = 0
         self._summarised_bytes = 0
 
@@ -54,37 +100,25 @@ class Reporter:
     def poems_in_flight(self) -> int:
         return sum(server.poems_in_flight for server in self.servers)
 
+    def _sockets(self) -> str:
+        return count(sum(len(server.listeners) for server in self.servers), "socket")
+
+    def serving(self) -> str:
+        """What poem files are served, where: ``Serving lantern.txt (812 bytes) on 1 socket``."""
+        if len(self.poets) == 1:
+            poet = self.poets[0]
+            return f"Serving {poet.label} ({len(poet.poem)} bytes) on {self._sockets()}"
+        size = sum(len(poet.poem) for poet in self.poets)
+        return f"Serving {count(len(self.poets), 'poem')} ({size} bytes) on {self._sockets()}"
+
     def status(self) -> str:
         """One line: which poem, how large, on how many sockets, how many served."""
-        sockets = count(sum(len(server.listeners) for server in self.servers), "socket")
         served = f"{count(self.poems_served, 'poem')} served"
         if len(self.poets) == 1 and isinstance(self.poets[0], ProxyService):
-            line = _proxy_status(self.poets[0], sockets, served)
-        elif len(self.poets) == 1:
-            poet = self.poets[0]
-            line = f"Serving {poet.label} ({len(poet.poem)} bytes) on {sockets}; {served}"
+            line = _proxy_status(self.poets[0], self._sockets(), served)
         else:
-            size = sum(len(poet.poem) for poet in self.poets)
-            line = f"Serving {count(len(self.poets), 'poem')} ({size} bytes) on {sockets}; {served}"
-        if self.reload_failure:
-            line += f"; last reload failed: {self.reload_failure}"
-        return line
-
-    def update_status(self) -> None:
-        """Send the status line to systemd if it has changed since it was ready."""
-        if self._last_status is None:
-            return
-        line = self.status()
-        if line != self._last_status:
-            self._last_status = line
-            systemd.notify_status(line)
-
-    def ready(self) -> None:
-        """Tell systemd and the log that poems are being served."""
-        line = self.status()
-        self._last_status = line
-        systemd.notify_ready(line)
-        log.info("ready: %s", line[0].lower() + line[1:])
+            line = f"{self.serving()}; {served}"
+        return _with_failure(line, self.reload_failure)
 
     def log_summary(self) -> None:
         """Log what was served since the last summary, if anything was."""
@@ -101,6 +135,60 @@ class Reporter:
             count(poems, "poem"),
             extra={"POEMS": new_poems, "BYTES": new_bytes, "POEMS_TOTAL": poems},
         )
+
+
+@dataclass
+class WorkerReport:
+    """What the main process last heard from one of its workers."""
+
+    #: The worker's :meth:`Reporter.serving`; empty until it is ready.
+    serving: str = ""
+    #: Why the worker's last reload failed, until one succeeds.
+    reload_failure: str | None = None
+    poems_served: int = 0
+    bytes_served: int = 0
+    poems_in_flight: int = 0
+
+
+class WorkersReporter(_Announcer):
+    """The main process's status line, from what its workers reported.
+
+    Every worker serves the same poem files on the same sockets, so the line
+    says what the first one serves, with how many workers, and the poems they
+    served together.  A reload failure shows as soon as any worker had one.
+    """
+
+    def __init__(self, reports: Sequence[WorkerReport]) -> None:
+        super().__init__()
+        self.reports = reports
+
+    @property
+    def poems_served(self) -> int:
+        return sum(report.poems_served for report in self.reports)
+
+    @property
+    def bytes_served(self) -> int:
+        return sum(report.bytes_served for report in self.reports)
+
+    @property
+    def poems_in_flight(self) -> int:
+        return sum(report.poems_in_flight for report in self.reports)
+
+    def status(self) -> str:
+        """``Serving lantern.txt (812 bytes) on 1 socket with 2 workers; 7 poems served``."""
+        workers = count(len(self.reports), "worker")
+        line = f"{self.reports[0].serving} with {workers}; {count(self.poems_served, 'poem')} served"
+        failures = [report.reload_failure for report in self.reports if report.reload_failure]
+        failure = failures[0] if failures else None
+        if failure and len(failures) < len(self.reports):
+            # Each worker reads the files itself: one may have read a file
+            # before it was changed, another after.
+            failure += f" (in {len(failures)} of {workers})"
+        return _with_failure(line, failure)
+
+
+def _with_failure(line: str, failure: str | None) -> str:
+    return f"{line}; last reload failed: {failure}" if failure else line
 
 
 def _proxy_status(proxy: ProxyService, sockets: str, served: str) -> str:
