@@ -1,0 +1,172 @@
+"""The fastpoetry benchmark: fastpoetry against Twisted, nginx and naive trio, in one run.
+
+Run it with ``bench/run``, which installs what it needs, builds the load
+generator and calls this script with the benchmark's own venv::
+
+    bench/run [--smoke] [--out DIR] [--only NAME,...] [--check]
+
+Each server in turn is started pinned to the server core, checked to
+serve the exact poem, and loaded by ``loadgen`` pinned to the other core,
+at each concurrency; then come the 1 MiB poem, cold starts under socket
+activation, fastpoetry's logging cost and, if it has them, its workers.
+Progress goes to standard error, one line per measured cell; the tables
+go to standard output and, with the JSON and a plot, to the output
+directory.  The exit status is 0 whatever the figures, unless ``--check``
+is given and a target is missed; 2 if the benchmark itself could not run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import machine
+import plot
+import procfs
+import report
+import servers
+import source
+from measure import Cores
+from plan import FULL, SMOKE, describe_load
+from poem_files import write_big_poem
+from results import Run
+from sections import Sections, progress
+from servers import CONTENDERS, Paths
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+
+
+def _parse_args(argv: list[str]) -> argparse.Namespace:
+    keys = [c.key for c in CONTENDERS]
+    parser = argparse.ArgumentParser(prog="bench/run", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny counts: checks that everything runs (figures mean nothing)")
+    parser.add_argument("--out", type=Path, default=BENCH / "out", help="where results go (default: bench/out)")
+    parser.add_argument("--only", default=",".join(keys), help=f"servers to run, comma-separated, of: {','.join(keys)}")
+    parser.add_argument("--check", action="store_true", help="exit 1 if a target is missed")
+    parser.add_argument("--loadgen", type=Path, required=True, help="the built load generator (bench/run builds it)")
+    parser.add_argument("--server-core", default="0", help="the core the servers run on (default 0)")
+    parser.add_argument("--loadgen-core", default="1", help="the core the load generator runs on (default 1)")
+    args = parser.parse_args(argv)
+    only = [key.strip() for key in args.only.split(",") if key.strip()]
+    unknown = sorted(set(only) - set(keys))
+    if unknown or not only:
+        parser.error(f"--only takes some of {','.join(keys)}, not {','.join(unknown) or 'nothing'}")
+    args.only = only
+    return args
+
+
+def _stop_on_signals() -> None:
+    """SIGTERM and SIGHUP end the run as Ctrl-C does, so every server is stopped on the way out."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    # Also Ctrl-C itself: a shell starts a background job with SIGINT
+    # ignored, and Python keeps it so.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGHUP, interrupt)
+
+
+def _write_outputs(run: Run, out: Path) -> None:
+    (out / "results.json").write_text(json.dumps(run.to_json(), indent=2, ensure_ascii=False) + "\n")
+    (out / "results.md").write_text(report.markdown(run), encoding="utf-8")
+    (out / "results.txt").write_text(report.text(run), encoding="utf-8")
+    plot.write(run, out / "results.png")
+
+
+def main(argv: list[str]) -> int:
+    args = _parse_args(argv)
+    _stop_on_signals()
+    began = time.monotonic()
+    out: Path = args.out.resolve()
+    paths = Paths(
+        repo=REPO, bench=BENCH, venv=BENCH / ".venv", logs=out / "logs", run=out / "run",
+        fastpoetry_src=out / "run" / "src",
+    )  # fmt: skip
+    for directory in (paths.logs, paths.run):  # this run's, not an earlier run's
+        shutil.rmtree(directory, ignore_errors=True)
+    for directory in (out, paths.logs, paths.run, paths.fastpoetry_src):
+        directory.mkdir(parents=True, exist_ok=True)
+    source_hash = source.snapshot(REPO / "src" / "fastpoetry", paths.fastpoetry_src)
+    plan = SMOKE if args.smoke else FULL
+    cores = Cores(server=args.server_core, loadgen=args.loadgen_core)
+    unusable = sorted({*cores.server_list(), *cores.loadgen_list()} - set(procfs.online_cores()))
+    if unusable:
+        progress(f"cannot pin to core {','.join(map(str, unusable))}: this process may use cores "
+                 f"{','.join(map(str, procfs.online_cores()))} (see --server-core, --loadgen-core)")  # fmt: skip
+        return 2
+    run = Run(
+        started=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        command=shlex.join(["bench/run", *argv_for_display(argv)]),
+        smoke=args.smoke,
+        machine=machine.describe(),
+        versions=machine.versions(paths, source_hash),
+        settings={
+            "server_core": cores.server,
+            "loadgen_core": cores.loadgen,
+            "concurrencies": list(plan.concurrencies),
+            "target_load": describe_load(plan.target),
+            "other_load": describe_load(plan.other),
+            "big_load": f"{plan.big_concurrency} clients, {describe_load(plan.big)}",
+            "cold_start_repeats": plan.cold_repeats,
+            "logging_load": describe_load(plan.logging),
+            "logging_turns": plan.logging_rounds,
+            "quiet_pct": plan.quiet_pct,
+            "retries": plan.retries,
+            "workers_load": describe_load(plan.workers),
+            "backlog": servers.BACKLOG,
+        },
+    )
+    bench = Sections(paths, plan, cores, args.loadgen.resolve(), run)
+    progress(f"results go to {out}; servers on core {cores.server}, load generator on core {cores.loadgen}")
+    contenders = [c for c in CONTENDERS if c.key in args.only]
+    try:
+        for contender in contenders:
+            bench.small_poem(contender)
+        big = out / "run" / "big-poem.txt"
+        write_big_poem(big)
+        for contender in contenders:
+            if run.servers.get(contender.label) == "ok":
+                bench.big_poem(contender, big)
+        bench.cold_starts(args.only)
+        if "fastpoetry" in args.only:
+            bench.logging_cost()
+            bench.workers()
+    except KeyboardInterrupt:
+        progress("interrupted: every server was stopped; no results written")
+        return 130
+    run.targets = report.targets(run)
+    run.seconds = time.monotonic() - began
+    _write_outputs(run, out)
+    sys.stdout.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
+    print(report.text(run), end="")
+    progress(f"wrote {out / 'results.txt'}, results.md, results.json and results.png")
+    missed = [t for t in run.targets if t.passed is not True]
+    return 1 if args.check and missed else 0
+
+
+def argv_for_display(argv: list[str]) -> list[str]:
+    """The command line as a person would type it: without the --loadgen bench/run adds."""
+    shown, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg == "--loadgen":
+            skip = True
+            continue
+        if not arg.startswith("--loadgen="):
+            shown.append(arg)
+    return shown
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,468 @@
+/*
+ * loadgen: the benchmark's load generator for fast poetry servers.
+ *
+ * Steady mode (the default) keeps CONCURRENCY connections to one server in
+ * flight at all times, from one thread with epoll.  Each connection
+ * connects, reads to end of stream, checks that exactly BYTES arrived, and
+ * closes; its slot starts the next connection at once (a closed loop).  The
+ * run ends once POEMS connections have ended (-n), or, with -d, no new
+ * connection starts after SECONDS and the run ends when the last one in
+ * flight does.
+ *
+ * First-byte mode (-1) makes a single connection and times it: connect()
+ * done, first byte, end of stream.  It measures cold starts, where that
+ * connection is what starts the server.
+ *
+ *   loadgen -p PORT -b BYTES [-a ADDR] [-c CONCURRENCY] [-n POEMS | -d SECONDS]
+ *           [-t TIMEOUT_S] [-s SOURCES] [-1]
+ *
+ * -s SOURCES spreads connections over the source addresses 127.0.0.1 ...
+ * 127.0.0.SOURCES (every 127/8 address is local on Linux), each with its
+ * own range of ephemeral ports, for a server on a loopback address.
+ *
+ * A connection fails if it ends with anything but exactly BYTES followed by
+ * a clean end of stream: short, long (more bytes than the poem), reset,
+ * refused, ports (no ephemeral port left: EADDRNOTAVAIL), timeout (not over
+ * within TIMEOUT_S, default 30), error (anything else).
+ *
+ * Output, one line of space-separated KEY=VALUE pairs on standard output:
+ *   steady:     poems= failures= short= long= reset= refused= ports= timeout=
+ *               error= seconds= rate= bytes= mean_us= p50_us= p90_us=
+ *               p99_us= p999_us= max_us= cpu_s=
+ *   first-byte: ok= failures= (the same reasons) connect_us= first_byte_us=
+ *               eof_us= bytes= cpu_s=
+ * poems counts connections that got the whole poem; latency runs from just
+ * before socket() to end of stream, over those connections only; cpu_s is
+ * the load generator's own CPU time (user and system).  The first failures
+ * are described on standard error.  Exit status: 0 if nothing failed, 1 if
+ * something did, 2 for a usage or setup error.
+ *
+ * Nothing is allocated per connection: one slot per concurrent connection
+ * and one receive buffer shared by all of them (there is one thread).
+ *
+ * Build: gcc -std=c11 -O2 -Wall -Wextra -o loadgen loadgen.c
+ */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <inttypes.h>
+#include <netinet/in.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+/* Linux 4.2; older C libraries lack the name. */
+#ifndef IP_BIND_ADDRESS_NO_PORT
+#define IP_BIND_ADDRESS_NO_PORT 24
+#endif
+
+enum reason { SHORT, LONG, RESET, REFUSED, PORTS, TIMEOUT, ERROR, NREASONS };
+static const char *const REASON_NAMES[NREASONS] = {
+    "short", "long", "reset", "refused", "ports", "timeout", "error",
+};
+
+/* Only the first failures are described; the counts cover them all. */
+#define FAILURES_SHOWN 10
+
+/* Reads per readiness event: enough for a 1 MiB poem, then the others get
+ * a turn (epoll is level-triggered, so the rest is not forgotten). */
+#define READS_PER_EVENT 4
+
+#define MAX_EVENTS 256
+
+/* ------------------------------------------------------------------------
+ * Latency histogram, log-linear: exact below 2^SUB_BITS ns, then each power
+ * of two split into 2^SUB_BITS buckets, so a percentile is within 1/128
+ * (0.8%) of the true value.  Fixed size, no allocation while recording.
+ */
+#define SUB_BITS 7
+#define SUB_COUNT (1u << SUB_BITS)
+#define GROUPS 40 /* up to 2^(SUB_BITS + GROUPS) ns: hours */
+#define BUCKETS (SUB_COUNT * (GROUPS + 1))
+
+static uint64_t histogram[BUCKETS];
+
+static unsigned bucket_of(uint64_t ns)
+{
+    if (ns < SUB_COUNT)
+        return (unsigned)ns;
+    unsigned top = 63u - (unsigned)__builtin_clzll(ns); /* >= SUB_BITS */
+    unsigned shift = top - SUB_BITS;
+    unsigned index = SUB_COUNT * (shift + 1) + (unsigned)((ns >> shift) - SUB_COUNT);
+    return index < BUCKETS ? index : BUCKETS - 1;
+}
+
+/* The middle of a bucket, in ns. */
+static double bucket_value(unsigned index)
+{
+    if (index < SUB_COUNT)
+        return (double)index;
+    unsigned shift = index / SUB_COUNT - 1;
+    uint64_t low = (uint64_t)(SUB_COUNT + index % SUB_COUNT) << shift;
+    return (double)low + (double)((uint64_t)1 << shift) / 2.0;
+}
+
+static double percentile_us(uint64_t count, double fraction)
+{
+    if (count == 0)
+        return 0.0;
+    uint64_t rank = (uint64_t)(fraction * (double)count + 0.999999);
+    if (rank < 1)
+        rank = 1;
+    uint64_t seen = 0;
+    for (unsigned i = 0; i < BUCKETS; i++) {
+        seen += histogram[i];
+        if (seen >= rank)
+            return bucket_value(i) / 1000.0;
+    }
+    return bucket_value(BUCKETS - 1) / 1000.0;
+}
+
+/* ------------------------------------------------------------------------
+ * The run's settings and tallies.
+ */
+struct conn {
+    int fd;          /* -1: the slot is free */
+    uint64_t began;  /* ns, CLOCK_MONOTONIC, just before socket() */
+    size_t got;      /* bytes received so far */
+};
+
+static struct sockaddr_in server;
+static size_t expected;           /* the poem's size */
+static unsigned long concurrency = 1;
+static uint64_t wanted;           /* -n: connections to make; 0 with -d */
+static uint64_t stop_at;          /* -d: ns after which none starts; 0 with -n */
+static uint64_t timeout_ns = 30ull * 1000000000ull;
+static unsigned sources = 1;      /* -s */
+static int epfd = -1;
+
+static uint64_t started, ended, poems, failures, bytes_total;
+static uint64_t reasons[NREASONS];
+static uint64_t latency_sum_ns, latency_max_ns;
+
+/* One receive buffer for every connection: the loop has one thread. */
+static unsigned char buffer[256 * 1024];
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static double cpu_seconds(void)
+{
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    return (double)(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec)
+           + (double)(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) / 1e6;
+}
+
+static void die(const char *what)
+{
+    fprintf(stderr, "loadgen: %s: %s\n", what, strerror(errno));
+    exit(2);
+}
+
+/* The failure an errno from connect() or recv() stands for. */
+static enum reason reason_of(int error)
+{
+    switch (error) {
+    case ECONNRESET:
+    case EPIPE:
+        return RESET;
+    case ECONNREFUSED:
+        return REFUSED;
+    case EADDRNOTAVAIL:
+    case EADDRINUSE:
+        return PORTS;
+    case ETIMEDOUT:
+        return TIMEOUT;
+    default:
+        return ERROR;
+    }
+}
+
+static void count_failure(enum reason why, size_t got, const char *detail)
+{
+    reasons[why]++;
+    if (++failures <= FAILURES_SHOWN)
+        fprintf(stderr, "loadgen: connection failed (%s) after %zu of %zu bytes%s%s\n",
+                REASON_NAMES[why], got, expected, detail[0] ? ": " : "", detail);
+}
+
+/* ------------------------------------------------------------------------
+ * Steady mode.
+ */
+static void finish(struct conn *c)
+{
+    close(c->fd); /* also takes it out of the epoll set */
+    c->fd = -1;
+    ended++;
+}
+
+static void fail(struct conn *c, enum reason why, const char *detail)
+{
+    count_failure(why, c->got, detail);
+    finish(c);
+}
+
+static void succeed(struct conn *c, uint64_t t)
+{
+    uint64_t latency = t - c->began;
+    histogram[bucket_of(latency)]++;
+    latency_sum_ns += latency;
+    if (latency > latency_max_ns)
+        latency_max_ns = latency;
+    poems++;
+    finish(c);
+}
+
+static int may_start(uint64_t t)
+{
+    return stop_at ? t < stop_at : started < wanted;
+}
+
+static void bind_source(int fd, uint64_t id)
+{
+    struct sockaddr_in source = {.sin_family = AF_INET};
+    source.sin_addr.s_addr = htonl(INADDR_LOOPBACK + (uint32_t)(id % sources));
+    int one = 1;
+    /* The port is chosen at connect(), per destination, not at bind(). */
+    if (setsockopt(fd, IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, &one, sizeof one) < 0)
+        die("setsockopt IP_BIND_ADDRESS_NO_PORT");
+    if (bind(fd, (const struct sockaddr *)&source, sizeof source) < 0)
+        die("bind to a loopback source address");
+}
+
+/* Starts the next connection in slot c, unless the run is over. */
+static void start(struct conn *c, uint64_t t)
+{
+    while (c->fd < 0 && may_start(t)) {
+        c->began = now_ns();
+        c->got = 0;
+        c->fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+        if (c->fd < 0)
+            die("socket");
+        if (sources > 1)
+            bind_source(c->fd, started);
+        started++;
+        if (connect(c->fd, (const struct sockaddr *)&server, sizeof server) < 0
+            && errno != EINPROGRESS) {
+            fail(c, reason_of(errno), strerror(errno));
+            continue; /* the slot is free again: try the next one */
+        }
+        /* Only EPOLLIN: the poem's arrival shows the connect worked, and a
+         * failed connect reports EPOLLERR, which is always watched. */
+        struct epoll_event ev = {.events = EPOLLIN, .data.ptr = c};
+        if (epoll_ctl(epfd, EPOLL_CTL_ADD, c->fd, &ev) < 0)
+            die("epoll_ctl");
+    }
+}
+
+/* Reads what has arrived; ends the connection at end of stream or error. */
+static void receive(struct conn *c)
+{
+    for (int round = 0; round < READS_PER_EVENT; round++) {
+        ssize_t n = recv(c->fd, buffer, sizeof buffer, 0);
+        if (n > 0) {
+            c->got += (size_t)n;
+            bytes_total += (uint64_t)n;
+            if (c->got > expected) {
+                fail(c, LONG, "more bytes than the poem");
+                return;
+            }
+            continue;
+        }
+        if (n == 0) {
+            if (c->got == expected)
+                succeed(c, now_ns());
+            else
+                fail(c, SHORT, "end of stream before the end of the poem");
+            return;
+        }
+        if (errno == EAGAIN || errno == EINTR)
+            return;
+        fail(c, reason_of(errno), strerror(errno));
+        return;
+    }
+}
+
+static void sweep(struct conn *conns, uint64_t t)
+{
+    for (unsigned long i = 0; i < concurrency; i++)
+        if (conns[i].fd >= 0 && t - conns[i].began > timeout_ns)
+            fail(&conns[i], TIMEOUT, "no end of stream within the timeout");
+}
+
+static int run_steady(void)
+{
+    struct conn *conns = calloc(concurrency, sizeof *conns);
+    if (!conns)
+        die("calloc");
+    epfd = epoll_create1(EPOLL_CLOEXEC);
+    if (epfd < 0)
+        die("epoll_create1");
+    for (unsigned long i = 0; i < concurrency; i++)
+        conns[i].fd = -1;
+
+    uint64_t began = now_ns();
+    if (stop_at)
+        stop_at += began;
+    uint64_t swept = began;
+    for (unsigned long i = 0; i < concurrency; i++)
+        start(&conns[i], began);
+
+    struct epoll_event events[MAX_EVENTS];
+    while (started > ended) {
+        int n = epoll_wait(epfd, events, MAX_EVENTS, 1000);
+        if (n < 0 && errno != EINTR)
+            die("epoll_wait");
+        for (int i = 0; i < n; i++) {
+            struct conn *c = events[i].data.ptr;
+            receive(c);
+            if (c->fd < 0) /* ended: the slot takes the next connection */
+                start(c, now_ns());
+        }
+        uint64_t t = now_ns();
+        if (t - swept >= 1000000000ull) {
+            swept = t;
+            sweep(conns, t);
+            for (unsigned long i = 0; i < concurrency; i++)
+                start(&conns[i], t);
+        }
+    }
+    double seconds = (double)(now_ns() - began) / 1e9;
+
+    printf("poems=%" PRIu64 " failures=%" PRIu64, poems, failures);
+    for (int r = 0; r < NREASONS; r++)
+        printf(" %s=%" PRIu64, REASON_NAMES[r], reasons[r]);
+    printf(" seconds=%.6f rate=%.1f bytes=%" PRIu64, seconds, (double)poems / seconds, bytes_total);
+    printf(" mean_us=%.1f p50_us=%.1f p90_us=%.1f p99_us=%.1f p999_us=%.1f max_us=%.1f",
+           poems ? (double)latency_sum_ns / (double)poems / 1000.0 : 0.0,
+           percentile_us(poems, 0.50), percentile_us(poems, 0.90),
+           percentile_us(poems, 0.99), percentile_us(poems, 0.999),
+           (double)latency_max_ns / 1000.0);
+    printf(" cpu_s=%.3f\n", cpu_seconds());
+    free(conns);
+    return failures ? 1 : 0;
+}
+
+/* ------------------------------------------------------------------------
+ * First-byte mode: one blocking connection, timed at each step.
+ */
+static int run_first_byte(void)
+{
+    uint64_t t0 = now_ns(), connected = 0, first = 0, eof = 0;
+    size_t got = 0;
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        die("socket");
+    struct timeval tv = {.tv_sec = (time_t)(timeout_ns / 1000000000ull)};
+    if (setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv) < 0
+        || setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv) < 0)
+        die("setsockopt SO_RCVTIMEO");
+    if (connect(fd, (const struct sockaddr *)&server, sizeof server) < 0) {
+        count_failure(reason_of(errno), 0, strerror(errno));
+    } else {
+        connected = now_ns();
+        for (;;) {
+            ssize_t n = recv(fd, buffer, sizeof buffer, 0);
+            if (n > 0) {
+                if (!got)
+                    first = now_ns();
+                got += (size_t)n;
+                continue;
+            }
+            if (n < 0 && errno == EINTR)
+                continue;
+            if (n < 0) {
+                int error = errno == EAGAIN ? ETIMEDOUT : errno;
+                count_failure(reason_of(error), got, strerror(error));
+            } else if (got != expected) {
+                count_failure(got < expected ? SHORT : LONG, got, "wrong number of bytes");
+            } else {
+                eof = now_ns();
+            }
+            break;
+        }
+    }
+    close(fd);
+    printf("ok=%d failures=%" PRIu64, failures == 0, failures);
+    for (int r = 0; r < NREASONS; r++)
+        printf(" %s=%" PRIu64, REASON_NAMES[r], reasons[r]);
+    printf(" connect_us=%.1f first_byte_us=%.1f eof_us=%.1f bytes=%zu cpu_s=%.3f\n",
+           connected ? (double)(connected - t0) / 1000.0 : 0.0,
+           first ? (double)(first - t0) / 1000.0 : 0.0,
+           eof ? (double)(eof - t0) / 1000.0 : 0.0, got, cpu_seconds());
+    return failures ? 1 : 0;
+}
+
+/* ------------------------------------------------------------------------ */
+static void usage(void)
+{
+    fputs("usage: loadgen -p PORT -b BYTES [-a ADDR] [-c CONCURRENCY] [-n POEMS | -d SECONDS]\n"
+          "               [-t TIMEOUT_S] [-s SOURCES] [-1]\n",
+          stderr);
+    exit(2);
+}
+
+static unsigned long long number(const char *text)
+{
+    char *end;
+    errno = 0;
+    unsigned long long value = strtoull(text, &end, 10);
+    if (errno || end == text || *end)
+        usage();
+    return value;
+}
+
+static double seconds_arg(const char *text)
+{
+    char *end;
+    double value = strtod(text, &end);
+    if (end == text || *end || !(value > 0))
+        usage();
+    return value;
+}
+
+int main(int argc, char **argv)
+{
+    const char *address = "127.0.0.1";
+    unsigned long long port = 0, size = 0;
+    int first_byte = 0;
+    int opt;
+    while ((opt = getopt(argc, argv, "a:p:b:c:n:d:t:s:1")) != -1) {
+        switch (opt) {
+        case 'a': address = optarg; break;
+        case 'p': port = number(optarg); break;
+        case 'b': size = number(optarg); break;
+        case 'c': concurrency = (unsigned long)number(optarg); break;
+        case 'n': wanted = number(optarg); break;
+        case 'd': stop_at = (uint64_t)(seconds_arg(optarg) * 1e9); break;
+        case 't': timeout_ns = (uint64_t)(seconds_arg(optarg) * 1e9); break;
+        case 's': sources = (unsigned)number(optarg); break;
+        case '1': first_byte = 1; break;
+        default: usage();
+        }
+    }
+    if (optind != argc || port == 0 || port > 65535 || size == 0 || concurrency == 0
+        || sources == 0 || sources > 254)
+        usage();
+    if (!first_byte && (wanted == 0) == (stop_at == 0))
+        usage(); /* exactly one of -n and -d */
+    expected = (size_t)size;
+    server.sin_family = AF_INET;
+    server.sin_port = htons((uint16_t)port);
+    if (inet_pton(AF_INET, address, &server.sin_addr) != 1) {
+        fprintf(stderr, "loadgen: not an IPv4 address: %s\n", address);
+        return 2;
+    }
+    return first_byte ? run_first_byte() : run_steady();
+}

@@ -1,0 +1,428 @@
+"""The results as tables (plain text for the terminal, Markdown for README files) and the targets.
+
+Every figure of a server is shown next to its ratio to nginx (the C
+reference) and to Twisted (the design fastpoetry comes from), measured
+in the same run under the same load.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from results import Cell, ColdStart, Run, Target
+from servers import NGINX, TWISTED
+
+FASTPOETRY_ROWS = ("fastpoetry", "fastpoetry (activated)")
+
+#: The cell the issue's targets are about.
+TARGET_CONCURRENCY = 64
+TARGET_RSS_MIB = 30.0
+
+#: A core this busy during a cell was the limit (/proc/stat counts in ticks).
+SATURATED_PCT = 95.0
+
+
+# --------------------------------------------------------------------------
+# Numbers as text.
+
+
+def _count(value: float) -> str:
+    return f"{value:,.0f}"
+
+
+def _ms(us: float) -> str:
+    ms = us / 1000.0
+    return f"{ms:.3f}" if ms < 1 else f"{ms:.2f}" if ms < 100 else f"{ms:.0f}"
+
+
+def _ratio(value: float | None, reference: float | None) -> str:
+    if value is None or not reference:
+        return "-"
+    return f"{value / reference:.2f}x"
+
+
+def _mib(kib: int) -> str:
+    return f"{kib / 1024:.1f}"
+
+
+def _limit(cell: Cell) -> str:
+    """Which core ran out during the cell: the server's, the load generator's, both, or neither."""
+    server = cell.server_core_busy_pct >= SATURATED_PCT
+    loadgen = cell.loadgen_core_busy_pct >= SATURATED_PCT
+    return "both" if server and loadgen else "server" if server else "loadgen" if loadgen else "neither"
+
+
+def _failures(cell: Cell) -> str:
+    if not cell.failures:
+        return "0"
+    reasons = ", ".join(f"{name} {count}" for name, count in cell.failure_reasons.items())
+    return f"{cell.failures} ({reasons})"
+
+
+# --------------------------------------------------------------------------
+# A table: a header, rows of cells, and two renderings.
+
+
+@dataclass
+class Table:
+    """A titled table with notes under it; an empty row separates groups of rows."""
+
+    title: str
+    header: list[str]
+    rows: list[list[str]]
+    notes: list[str]
+
+    def text(self) -> str:
+        widths = [max(len(row[i]) for row in [self.header, *self.rows]) for i in range(len(self.header))]
+
+        def line(row: list[str]) -> str:
+            first = row[0].ljust(widths[0])
+            rest = (cell.rjust(width) for cell, width in zip(row[1:], widths[1:]))
+            return "  ".join([first, *rest]).rstrip()
+
+        out = [self.title, line(self.header), line(["-" * w for w in widths])]
+        out += [line(row) if any(row) else "" for row in self.rows]
+        out += [f"  {note}" for note in self.notes]
+        return "\n".join(out)
+
+    def markdown(self) -> str:
+        out = [f"**{self.title}**", "", "| " + " | ".join(self.header) + " |"]
+        out.append("| " + " | ".join(["---"] + ["---:"] * (len(self.header) - 1)) + " |")
+        out += ["| " + " | ".join(row) + " |" for row in self.rows if any(row)]
+        if self.notes:
+            out += [""] + [f"- {note}" for note in self.notes]
+        return "\n".join(out)
+
+
+def _rate(cell: Cell) -> float:
+    return cell.poems_per_s
+
+
+def _cpu(cell: Cell) -> float:
+    return cell.cpu_us_per_poem
+
+
+def _mb_per_s(cell: Cell) -> float:
+    return cell.mb_per_s
+
+
+def _cpu_ms_per_mb(cell: Cell) -> float:
+    megabytes = cell.poems * cell.poem_bytes / 1e6
+    return cell.server_cpu_s * 1e3 / megabytes if megabytes else 0.0
+
+
+def _retried(cells: Sequence[Cell]) -> list[str]:
+    """A note naming the cells that other work made us measure more than once."""
+    again = [f"{c.server} with {c.concurrency} clients ({c.attempts} times)" for c in cells if c.attempts > 1]
+    if not again:
+        return []
+    return [f"Measured again because other work shared the cores, the quietest attempt shown: {', '.join(again)}."]
+
+
+def _peer(cells: Sequence[Cell], server: str, concurrency: int) -> Cell | None:
+    for cell in cells:
+        if cell.server == server and cell.concurrency == concurrency:
+            return cell
+    return None
+
+
+def _peer_value(cells: Sequence[Cell], server: str, concurrency: int, field: Callable[[Cell], float]) -> float | None:
+    cell = _peer(cells, server, concurrency)
+    return field(cell) if cell is not None and cell.poems else None
+
+
+def small_poem_table(run: Run) -> Table:
+    header = [
+        "server", "clients", "poems/s", "vs nginx", "vs twisted", "p50 ms", "p99 ms", "failed",
+        "CPU µs/poem", "vs nginx", "server core", "loadgen core", "limit", "others", "RSS MiB",
+    ]  # fmt: skip
+    rows: list[list[str]] = []
+    cells = run.cells
+    for concurrency in sorted({cell.concurrency for cell in cells}):
+        if rows:
+            rows.append([""] * len(header))
+        for cell in (c for c in cells if c.concurrency == concurrency):
+            rows.append([
+                cell.server,
+                str(concurrency),
+                _count(cell.poems_per_s),
+                _ratio(cell.poems_per_s, _peer_value(cells, NGINX, concurrency, _rate)),
+                _ratio(cell.poems_per_s, _peer_value(cells, TWISTED, concurrency, _rate)),
+                _ms(cell.p50_us),
+                _ms(cell.p99_us),
+                _failures(cell),
+                f"{cell.cpu_us_per_poem:.1f}",
+                _ratio(cell.cpu_us_per_poem, _peer_value(cells, NGINX, concurrency, _cpu)),
+                f"{cell.server_core_busy_pct:.0f}%",
+                f"{cell.loadgen_core_busy_pct:.0f}%",
+                _limit(cell),
+                f"{cell.others_pct:.0f}%",
+                _mib(cell.rss_kib),
+            ])  # fmt: skip
+    unmeasured = {server: status for server, status in run.servers.items() if status != "ok"}
+    if unmeasured and rows:
+        rows.append([""] * len(header))
+    for server in unmeasured:
+        rows.append([server, "-", "not measured"] + ["-"] * (len(header) - 3))
+    poem = cells[0].poem_bytes if cells else 0
+    notes = [
+        (
+            f"{poem}-byte poem; closed loop: each client connects, reads to end of stream, checks the "
+            "size, closes, and the next starts."
+        ),
+        (
+            "CPU µs/poem: the server's process tree (schedstat) over poems served; server/loadgen "
+            "core: how busy each core was (/proc/stat); RSS after the cell."
+        ),
+        (
+            f"limit: the core that was at least {SATURATED_PCT:g}% busy; where it is the load "
+            "generator's and not the server's, the server could have served more than its poems/s shows."
+        ),
+        (
+            "others: the share of both cores busy with neither the server nor the load generator; "
+            "more than a few % means the machine was not quiet."
+        ),
+    ]
+    notes.append(
+        f"{TARGET_CONCURRENCY} clients: {run.settings.get('target_load', '?')}; "
+        f"other concurrencies: {run.settings.get('other_load', '?')}."
+    )
+    notes += _retried(cells)
+    notes += [f"NOT MEASURED: {status}" for status in unmeasured.values()]
+    return Table("3 KB poem, server on one core", header, rows, notes)
+
+
+def big_poem_table(run: Run) -> Table:
+    header = ["server", "clients", "MB/s", "vs nginx", "vs twisted", "CPU ms/MB", "vs nginx",
+              "p99 ms", "failed", "server core", "loadgen core", "limit", "others", "RSS MiB"]  # fmt: skip
+    cells = run.big_poem
+    rows = []
+    for cell in cells:
+        rows.append([
+            cell.server,
+            str(cell.concurrency),
+            f"{cell.mb_per_s:,.0f}",
+            _ratio(cell.mb_per_s, _peer_value(cells, NGINX, cell.concurrency, _mb_per_s)),
+            _ratio(cell.mb_per_s, _peer_value(cells, TWISTED, cell.concurrency, _mb_per_s)),
+            f"{_cpu_ms_per_mb(cell):.2f}",
+            _ratio(_cpu_ms_per_mb(cell), _peer_value(cells, NGINX, cell.concurrency, _cpu_ms_per_mb)),
+            _ms(cell.p99_us),
+            _failures(cell),
+            f"{cell.server_core_busy_pct:.0f}%",
+            f"{cell.loadgen_core_busy_pct:.0f}%",
+            _limit(cell),
+            f"{cell.others_pct:.0f}%",
+            _mib(cell.rss_kib),
+        ])  # fmt: skip
+    size = cells[0].poem_bytes if cells else 0
+    notes = [
+        (
+            f"{size}-byte poem (1 MiB) with quotes and backslashes in it; "
+            f"MB = 10^6 bytes received by the clients; {run.settings.get('big_load', '?')}."
+        ),
+        *_retried(cells),
+    ]
+    return Table("1 MiB poem", header, rows, notes)
+
+
+def cold_start_table(run: Run) -> Table:
+    header = ["server", "first byte, median ms", "p90 ms", "to end, median ms", "starts", "failed"]
+    rows = []
+    notes = [
+        (
+            "From the client's connect() to the first byte of the poem, the connection being what "
+            "makes systemd-socket-activate execute the server; each start is a new process."
+        )
+    ]
+    for cold in run.cold_start:
+        if cold.note:
+            rows.append([cold.server, "n/a", "", "", "", ""])
+            notes.append(f"{cold.server}: {cold.note}")
+            continue
+        eof = sorted(cold.eof_ms)
+        rows.append([
+            cold.server,
+            f"{cold.median_ms:.1f}" if cold.median_ms is not None else "-",
+            f"{cold.p90_ms:.1f}" if cold.p90_ms is not None else "-",
+            f"{eof[len(eof) // 2]:.1f}" if eof else "-",
+            str(len(cold.first_byte_ms) + cold.failures),
+            str(cold.failures),
+        ])  # fmt: skip
+    ratio = _cold_ratio(run.cold_start)
+    if ratio:
+        notes.append(ratio)
+    return Table("Cold start (socket activation to first byte)", header, rows, notes)
+
+
+def _cold_ratio(colds: list[ColdStart]) -> str:
+    by_name = {c.server: c.median_ms for c in colds}
+    ours, theirs = by_name.get("fastpoetry (activated)"), by_name.get("twisted (activated)")
+    if ours and theirs:
+        return f"fastpoetry starts in {ours / theirs:.2f}x Twisted's time."
+    return ""
+
+
+def logging_table(run: Run) -> Table:
+    header = ["fastpoetry --log-level", "clients", "poems/s", "CPU µs/poem", "vs info", "failed", "others"]
+    info = next((c for c in run.logging if c.server.startswith("info")), None)
+    rows = [
+        [
+            cell.server,
+            str(cell.concurrency),
+            _count(cell.poems_per_s),
+            f"{cell.cpu_us_per_poem:.1f}",
+            _ratio(cell.cpu_us_per_poem, info.cpu_us_per_poem if info else None),
+            _failures(cell),
+            f"{cell.others_pct:.0f}%",
+        ]
+        for cell in run.logging
+    ]
+    notes = [run.logging_note] if run.logging_note else []
+    by_level = {cell.server.split()[0]: cell for cell in run.logging}
+    if "info" in by_level and "warning" in by_level:
+        cost = by_level["info"].cpu_us_per_poem - by_level["warning"].cpu_us_per_poem
+        notes.append(f"Per-connection logging at the default level (info minus warning): {cost:+.2f} µs "
+                     "CPU per poem; info writes no line per client, so this is noise around zero.")
+    if "info" in by_level and "debug" in by_level:
+        cost = by_level["debug"].cpu_us_per_poem - by_level["info"].cpu_us_per_poem
+        notes.append(f"A debug line per client costs {cost:+.2f} µs CPU per poem over info.")
+    return Table("Logging cost (fastpoetry, logs to a file)", header, rows, notes)
+
+
+def workers_table(run: Run) -> Table:
+    header = ["fastpoetry", "clients", "poems/s", "vs 1 worker", "CPU µs/poem", "p99 ms", "failed",
+              "server cores", "loadgen core", "others", "processes"]  # fmt: skip
+    first = run.workers[0].poems_per_s if run.workers else None
+    rows = [
+        [
+            cell.server,
+            str(cell.concurrency),
+            _count(cell.poems_per_s),
+            _ratio(cell.poems_per_s, first),
+            f"{cell.cpu_us_per_poem:.1f}",
+            _ms(cell.p99_us),
+            _failures(cell),
+            f"{cell.server_core_busy_pct:.0f}%",
+            f"{cell.loadgen_core_busy_pct:.0f}%",
+            f"{cell.others_pct:.0f}%",
+            str(cell.processes),
+        ]
+        for cell in run.workers
+    ]
+    notes = [run.workers_note] if run.workers_note else []
+    return Table("Workers (serve --workers N)", header, rows, notes)
+
+
+# --------------------------------------------------------------------------
+# Targets.
+
+
+@dataclass(frozen=True)
+class _Goal:
+    """A target that compares a figure with a peer's: at least, or at most, ``factor`` times it."""
+
+    text: str
+    peer: str
+    figure: Callable[[Cell], float]
+    show: Callable[[float], str]
+    factor: float
+    at_most: bool
+
+    def judge(self, server: str, ours: Cell, theirs: Cell | None) -> Target:
+        if theirs is None or not theirs.poems:
+            return Target(server, self.text, f"{self.peer} has no figure", None)
+        a, b = self.figure(ours), self.figure(theirs)
+        passed = a <= self.factor * b if self.at_most else a >= self.factor * b
+        return Target(server, self.text, f"{self.show(a)} vs {self.show(b)}: {a / b:.2f}x", passed)
+
+
+def _show_us(us: float) -> str:
+    return f"{us:.1f} µs"
+
+
+def _show_ms(us: float) -> str:
+    return f"{_ms(us)} ms"
+
+
+_GOALS = (
+    _Goal("poems/s >= 1.5x Twisted", TWISTED, _rate, _count, 1.5, at_most=False),
+    _Goal("poems/s >= nginx", NGINX, _rate, _count, 1.0, at_most=False),
+    _Goal("CPU/poem <= 1.3x nginx", NGINX, _cpu, _show_us, 1.3, at_most=True),
+    _Goal("p99 latency <= nginx", NGINX, lambda cell: cell.p99_us, _show_ms, 1.0, at_most=True),
+)
+
+
+def targets(run: Run) -> list[Target]:
+    """The issue's targets, for each fastpoetry row that has a figure at TARGET_CONCURRENCY."""
+    found = []
+    for server in FASTPOETRY_ROWS:
+        ours = run.cell(server, TARGET_CONCURRENCY)
+        if ours is None:
+            continue
+        found += [goal.judge(server, ours, run.cell(goal.peer, TARGET_CONCURRENCY)) for goal in _GOALS]
+        found.append(Target(
+            server,
+            f"RSS <= {TARGET_RSS_MIB:g} MiB after {_count(ours.poems)} poems at {TARGET_CONCURRENCY} clients",
+            f"{_mib(ours.rss_kib)} MiB",
+            ours.rss_kib / 1024 <= TARGET_RSS_MIB,
+        ))  # fmt: skip
+        cells = [c for c in run.cells if c.server == server]
+        failed = sum(c.failures for c in cells)
+        served = sum(c.poems for c in cells)
+        found.append(Target(server, "no failed or short fetches (all its cells)",
+                            f"{failed} of {_count(served + failed)}", failed == 0))  # fmt: skip
+    return found
+
+
+def targets_table(found: list[Target]) -> Table:
+    rows = [[t.goal, t.server, t.figure, {True: "PASS", False: "MISS", None: "n/a"}[t.passed]] for t in found]
+    return Table(
+        f"TARGETS ({TARGET_CONCURRENCY} clients, 3 KB poem, server on one core; ratios from this run)",
+        ["target", "server", "figure", "result"],
+        rows,
+        [],
+    )
+
+
+# --------------------------------------------------------------------------
+# The whole report.
+
+
+def _header(run: Run) -> list[str]:
+    m = run.machine
+    return [
+        f"fastpoetry benchmark{' (smoke: tiny counts, the figures mean nothing)' if run.smoke else ''}, {run.started}",
+        (
+            f"machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, {m['os']}, "
+            f"kernel {m['kernel']} ({m['virtualization']}), TCP {m['tcp_congestion_control']}"
+        ),
+        "versions: " + ", ".join(f"{name} {version}" for name, version in run.versions.items()),
+        f"command: {run.command}",
+    ]
+
+
+def tables(run: Run) -> list[Table]:
+    found = [small_poem_table(run)]
+    if run.big_poem:
+        found.append(big_poem_table(run))
+    if run.cold_start:
+        found.append(cold_start_table(run))
+    if run.logging or run.logging_note:
+        found.append(logging_table(run))
+    if run.workers or run.workers_note:
+        found.append(workers_table(run))
+    found.append(targets_table(run.targets))
+    return found
+
+
+def text(run: Run) -> str:
+    parts = ["\n".join(_header(run))] + [table.text() for table in tables(run)]
+    return "\n\n".join(parts) + f"\n\n(run took {run.seconds:.0f} s)\n"
+
+
+def markdown(run: Run) -> str:
+    header = _header(run)
+    parts = [f"{header[0]}\n\n" + "\n".join(f"- {line}" for line in header[1:])]
+    parts += [table.markdown() for table in tables(run)]
+    return "\n\n".join(parts) + "\n"

@@ -1,0 +1,118 @@
+"""What one benchmark run found: plain records, written to results.json as they are."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class Cell:
+    """One server under one load: a closed-loop run at one concurrency."""
+
+    server: str
+    concurrency: int
+    poem_bytes: int
+    #: Server processes on their core(s) ("0", or "0,1" with workers).
+    server_cores: str
+    poems: int  # whole poems received
+    failures: int
+    failure_reasons: dict[str, int]
+    seconds: float
+    poems_per_s: float
+    mb_per_s: float  # poem bytes received, 10^6 bytes a second
+    mean_us: float
+    p50_us: float
+    p90_us: float
+    p99_us: float
+    max_us: float
+    #: CPU time of the server's process tree during the run (schedstat).
+    server_cpu_s: float
+    cpu_us_per_poem: float
+    #: How busy each core was during the run (/proc/stat: user, system,
+    #: irq, softirq), and the largest share the hypervisor stole from either.
+    server_core_busy_pct: float
+    loadgen_core_busy_pct: float
+    steal_pct: float
+    #: Busy time on those cores that was neither the server's nor the load
+    #: generator's (other processes, ksoftirqd), as a share of them.
+    others_pct: float
+    loadgen_cpu_s: float
+    #: VmRSS of the server's processes after the run, and how many there were.
+    rss_kib: int
+    processes: int
+    #: Measured this many times, the machine being busy with other work;
+    #: this is the quietest attempt.
+    attempts: int = 1
+
+
+@dataclass
+class ColdStart:
+    """Socket activation to the first byte: one server, several fresh starts."""
+
+    server: str
+    first_byte_ms: list[float] = field(default_factory=list)
+    eof_ms: list[float] = field(default_factory=list)
+    failures: int = 0
+    #: Why there is no figure (nginx cannot be socket-activated), if so.
+    note: str = ""
+
+    @property
+    def median_ms(self) -> float | None:
+        return statistics.median(self.first_byte_ms) if self.first_byte_ms else None
+
+    @property
+    def p90_ms(self) -> float | None:
+        if not self.first_byte_ms:
+            return None
+        ordered = sorted(self.first_byte_ms)
+        return ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))]
+
+
+@dataclass
+class Target:
+    """One of the issue's targets, for one fastpoetry row."""
+
+    server: str
+    goal: str
+    figure: str
+    passed: bool | None  # None: a peer's figure is missing
+
+
+@dataclass
+class Run:
+    """Everything a run measured, and what it ran on."""
+
+    started: str
+    command: str
+    smoke: bool
+    machine: dict[str, Any]
+    versions: dict[str, str]
+    settings: dict[str, Any]
+    #: Per server: "ok", or why it has no figures (it failed to start...).
+    servers: dict[str, str] = field(default_factory=dict)
+    cells: list[Cell] = field(default_factory=list)
+    big_poem: list[Cell] = field(default_factory=list)
+    cold_start: list[ColdStart] = field(default_factory=list)
+    #: fastpoetry at --log-level info (its default) and debug.
+    logging: list[Cell] = field(default_factory=list)
+    logging_note: str = ""
+    #: fastpoetry --workers 1 and 2, or why not.
+    workers: list[Cell] = field(default_factory=list)
+    workers_note: str = ""
+    targets: list[Target] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def cell(self, server: str, concurrency: int) -> Cell | None:
+        for cell in self.cells:
+            if cell.server == server and cell.concurrency == concurrency:
+                return cell
+        return None
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        for cold, record in zip(self.cold_start, data["cold_start"]):
+            record["median_ms"] = cold.median_ms
+            record["p90_ms"] = cold.p90_ms
+        return data

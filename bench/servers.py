@@ -1,0 +1,286 @@
+"""The servers under test, and one running server: start, check, measure, stop.
+
+Every server listens on 127.0.0.1 with a backlog of 4096 (the kernel's
+default ceiling), logs at its default level to a file, and runs pinned to
+the server core with ``taskset``; its children inherit the pinning.
+A socket-activated server starts as ``systemd-socket-activate``, which
+holds the listening socket and, on the first connection, executes the
+server in the same process.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nginx_conf
+import procfs
+
+#: The peers' labels, which the report compares with.
+NGINX = "nginx"
+TWISTED = "twisted"
+
+#: The listen() backlog every server gets.
+BACKLOG = 4096
+
+#: Debian's interpreter: the one that sees python3-trio and python3-systemd,
+#: the configuration the Debian package runs.
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+#: How long a server may take to start, or to stop when asked.
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 10.0
+
+# Variables a parent systemd may have set for us; a server must not take
+# them for its own.
+_SYSTEMD_VARIABLES = (
+    "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", "NOTIFY_SOCKET",
+    "WATCHDOG_USEC", "WATCHDOG_PID", "JOURNAL_STREAM",
+)  # fmt: skip
+
+
+class ServerFailed(Exception):
+    """A server that did not start, or does not serve the poem: one line of why."""
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Where the benchmark's pieces are."""
+
+    repo: Path
+    bench: Path
+    venv: Path
+    logs: Path
+    run: Path  # generated configuration files
+    #: What fastpoetry's servers put on PYTHONPATH (see source.py).
+    fastpoetry_src: Path
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How to start one server."""
+
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    #: Started by systemd-socket-activate: listening before the server runs.
+    activated: bool = False
+
+
+def _environment(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in _SYSTEMD_VARIABLES and k != "PYTHONPATH"}
+    env.update(extra)
+    return env
+
+
+def _socket_activate(port: int, passed: dict[str, str], argv: list[str], *options: str) -> list[str]:
+    # systemd-socket-activate passes on only the variables named with -E.
+    setenv = [f"--setenv={name}={value}" for name, value in passed.items()]
+    return ["systemd-socket-activate", f"--listen=127.0.0.1:{port}", *options, *setenv, *argv]
+
+
+def fastpoetry(paths: Paths, poem: Path, port: int, *, activated: bool = False, options: tuple[str, ...] = ()) -> Launch:
+    """``python3 -m fastpoetry serve`` from the run's copy of the work tree, on Debian's trio."""
+    pythonpath = {"PYTHONPATH": str(paths.fastpoetry_src)}
+    serve = [SYSTEM_PYTHON, "-m", "fastpoetry", "serve", "--poem", str(poem), *options]
+    if activated:
+        return Launch(_socket_activate(port, pythonpath, serve), _environment(), activated=True)
+    argv = [*serve, "--port", str(port), "--iface", "127.0.0.1"]
+    return Launch(argv, _environment(**pythonpath))
+
+
+def twisted(paths: Paths, poem: Path, port: int, *, activated: bool = False, log_file: Path) -> Launch:
+    """twistd running twisted_poetry.tac, with Twisted from the benchmark's venv."""
+    argv = [
+        str(paths.venv / "bin" / "twistd"),
+        "--nodaemon",
+        "--pidfile=",
+        f"--logfile={log_file}",
+        f"--python={paths.bench / 'twisted_poetry.tac'}",
+    ]
+    settings = {"POETRY_FILE": str(poem)}
+    if activated:
+        settings["POETRY_LISTEN"] = "systemd"
+        # Twisted takes inherited sockets only with names (LISTEN_FDNAMES),
+        # as systemd itself always passes them; systemd-socket-activate
+        # passes names only when given some.
+        argv = _socket_activate(port, settings, argv, "--fdname=poetry")
+        return Launch(argv, _environment(), activated=True)
+    settings.update(POETRY_LISTEN="tcp", POETRY_PORT=str(port), POETRY_IFACE="127.0.0.1", POETRY_BACKLOG=str(BACKLOG))
+    return Launch(argv, _environment(**settings))
+
+
+def nginx(paths: Paths, poem: Path, port: int) -> Launch:
+    """Debian's nginx, its stream module returning the poem."""
+    run_dir = paths.run / f"nginx-{port}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    conf = run_dir / "nginx.conf"
+    conf.write_bytes(nginx_conf.render(poem.read_bytes(), port, run_dir, backlog=BACKLOG))
+    # -e: where errors go before the configuration names its own log.
+    argv = ["nginx", "-p", str(run_dir), "-c", str(conf), "-e", str(run_dir / "nginx-error.log")]
+    return Launch(argv, _environment())
+
+
+def trio_naive(paths: Paths, poem: Path, port: int) -> Launch:
+    """trio.serve_tcp with a task per client (trio_poetry.py), on Debian's trio."""
+    argv = [SYSTEM_PYTHON, str(paths.bench / "trio_poetry.py"), str(poem), str(port), "127.0.0.1"]
+    return Launch(argv, _environment())
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now, on 127.0.0.1."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def fetch(port: int, timeout: float = START_TIMEOUT) -> bytes:
+    """One poem from 127.0.0.1:``port``: connect, read to end of stream."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        chunks = []
+        while chunk := sock.recv(1 << 20):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+class Server:
+    """One server process (and its children), pinned to ``cores``."""
+
+    def __init__(self, label: str, launch: Launch, port: int, log_path: Path, cores: str) -> None:
+        self.label = label
+        self.launch = launch
+        self.port = port
+        self.log_path = log_path
+        self.cores = cores
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def start(self) -> None:
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                ["taskset", "--cpu-list", self.cores, *self.launch.argv],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.launch.env,
+                # Its own session: a Ctrl-C reaches the benchmark, which
+                # stops the servers in order, and not the servers directly.
+                start_new_session=True,
+            )
+
+    def wait_listening(self) -> None:
+        """Until the port takes connections (for an activated server: until it listens)."""
+        if self.launch.activated:
+            said = f"Listening on 127.0.0.1:{self.port} "  # what systemd-socket-activate says
+            self._wait_for(lambda: said in self._log_text(), "listen")
+        else:
+            self._wait_for(self._connects, "accept connections")
+
+    def check_poem(self, poem: bytes) -> None:
+        """One fetch must bring exactly ``poem``; an activated server must now be the server."""
+        try:
+            got = fetch(self.port)
+        except OSError as exc:
+            raise ServerFailed(f"{self.label}: fetching a poem failed: {exc}{self._log_tail()}") from None
+        if got != poem:
+            raise ServerFailed(f"{self.label}: served {len(got)} bytes that are not the poem ({len(poem)} bytes)")
+        if self.launch.activated:
+            command = procfs.command_line(self.pid)
+            if not command or "systemd-socket-activate" in command[0]:
+                raise ServerFailed(f"{self.label}: PID {self.pid} is not the server after the first connection: {command}")
+
+    def pids(self) -> list[int]:
+        return procfs.tree(self.pid)
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL if it lingers; children left over are killed by PID."""
+        if self.process is None:
+            return
+        family = procfs.tree(self.pid) if self.alive() else []
+        if self.alive():
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        for pid in family:
+            if pid != self.pid and procfs.command_line(pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+    def _connects(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1.0):
+                return True
+        except OSError:
+            return False
+
+    def _wait_for(self, ready: Callable[[], bool], what: str) -> None:
+        deadline = time.monotonic() + START_TIMEOUT
+        while not ready():
+            if not self.alive():
+                raise ServerFailed(f"{self.label}: exited ({self.process.returncode if self.process else '?'}) "
+                                   f"before it would {what}{self._log_tail()}")
+            if time.monotonic() > deadline:
+                raise ServerFailed(f"{self.label}: did not {what} within {START_TIMEOUT:g} s{self._log_tail()}")
+            time.sleep(0.02)
+
+    def _log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def _log_tail(self) -> str:
+        lines = [line for line in self._log_text().splitlines() if line.strip()]
+        return f"; its log ends: {lines[-1].strip()}" if lines else ""
+
+
+# --------------------------------------------------------------------------
+# The servers under test, by the names --only takes.
+
+
+@dataclass(frozen=True)
+class Contender:
+    """A server under test: its name for --only, its label in the tables, how to start it."""
+
+    key: str
+    label: str
+    launch: Callable[[Paths, Path, int, Path], Launch]  # paths, poem, port, log file
+
+
+def twistd_log(log: Path) -> Path:
+    # twistd's own log file, beside the file its standard error goes to.
+    return log.with_name(f"{log.stem}-twistd.log")
+
+
+CONTENDERS = (
+    Contender("fastpoetry", "fastpoetry", lambda p, poem, port, log: fastpoetry(p, poem, port)),
+    Contender(
+        "activated",
+        "fastpoetry (activated)",
+        lambda p, poem, port, log: fastpoetry(p, poem, port, activated=True),
+    ),
+    Contender(
+        "twisted",
+        TWISTED,
+        lambda p, poem, port, log: twisted(p, poem, port, log_file=twistd_log(log)),
+    ),
+    Contender(NGINX, NGINX, lambda p, poem, port, log: nginx(p, poem, port)),
+    Contender("trio", "trio serve_tcp", lambda p, poem, port, log: trio_naive(p, poem, port)),
+)
