@@ -5,10 +5,12 @@ generator and calls this script with the benchmark's own venv::
 
     bench/run [--smoke] [--out DIR] [--only NAME,...] [--check]
 
-Each server in turn is started pinned to the server core, checked to
-serve the exact poem, and loaded by ``loadgen`` pinned to the other core,
-at each concurrency; then come the 1 MiB poem, cold starts under socket
-activation, fastpoetry's logging cost and, if it has them, its workers.
+Every server is started pinned to the server core and checked to serve
+the exact poem; then, at each concurrency, they take turns in rounds under
+load from ``loadgen`` pinned to the other core, the order rotated every
+round (see sections.py); then come the 1 MiB poem (in rounds too), cold
+starts under socket activation, fastpoetry's logging cost and, if it has
+them, its workers.
 Progress goes to standard error, one line per measured cell; the tables
 go to standard output and, with the JSON and a plot, to the output
 directory.  The exit status is 0 whatever the figures, unless ``--check``
@@ -118,7 +120,7 @@ def main(argv: list[str]) -> int:
             "big_load": f"{plan.big_concurrency} clients, {describe_load(plan.big)}",
             "cold_start_repeats": plan.cold_repeats,
             "logging_load": describe_load(plan.logging),
-            "logging_turns": plan.logging_rounds,
+            "min_rounds": plan.min_rounds,
             "quiet_pct": plan.quiet_pct,
             "retries": plan.retries,
             "workers_load": describe_load(plan.workers),
@@ -129,13 +131,12 @@ def main(argv: list[str]) -> int:
     progress(f"results go to {out}; servers on core {cores.server}, load generator on core {cores.loadgen}")
     contenders = [c for c in CONTENDERS if c.key in args.only]
     try:
-        for contender in contenders:
-            bench.small_poem(contender)
+        bench.small_poem(contenders)
         big = out / "run" / "big-poem.txt"
         write_big_poem(big)
-        for contender in contenders:
-            if run.servers.get(contender.label) == "ok":
-                bench.big_poem(contender, big)
+        serving = [c for c in contenders if run.servers.get(c.label) == "ok"]
+        if serving:
+            bench.big_poem(serving, big)
         bench.cold_starts(args.only)
         if "fastpoetry" in args.only:
             bench.logging_cost()

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
-from dataclasses import dataclass
+import tempfile
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -12,11 +16,55 @@ class LoadgenError(Exception):
 
 
 @dataclass
+class Histogram:
+    """The load generator's latency histogram: poems by bucket, each bucket named by its middle (ns).
+
+    Every run uses the same buckets, so the histograms of several runs add
+    up bucket by bucket, and a percentile of the sum is what one run of all
+    their poems would have reported.
+    """
+
+    counts: Counter[float] = field(default_factory=Counter)
+
+    @classmethod
+    def read(cls, path: Path) -> Histogram:
+        counts: Counter[float] = Counter()
+        for line in path.read_text().splitlines():
+            value, count = line.split()
+            counts[float(value)] += int(count)
+        return cls(counts)
+
+    @classmethod
+    def total(cls, histograms: Iterable[Histogram]) -> Histogram:
+        summed: Counter[float] = Counter()
+        for histogram in histograms:
+            summed.update(histogram.counts)
+        return cls(summed)
+
+    def poems(self) -> int:
+        return sum(self.counts.values())
+
+    def percentile_us(self, fraction: float) -> float:
+        """The bucket holding the poem of that rank, by loadgen.c's own rule (percentile_us)."""
+        count = self.poems()
+        if not count:
+            return 0.0
+        rank = max(1, int(fraction * count + 0.999999))
+        seen = 0
+        for value in sorted(self.counts):
+            seen += self.counts[value]
+            if seen >= rank:
+                return value / 1000.0
+        return max(self.counts) / 1000.0
+
+
+@dataclass
 class LoadRun:
     """The numbers of one run, by the load generator's names, and what it said besides."""
 
     values: dict[str, float]
     messages: list[str]  # the first failures, described
+    histogram: Histogram = field(default_factory=Histogram)  # steady runs only
 
     def __getitem__(self, key: str) -> float:
         return self.values[key]
@@ -68,7 +116,19 @@ def steady(
     # A hang guard, not a speed limit: a run that is ten times slower than
     # a slow server would manage still finishes.
     expected = seconds if seconds is not None else (poems or 0) / 1000.0
-    return _run(binary, core, options, timeout=60.0 + 10.0 * expected + timeout)
+    # The histogram goes to a file of its own (-H): the standard output
+    # stays the one line every run prints.
+    handle, name = tempfile.mkstemp(prefix="loadgen-histogram-")
+    os.close(handle)
+    histogram = Path(name)
+    try:
+        run = _run(binary, core, [*options, "-H", str(histogram)], timeout=60.0 + 10.0 * expected + timeout)
+        run.histogram = Histogram.read(histogram)
+    finally:
+        histogram.unlink(missing_ok=True)
+    if run.histogram.poems() != int(run["poems"]):
+        raise LoadgenError(f"the histogram holds {run.histogram.poems()} poems, the run {int(run['poems'])}")
+    return run
 
 
 def first_byte(binary: Path, core: str, port: int, size: int, timeout: float = 30.0) -> LoadRun:

@@ -14,7 +14,7 @@
  * connection is what starts the server.
  *
  *   loadgen -p PORT -b BYTES [-a ADDR] [-c CONCURRENCY] [-n POEMS | -d SECONDS]
- *           [-t TIMEOUT_S] [-s SOURCES] [-1]
+ *           [-t TIMEOUT_S] [-s SOURCES] [-H FILE] [-1]
  *
  * -s SOURCES spreads connections over the source addresses 127.0.0.1 ...
  * 127.0.0.SOURCES (every 127/8 address is local on Linux), each with its
@@ -24,6 +24,12 @@
  * a clean end of stream: short, long (more bytes than the poem), reset,
  * refused, ports (no ephemeral port left: EADDRNOTAVAIL), timeout (not over
  * within TIMEOUT_S, default 30), error (anything else).
+ *
+ * -H FILE (steady mode) also writes the latency histogram to FILE, one line
+ * "VALUE_NS COUNT" per non-empty bucket, VALUE_NS being the bucket's middle
+ * (the value its percentiles report).  Histograms of several runs add up
+ * bucket by bucket, so percentiles over the runs together can be read from
+ * their sum exactly as from one run (the benchmark measures in rounds).
  *
  * Output, one line of space-separated KEY=VALUE pairs on standard output:
  *   steady:     poems= failures= short= long= reset= refused= ports= timeout=
@@ -124,6 +130,18 @@ static double percentile_us(uint64_t count, double fraction)
     return bucket_value(BUCKETS - 1) / 1000.0;
 }
 
+/* Writes the non-empty buckets to path, "VALUE_NS COUNT" a line. */
+static int write_histogram(const char *path)
+{
+    FILE *out = fopen(path, "w");
+    if (!out)
+        return -1;
+    for (unsigned i = 0; i < BUCKETS; i++)
+        if (histogram[i])
+            fprintf(out, "%.1f %" PRIu64 "\n", bucket_value(i), histogram[i]);
+    return fclose(out);
+}
+
 /* ------------------------------------------------------------------------
  * The run's settings and tallies.
  */
@@ -140,6 +158,7 @@ static uint64_t wanted;           /* -n: connections to make; 0 with -d */
 static uint64_t stop_at;          /* -d: ns after which none starts; 0 with -n */
 static uint64_t timeout_ns = 30ull * 1000000000ull;
 static unsigned sources = 1;      /* -s */
+static const char *histogram_path; /* -H: NULL for none */
 static int epfd = -1;
 
 static uint64_t started, ended, poems, failures, bytes_total;
@@ -351,6 +370,10 @@ static int run_steady(void)
            (double)latency_max_ns / 1000.0);
     printf(" cpu_s=%.3f\n", cpu_seconds());
     free(conns);
+    if (histogram_path && write_histogram(histogram_path) < 0) {
+        fprintf(stderr, "loadgen: writing the histogram to %s: %s\n", histogram_path, strerror(errno));
+        return 2;
+    }
     return failures ? 1 : 0;
 }
 
@@ -408,7 +431,7 @@ static int run_first_byte(void)
 static void usage(void)
 {
     fputs("usage: loadgen -p PORT -b BYTES [-a ADDR] [-c CONCURRENCY] [-n POEMS | -d SECONDS]\n"
-          "               [-t TIMEOUT_S] [-s SOURCES] [-1]\n",
+          "               [-t TIMEOUT_S] [-s SOURCES] [-H FILE] [-1]\n",
           stderr);
     exit(2);
 }
@@ -438,7 +461,7 @@ int main(int argc, char **argv)
     unsigned long long port = 0, size = 0;
     int first_byte = 0;
     int opt;
-    while ((opt = getopt(argc, argv, "a:p:b:c:n:d:t:s:1")) != -1) {
+    while ((opt = getopt(argc, argv, "a:p:b:c:n:d:t:s:H:1")) != -1) {
         switch (opt) {
         case 'a': address = optarg; break;
         case 'p': port = number(optarg); break;
@@ -448,6 +471,7 @@ int main(int argc, char **argv)
         case 'd': stop_at = (uint64_t)(seconds_arg(optarg) * 1e9); break;
         case 't': timeout_ns = (uint64_t)(seconds_arg(optarg) * 1e9); break;
         case 's': sources = (unsigned)number(optarg); break;
+        case 'H': histogram_path = optarg; break;
         case '1': first_byte = 1; break;
         default: usage();
         }

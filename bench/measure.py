@@ -1,20 +1,22 @@
-"""One measured cell: a warm-up, then load on a running server, and what it cost the server.
+"""Load on a running server, and what it cost the server: a warm-up, a measured slice, a merged cell.
 
-The server's CPU time and the cores' busy time are read just before and
-just after the measured run, so the warm-up is not in them; nothing else
-the benchmark does runs in between.  A failed connection in the warm-up
-still counts as a failure of the cell.
+A cell (one server at one concurrency) is measured in slices, one per
+round, the servers of a section taking turns (see sections.py); the
+warm-up comes once, before the first.  The server's CPU time and the
+cores' busy time are read just before and just after each slice, so the
+warm-up is not in them; nothing else the benchmark does runs in between.
+A failed connection in the warm-up still counts as a failure of the cell.
 """
 
 from __future__ import annotations
 
-import statistics
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import load
 import procfs
-from results import Cell
+from load import Histogram
+from results import Cell, Round
 from servers import Server
 
 
@@ -50,7 +52,28 @@ def _parse_list(cores: str) -> list[int]:
     return found
 
 
-def cell(
+def warm_up(server: Server, loadgen: Path, cores: Cores, *, concurrency: int, poem_bytes: int, amount: Load) -> dict[str, int]:
+    """The warm-up ``amount`` asks for, if any; its failures, by reason."""
+    if not (amount.warm_up_poems or amount.warm_up_seconds):
+        return {}
+    warm = load.steady(
+        loadgen, cores.loadgen, server.port, poem_bytes, concurrency,
+        poems=amount.warm_up_poems, seconds=amount.warm_up_seconds,
+    )  # fmt: skip
+    return warm.failure_reasons()
+
+
+@dataclass
+class Slice:
+    """One measured run of one server: its figures, its latency histogram, and where it ran in its round."""
+
+    cell: Cell
+    latency: Histogram
+    round: int = 1
+    position: int = 1
+
+
+def measured(
     server: Server,
     loadgen: Path,
     cores: Cores,
@@ -59,16 +82,8 @@ def cell(
     concurrency: int,
     poem_bytes: int,
     amount: Load,
-) -> Cell:
-    """Warm up, then measure ``concurrency`` clients on ``server``."""
-    warm_failures: dict[str, int] = {}
-    if amount.warm_up_poems or amount.warm_up_seconds:
-        warm = load.steady(
-            loadgen, cores.loadgen, server.port, poem_bytes, concurrency,
-            poems=amount.warm_up_poems, seconds=amount.warm_up_seconds,
-        )  # fmt: skip
-        warm_failures = warm.failure_reasons()
-
+) -> Slice:
+    """``concurrency`` clients on ``server`` for ``amount`` (its warm-up left to warm_up)."""
     pids = server.pids()
     cpu_before = procfs.cpu_ns(pids)
     cores_before = procfs.core_times()
@@ -80,17 +95,16 @@ def cell(
     pids_after = server.pids()
     server_cpu = (procfs.cpu_ns(pids_after) - cpu_before) / 1e9
 
-    cores_measured = {*cores.server_list(), *cores.loadgen_list()}
-    busy = sum(cores_used[c].busy for c in cores_measured) / procfs.TICKS_PER_SECOND
-    available = sum(cores_used[c].total for c in cores_measured) / procfs.TICKS_PER_SECOND
+    measured_cores = [cores_used[c] for c in sorted({*cores.server_list(), *cores.loadgen_list()})]
+    busy = sum(c.busy for c in measured_cores) / procfs.TICKS_PER_SECOND
+    available = sum(c.total for c in measured_cores) / procfs.TICKS_PER_SECOND
+    stolen = sum(c.steal for c in measured_cores) / procfs.TICKS_PER_SECOND
     others = max(0.0, busy - server_cpu - run["cpu_s"])
 
     reasons = run.failure_reasons()
-    for reason, count in warm_failures.items():
-        reasons[reason] = reasons.get(reason, 0) + count
     poems = int(run["poems"])
     server_cores = cores.server_list()
-    return Cell(
+    cell = Cell(
         server=label,
         concurrency=concurrency,
         poem_bytes=poem_bytes,
@@ -110,28 +124,40 @@ def cell(
         cpu_us_per_poem=server_cpu * 1e6 / poems if poems else 0.0,
         server_core_busy_pct=sum(cores_used[c].busy_percent() for c in server_cores) / len(server_cores),
         loadgen_core_busy_pct=sum(cores_used[c].busy_percent() for c in cores.loadgen_list()) / len(cores.loadgen_list()),
-        steal_pct=max(cores_used[c].steal_percent() for c in cores_measured),
+        steal_pct=100.0 * stolen / available if available else 0.0,
         others_pct=100.0 * others / available if available else 0.0,
         loadgen_cpu_s=run["cpu_s"],
         rss_kib=procfs.rss_kib(pids_after),
         processes=len(pids_after),
     )
+    return Slice(cell, run.histogram)
 
 
-def merge(cells: list[Cell]) -> Cell:
-    """Several measured runs of one server under one load, as one cell.
+def _add_reasons(into: dict[str, int], more: dict[str, int]) -> None:
+    for reason, count in more.items():
+        into[reason] = into.get(reason, 0) + count
 
-    Counts and times are added, rates and CPU per poem recomputed from the
-    sums, busy shares weighted by time; of the latencies only the median
-    run's p50 and the worst run's p99 and maximum are kept.
+
+def merge(slices: list[Slice], warm_failures: dict[str, int] | None = None) -> Cell:
+    """One server's slices of a cell, in the order they ran, as one cell.
+
+    Counts and times are added; poems/s is all the poems over all the
+    time, CPU per poem all the CPU over all the poems; busy, others and
+    steal shares are weighted by time.  Latency percentiles come from the
+    slices' histograms added bucket by bucket, so they are the percentiles
+    of every poem of the cell, as one long run would have given them; the
+    mean is weighted by poems, the maximum the largest.  Failures are
+    every slice's, the warm-up's and every attempt's; RSS and the process
+    count are the last slice's: after the whole cell.
     """
+    cells = [s.cell for s in slices]
     seconds = sum(c.seconds for c in cells)
     poems = sum(c.poems for c in cells)
     cpu = sum(c.server_cpu_s for c in cells)
-    reasons: dict[str, int] = {}
+    reasons: dict[str, int] = dict(warm_failures or {})
     for c in cells:
-        for reason, count in c.failure_reasons.items():
-            reasons[reason] = reasons.get(reason, 0) + count
+        _add_reasons(reasons, c.failure_reasons)
+    latency = Histogram.total(s.latency for s in slices)
 
     def weighted(value: float, c: Cell) -> float:
         return value * c.seconds / seconds if seconds else 0.0
@@ -145,15 +171,42 @@ def merge(cells: list[Cell]) -> Cell:
         poems_per_s=poems / seconds if seconds else 0.0,
         mb_per_s=sum(weighted(c.mb_per_s, c) for c in cells),
         mean_us=sum(c.mean_us * c.poems for c in cells) / poems if poems else 0.0,
-        p50_us=statistics.median(c.p50_us for c in cells),
-        p90_us=max(c.p90_us for c in cells),
-        p99_us=max(c.p99_us for c in cells),
+        p50_us=latency.percentile_us(0.50),
+        p90_us=latency.percentile_us(0.90),
+        p99_us=latency.percentile_us(0.99),
         max_us=max(c.max_us for c in cells),
         server_cpu_s=cpu,
         cpu_us_per_poem=cpu * 1e6 / poems if poems else 0.0,
         server_core_busy_pct=sum(weighted(c.server_core_busy_pct, c) for c in cells),
         loadgen_core_busy_pct=sum(weighted(c.loadgen_core_busy_pct, c) for c in cells),
-        steal_pct=max(c.steal_pct for c in cells),
+        steal_pct=sum(weighted(c.steal_pct, c) for c in cells),
         others_pct=sum(weighted(c.others_pct, c) for c in cells),
         loadgen_cpu_s=sum(c.loadgen_cpu_s for c in cells),
+        attempts=sum(c.attempts for c in cells),
+        rounds=[_round(s) for s in slices],
     )
+
+
+def _round(piece: Slice) -> Round:
+    c = piece.cell
+    return Round(
+        round=piece.round, position=piece.position, poems=c.poems, seconds=c.seconds,
+        poems_per_s=c.poems_per_s, cpu_us_per_poem=c.cpu_us_per_poem, p99_us=c.p99_us,
+        others_pct=c.others_pct, steal_pct=c.steal_pct, attempts=c.attempts,
+    )  # fmt: skip
+
+
+def quietest(attempts: list[Slice]) -> Slice:
+    """Of attempts at one slice, the one least disturbed by other work.
+
+    With every attempt's failures, and the last attempt's RSS (the RSS after it all).
+    """
+    reasons: dict[str, int] = {}
+    for attempt in attempts:
+        _add_reasons(reasons, attempt.cell.failure_reasons)
+    best = min(attempts, key=lambda s: s.cell.others_pct)
+    cell = replace(
+        best.cell, failures=sum(reasons.values()), failure_reasons=reasons,
+        rss_kib=attempts[-1].cell.rss_kib, attempts=len(attempts),
+    )  # fmt: skip
+    return replace(best, cell=cell)

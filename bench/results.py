@@ -8,8 +8,31 @@ from typing import Any
 
 
 @dataclass
+class Round:
+    """One server's slice of a cell in one round: the figures that show how steady the rounds were."""
+
+    round: int  # 1, 2, ...
+    position: int  # its place in the round's order: 1 is first
+    poems: int
+    seconds: float
+    poems_per_s: float
+    cpu_us_per_poem: float
+    p99_us: float
+    others_pct: float
+    steal_pct: float
+    #: Measured this many times, other work having shared the cores; this
+    #: is the quietest attempt.
+    attempts: int = 1
+
+
+@dataclass
 class Cell:
-    """One server under one load: a closed-loop run at one concurrency."""
+    """One server under one load at one concurrency: closed-loop runs, the sum of its rounds.
+
+    The servers of a section take turns under load, in rounds; a cell adds
+    up its server's slices (see measure.merge), and ``rounds`` keeps each
+    slice's own figures.
+    """
 
     server: str
     concurrency: int
@@ -31,9 +54,11 @@ class Cell:
     server_cpu_s: float
     cpu_us_per_poem: float
     #: How busy each core was during the run (/proc/stat: user, system,
-    #: irq, softirq), and the largest share the hypervisor stole from either.
+    #: irq, softirq).
     server_core_busy_pct: float
     loadgen_core_busy_pct: float
+    #: Time the hypervisor gave to other guests while ours had work to do
+    #: (/proc/stat's steal), as a share of both cores' time.
     steal_pct: float
     #: Busy time on those cores that was neither the server's nor the load
     #: generator's (other processes, ksoftirqd), as a share of them.
@@ -42,9 +67,10 @@ class Cell:
     #: VmRSS of the server's processes after the run, and how many there were.
     rss_kib: int
     processes: int
-    #: Measured this many times, the machine being busy with other work;
-    #: this is the quietest attempt.
+    #: Slices measured, counting those measured again because other work
+    #: shared the cores (more than len(rounds) if any was).
     attempts: int = 1
+    rounds: list[Round] = field(default_factory=list)
 
 
 @dataclass

@@ -4,6 +4,16 @@ The 3 KB poem at every concurrency, the 1 MiB poem, cold starts under
 socket activation, fastpoetry's logging cost and its workers.  A server
 that fails gets one line on standard error and a note in the results,
 and the others go on.
+
+The machine is a virtual one on a shared host, whose speed drifts over
+minutes with what its neighbours do, mostly in ways /proc does not show.
+So the servers of a section are not measured one after the other: they
+are all started at once (pinned to the same core; an idle server costs
+nothing), and at each concurrency they take turns in rounds, each getting
+a slice of its load per round, in an order rotated by one every round.
+A slow minute then falls on every server alike, and each server is first,
+in the middle and last of a round equally often.  A server's cell is the
+sum of its slices (measure.merge).
 """
 
 from __future__ import annotations
@@ -13,14 +23,14 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import load
 import measure
 import servers
-from measure import Cores, Load
-from plan import Plan, describe_load
+from measure import Cores, Load, Slice
+from plan import Plan, describe_rounds, split
 from poem_files import SMALL_POEM
 from report import TARGET_CONCURRENCY
 from results import Cell, ColdStart, Run
@@ -33,6 +43,38 @@ def progress(message: str) -> None:
 
 def _slug(label: str) -> str:
     return "".join(ch if ch.isalnum() else "-" for ch in label).strip("-")
+
+
+def rotated(labels: list[str], turn: int) -> list[str]:
+    """``labels`` in the order of round ``turn`` (0, 1, ...): each round starts one further on."""
+    if not labels:
+        return []
+    shift = turn % len(labels)
+    return labels[shift:] + labels[:shift]
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A server of a section: the label its cells get, how to start it on a port, its log."""
+
+    label: str
+    launch: Callable[[int], Launch]  # the port -> how to start it there
+    log: Path
+    #: Its name in messages, if not the label ("fastpoetry --workers 2").
+    title: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.title or self.label
+
+
+@dataclass
+class Outcome:
+    """What a section measured: cells in the order of its loads and entries, who failed and why, how many rounds."""
+
+    cells: list[Cell] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    rounds: dict[int, int] = field(default_factory=dict)  # by concurrency
 
 
 class Sections:
@@ -59,65 +101,150 @@ class Sections:
     def _log_path(self, label: str, what: str) -> Path:
         return self.paths.logs / f"{_slug(label)}-{what}.log"
 
-    def _cell(self, server: Server, label: str, concurrency: int, poem_bytes: int, amount: Load, cores: Cores | None = None) -> Cell:
-        """Measure a cell; again, if other work shared its cores, keeping the quietest attempt."""
-        attempts: list[Cell] = []
+    # ---- servers taking turns
+
+    def _section(
+        self, entries: list[Entry], poem: bytes, loads: list[tuple[int, Load]], cores: Cores | None = None,
+        settle: float = 0.0,
+    ) -> Outcome:  # fmt: skip
+        """Start every server at once, then measure each (concurrency, load) in rounds.
+
+        ``settle``: seconds to wait once all have started (every worker up,
+        not only the first).  A server that fails to start or fails on the
+        way is stopped and left out from then on; the others go on.
+        """
+        cores = cores or self.cores
+        outcome = Outcome()
+        with ExitStack() as running:
+            started: dict[str, Server] = {}
+            for entry in entries:
+                try:
+                    started[entry.label] = self._start(running, entry, poem, cores.server)
+                except ServerFailed as exc:
+                    outcome.failed[entry.label] = str(exc)
+                    progress(f"ERROR: {exc} (going on with the others)")
+            time.sleep(settle)
+            for concurrency, amount in loads:
+                if not started:
+                    break
+                cells, failed = self._take_turns(started, concurrency, len(poem), amount, cores)
+                outcome.cells += cells
+                outcome.rounds[concurrency] = self.plan.rounds(len(started))
+                outcome.failed.update(failed)
+                for label in failed:
+                    del started[label]
+        return outcome
+
+    def _start(self, running: ExitStack, entry: Entry, poem: bytes, cores: str) -> Server:
+        """Start ``entry``'s server (stopped when ``running`` closes) and check that it serves ``poem``."""
+        progress(f"[{entry.name}] starting")
+        # A port found free now, with the section's other servers already
+        # listening on theirs: two servers cannot be given the same one.
+        port = servers.free_port()
+        server = running.enter_context(self.serving(entry.name, entry.launch(port), port, entry.log, cores))
+        try:
+            server.check_poem(poem)
+        except ServerFailed:
+            server.stop()
+            raise
+        return server
+
+    def _take_turns(
+        self, started: dict[str, Server], concurrency: int, poem_bytes: int, amount: Load, cores: Cores
+    ) -> tuple[list[Cell], dict[str, str]]:
+        """Each server's cell at ``concurrency``: ``amount`` each, in rounds, the order rotated every round.
+
+        A server's warm-up comes once, just before its first slice.
+        """
+        labels = list(started)
+        rounds = self.plan.rounds(len(labels))
+        slices = split(amount, rounds)
+        taken: dict[str, list[Slice]] = {label: [] for label in labels}
+        warm_failures: dict[str, dict[str, int]] = {}
+        failed: dict[str, str] = {}
+        for turn in range(rounds):
+            for position, label in enumerate(rotated(labels, turn), 1):
+                if label in failed:
+                    continue
+                server = started[label]
+                try:
+                    if label not in warm_failures:
+                        warm_failures[label] = measure.warm_up(
+                            server, self.loadgen, cores, concurrency=concurrency, poem_bytes=poem_bytes, amount=amount
+                        )  # fmt: skip
+                    piece = self._slice(server, label, concurrency, poem_bytes, slices[turn], cores)
+                except (ServerFailed, load.LoadgenError) as exc:
+                    failed[label] = str(exc)
+                    progress(f"ERROR: {exc} (going on with the others)")
+                    server.stop()
+                    continue
+                piece.round, piece.position = turn + 1, position
+                taken[label].append(piece)
+                self._report(piece.cell, f"round {turn + 1} of {rounds} ({_ordinal(position)})")
+        cells = [measure.merge(taken[label], warm_failures[label]) for label in labels if label not in failed]
+        for cell in cells:
+            self._report(cell, f"all {rounds} rounds" if rounds > 1 else "")
+        return cells, failed
+
+    def _slice(self, server: Server, label: str, concurrency: int, poem_bytes: int, amount: Load, cores: Cores) -> Slice:
+        """Measure one slice; again, if other work shared its cores, keeping the quietest attempt."""
+        attempts: list[Slice] = []
         while True:
-            cell = measure.cell(
-                server, self.loadgen, cores or self.cores,
+            piece = measure.measured(
+                server, self.loadgen, cores,
                 label=label, concurrency=concurrency, poem_bytes=poem_bytes, amount=amount,
             )  # fmt: skip
-            attempts.append(cell)
-            self._report(cell)
-            if cell.others_pct <= self.plan.quiet_pct or len(attempts) > self.plan.retries:
+            attempts.append(piece)
+            others = piece.cell.others_pct
+            if others <= self.plan.quiet_pct or len(attempts) > self.plan.retries:
                 break
-            progress(f"[{label}] other work took {cell.others_pct:.0f}% of the cores: measuring again")
+            progress(f"[{label}] other work took {others:.0f}% of the cores: measuring this slice again")
         if not server.alive():
-            raise ServerFailed(f"{label}: died during the cell with {concurrency} clients")
-        return _quietest(attempts)
+            raise ServerFailed(f"{server.label}: died during a slice with {concurrency} clients")
+        return measure.quietest(attempts)
 
-    def _report(self, cell: Cell) -> None:
+    def _report(self, cell: Cell, when: str) -> None:
         label, concurrency = cell.server, cell.concurrency
         failed = f"{cell.failures} FAILED {cell.failure_reasons}" if cell.failures else "0 failed"
         progress(
-            f"[{label}] {concurrency} clients: {cell.poems:,} poems in {cell.seconds:.1f} s = "
-            f"{cell.poems_per_s:,.0f}/s ({cell.mb_per_s:,.0f} MB/s), p50 {cell.p50_us / 1000:.3f} ms, "
-            f"p99 {cell.p99_us / 1000:.3f} ms, {failed}; server CPU {cell.cpu_us_per_poem:.1f} µs/poem, "
-            f"cores busy {cell.server_core_busy_pct:.0f}% (server) {cell.loadgen_core_busy_pct:.0f}% (loadgen), "
-            f"others {cell.others_pct:.0f}%, steal {cell.steal_pct:.0f}%, RSS {cell.rss_kib / 1024:.1f} MiB"
+            f"[{label}] {concurrency} clients: {f'{when}, ' if when else ''}{cell.poems:,} poems in "
+            f"{cell.seconds:.1f} s = {cell.poems_per_s:,.0f}/s ({cell.mb_per_s:,.0f} MB/s), "
+            f"p50 {cell.p50_us / 1000:.3f} ms, p99 {cell.p99_us / 1000:.3f} ms, {failed}; server CPU "
+            f"{cell.cpu_us_per_poem:.1f} µs/poem, cores busy {cell.server_core_busy_pct:.0f}% (server) "
+            f"{cell.loadgen_core_busy_pct:.0f}% (loadgen), others {cell.others_pct:.0f}%, "
+            f"steal {cell.steal_pct:.1f}%, RSS {cell.rss_kib / 1024:.1f} MiB"
         )
+
+    def _entries(self, contenders: list[Contender], poem: Path, what: str) -> list[Entry]:
+        entries = []
+        for contender in contenders:
+            log = self._log_path(contender.label, what)
+
+            def launch(port: int, contender: Contender = contender, log: Path = log) -> Launch:
+                return contender.launch(self.paths, poem, port, log)
+
+            entries.append(Entry(contender.label, launch, log))
+        return entries
 
     # ---- the 3 KB poem at every concurrency
 
-    def small_poem(self, contender: Contender) -> None:
-        poem = SMALL_POEM.read_bytes()
-        port = servers.free_port()
-        log = self._log_path(contender.label, "small")
-        progress(f"[{contender.label}] starting")
-        try:
-            with self.serving(contender.label, contender.launch(self.paths, SMALL_POEM, port, log), port, log) as server:
-                server.check_poem(poem)
-                for concurrency in self.plan.concurrencies:
-                    amount = self.plan.target if concurrency == TARGET_CONCURRENCY else self.plan.other
-                    self.run.cells.append(self._cell(server, contender.label, concurrency, len(poem), amount))
-            self.run.servers[contender.label] = "ok"
-        except (ServerFailed, load.LoadgenError) as exc:
-            self.run.servers[contender.label] = str(exc)
-            progress(f"ERROR: {exc} (going on with the others)")
+    def small_poem(self, contenders: list[Contender]) -> None:
+        loads = [
+            (c, self.plan.target if c == TARGET_CONCURRENCY else self.plan.other) for c in self.plan.concurrencies
+        ]  # fmt: skip
+        outcome = self._section(self._entries(contenders, SMALL_POEM, "small"), SMALL_POEM.read_bytes(), loads)
+        self.run.cells += outcome.cells
+        for contender in contenders:
+            self.run.servers[contender.label] = outcome.failed.get(contender.label, "ok")
 
     # ---- the 1 MiB poem
 
-    def big_poem(self, contender: Contender, poem_path: Path) -> None:
-        poem = poem_path.read_bytes()
-        port = servers.free_port()
-        log = self._log_path(contender.label, "big")
-        try:
-            with self.serving(contender.label, contender.launch(self.paths, poem_path, port, log), port, log) as server:
-                server.check_poem(poem)
-                cell = self._cell(server, contender.label, self.plan.big_concurrency, len(poem), self.plan.big)
-                self.run.big_poem.append(cell)
-        except (ServerFailed, load.LoadgenError) as exc:
-            progress(f"ERROR: 1 MiB poem: {exc} (going on with the others)")
+    def big_poem(self, contenders: list[Contender], poem_path: Path) -> None:
+        loads = [(self.plan.big_concurrency, self.plan.big)]
+        outcome = self._section(self._entries(contenders, poem_path, "big"), poem_path.read_bytes(), loads)
+        self.run.big_poem += outcome.cells
+        for label, why in outcome.failed.items():
+            progress(f"ERROR: 1 MiB poem: {label}: {why}")
 
     # ---- cold start under socket activation
 
@@ -166,42 +293,27 @@ class Sections:
 
     # ---- fastpoetry's logging cost
 
-    def logging_cost(self) -> None:
-        """fastpoetry at three log levels, three servers side by side, taking turns under load.
+    def _fastpoetry_on(self, options: tuple[str, ...]) -> Callable[[int], Launch]:
+        """fastpoetry in the foreground with ``options``, serving the 3 KB poem, on the port given."""
+        return lambda port: servers.fastpoetry(self.paths, SMALL_POEM, port, options=options)
 
-        Turns spread whatever else the machine does over the three levels
-        alike, instead of letting it fall on one of them.
-        """
-        poem = SMALL_POEM.read_bytes()
+    def logging_cost(self) -> None:
+        """fastpoetry at three log levels, three servers side by side, taking turns under load."""
         levels = (("warning", "warning"), ("info", "info (default)"), ("debug", "debug (a line per client)"))
-        rounds: dict[str, list[Cell]] = {label: [] for _, label in levels}
-        try:
-            with ExitStack() as running:
-                started: dict[str, Server] = {}
-                for level, label in levels:
-                    port = servers.free_port()
-                    log = self._log_path("fastpoetry", f"log-{level}")
-                    options = ("--log-level", level) if level != "info" else ()
-                    launch = servers.fastpoetry(self.paths, SMALL_POEM, port, options=options)
-                    started[label] = running.enter_context(self.serving(f"fastpoetry {label}", launch, port, log))
-                    started[label].check_poem(poem)
-                for turn in range(self.plan.logging_rounds):
-                    amount = self.plan.logging if turn == 0 else replace(
-                        self.plan.logging, warm_up_poems=None, warm_up_seconds=None
-                    )  # fmt: skip
-                    for label, server in started.items():
-                        rounds[label].append(self._cell(server, label, TARGET_CONCURRENCY, len(poem), amount))
-        except (ServerFailed, load.LoadgenError) as exc:
-            progress(f"ERROR: logging cost: {exc}")
-            self.run.logging_note = f"not measured: {exc}"
-            return
-        self.run.logging = [measure.merge(cells) for cells in rounds.values()]
-        turns = self.plan.logging_rounds
+        entries = []
+        for level, label in levels:
+            options = ("--log-level", level) if level != "info" else ()
+            log = self._log_path("fastpoetry", f"log-{level}")
+            entries.append(Entry(label, self._fastpoetry_on(options), log, title=f"fastpoetry {label}"))
+        outcome = self._section(entries, SMALL_POEM.read_bytes(), [(TARGET_CONCURRENCY, self.plan.logging)])
+        self.run.logging = outcome.cells
+        rounds = outcome.rounds.get(TARGET_CONCURRENCY, 0)
         self.run.logging_note = (
             f"fastpoetry in the foreground, logging to a file; {TARGET_CONCURRENCY} clients; each level "
-            f"{'once' if turns == 1 else f'{turns} times, in turns'}: {describe_load(self.plan.logging)} "
-            "(the warm-up the first time only)."
+            f"{describe_rounds(self.plan.logging, rounds)}, the three taking turns."
         )
+        if outcome.failed:
+            self.run.logging_note += " Not measured: " + "; ".join(outcome.failed.values())
 
     # ---- fastpoetry serve --workers N
 
@@ -211,41 +323,29 @@ class Sections:
             self.run.workers_note = "skipped: 'fastpoetry serve --help' has no --workers option in this tree."
             progress(f"workers: {self.run.workers_note}")
             return
-        poem = SMALL_POEM.read_bytes()
         both = ",".join(str(c) for c in sorted({*self.cores.server_list(), *self.cores.loadgen_list()}))
         shared = Cores(server=both, loadgen=self.cores.loadgen)
+        entries = []
         for count in (1, 2):
-            port = servers.free_port()
-            label = f"--workers {count}"
             log = self._log_path("fastpoetry", f"workers-{count}")
-            launch = servers.fastpoetry(self.paths, SMALL_POEM, port, options=("--workers", str(count)))
-            try:
-                with self.serving(f"fastpoetry {label}", launch, port, log, cores=both) as server:
-                    server.check_poem(poem)
-                    time.sleep(0.5)  # every worker up, not only the first
-                    cell = self._cell(server, label, TARGET_CONCURRENCY, len(poem), self.plan.workers, shared)
-                    self.run.workers.append(cell)
-            except (ServerFailed, load.LoadgenError) as exc:
-                progress(f"ERROR: workers {count}: {exc}")
+            label = f"--workers {count}"
+            entries.append(Entry(label, self._fastpoetry_on(("--workers", str(count))), log, title=f"fastpoetry {label}"))
+        loads = [(TARGET_CONCURRENCY, self.plan.workers)]
+        # settle: every worker up, not only the first.
+        outcome = self._section(entries, SMALL_POEM.read_bytes(), loads, cores=shared, settle=0.5)
+        self.run.workers = outcome.cells
+        rounds = outcome.rounds.get(TARGET_CONCURRENCY, 0)
         self.run.workers_note = (
             f"Server processes on cores {both}, the load generator on core {self.cores.loadgen}: it shares a "
-            f"core with the server here. {TARGET_CONCURRENCY} clients, {describe_load(self.plan.workers)}."
+            f"core with the server here. {TARGET_CONCURRENCY} clients, "
+            f"{describe_rounds(self.plan.workers, rounds)}, the two taking turns."
         )
+        for label, why in outcome.failed.items():
+            progress(f"ERROR: workers: {label}: {why}")
 
 
-def _quietest(attempts: list[Cell]) -> Cell:
-    """The attempt least disturbed by other work, but with every attempt's failures, and the last RSS."""
-    reasons: dict[str, int] = {}
-    for attempt in attempts:
-        for reason, count in attempt.failure_reasons.items():
-            reasons[reason] = reasons.get(reason, 0) + count
-    return replace(
-        min(attempts, key=lambda c: c.others_pct),
-        failures=sum(reasons.values()),
-        failure_reasons=reasons,
-        rss_kib=attempts[-1].rss_kib,
-        attempts=len(attempts),
-    )
+def _ordinal(n: int) -> str:
+    return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
 
 
 def _serve_help(paths: Paths) -> str:
