@@ -17,7 +17,7 @@ import trio
 import trio.testing
 
 from conftest import WAIT
-from fastpoetry.linger import DRAIN_LIMIT, LingeringCloser, nothing_at_stake
+from fastpoetry.linger import DRAIN_LIMIT, SWEEP_INTERVAL, LingeringCloser, nothing_at_stake
 
 #: A linger timeout that never passes within a test: a socket closed under
 #: it was closed because of what its client did.
@@ -154,6 +154,53 @@ async def test_closes_a_client_that_resets_the_connection(nursery: trio.Nursery)
         client.close()  # SO_LINGER with a zero timeout: RST instead of FIN
         await wait_closed(server)
         assert len(closer) == 0
+
+
+async def test_a_late_acknowledgement_closes_a_quiet_client_at_a_sweep(
+    running_closer: LingeringCloser,
+) -> None:
+    """A quiet client's socket handed over before it acknowledged everything
+    is closed once it has, though the client never closes its end."""
+    server, client = tcp_pair(client_rcvbuf=4096)
+    with server, client:
+        server.setblocking(False)
+        sent = server.send(b"x" * (256 * 1024))  # far more than a 4 KiB window takes
+        server.shutdown(socket.SHUT_WR)
+        assert not nothing_at_stake(server, sent), "the premise: not acknowledged yet"
+        running_closer.close_when_done(server, sent)
+        await trio.testing.wait_all_tasks_blocked()
+        assert server.fileno() != -1 and len(running_closer) == 1
+
+        def read_to_eof() -> int:
+            received = 0
+            while chunk := client.recv(65536):
+                received += len(chunk)
+            return received
+
+        assert await trio.to_thread.run_sync(read_to_eof) == sent
+        await wait_closed(server)
+        assert len(running_closer) == 0
+
+
+async def test_a_client_that_has_spoken_lingers_though_it_acknowledged_everything(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    """Input from the client rules out the early close for good: its socket
+    stays through many sweeps, until the client closes."""
+    server, client = tcp_pair()
+    with server, client:
+        closer = LingeringCloser(NEVER)
+        nursery.start_soon(closer.run)
+        client.sendall(b"hello?\n")
+        server.sendall(b"poem")
+        server.shutdown(socket.SHUT_WR)
+        _wait_for(lambda: queued(server, termios.TIOCOUTQ) == 0 and queued(server, termios.FIONREAD) == 7)
+        closer.close_when_done(server, 4)
+        await trio.sleep(10 * SWEEP_INTERVAL)
+        assert server.fileno() != -1 and len(closer) == 1
+        assert client.recv(100) == b"poem"
+        client.close()
+        await wait_closed(server)
 
 
 async def test_finish_ends_an_idle_run_at_once(autojump_clock: trio.testing.MockClock) -> None:

@@ -278,8 +278,8 @@ def _add_server_options(command: argparse.ArgumentParser) -> None:
         "--linger",
         choices=("auto", "always"),
         default="auto",
-        help="when to close a client that has its poem: 'auto' at once if it "
-        "has sent nothing and acknowledged every byte, else when it closes; "
+        help="when to close a client that has its poem: 'auto' as soon as it "
+        "has acknowledged every byte, if it has sent nothing, else when it closes; "
         "'always' when it closes (default: %(default)s)",
     )
     command.add_argument(

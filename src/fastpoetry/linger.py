@@ -20,9 +20,12 @@ close into a reset, and a reset provoked by a later write arrives after the
 end of the poem, which a client has already received (Linux, like the BSDs,
 still hands out what was received before a reset).  :func:`nothing_at_stake`
 asks the kernel exactly that with one ``getsockopt(TCP_INFO)``; such a
-connection is closed at once, the others linger.  nginx's ``lingering_close
-on`` follows the same idea.  The price: a client that starts writing only
-after it has the whole poem may see its writes fail (EPIPE, or a reset).
+connection is closed at once, the others linger.  One whose acknowledgement
+was merely late (a busy machine) is asked again at every sweep and closed
+as soon as nothing is at stake, rather than held until its client closes.
+nginx's ``lingering_close on`` follows the same idea.  The price: a client
+that starts writing only after it has the whole poem may see its writes
+fail (EPIPE, or a reset).
 """
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ import trio
 
 log = logging.getLogger(__name__)
 
-#: How often sockets whose timeout has passed are closed, in seconds.
+#: How often sockets whose timeout has passed are closed, and sockets that
+#: may close once acknowledged are asked again, in seconds.
 SWEEP_INTERVAL = 1.0
 
 #: While finishing, how often to look for sockets whose client has received
@@ -72,14 +76,24 @@ class LingeringCloser:
         # Insertion order is deadline order, since every socket gets the same
         # timeout: the expired ones are always at the front.
         self._lingering: dict[int, tuple[_socket.socket, float]] = {}
+        # Descriptor -> bytes sent, for the sockets that may close as soon
+        # as nothing is at stake; a client's input takes its socket out.
+        self._awaiting_ack: dict[int, int] = {}
+        self._next_ack_check = 0.0
         self._finishing = False
         self._wait = trio.CancelScope()
 
     def __len__(self) -> int:
         return len(self._lingering)
 
-    def close_when_done(self, sock: _socket.socket) -> None:
-        """Close ``sock`` once its client has closed or the timeout passed."""
+    def close_when_done(self, sock: _socket.socket, sent: int | None = None) -> None:
+        """Close ``sock`` once its client has closed or the timeout passed.
+
+        ``sent``: the bytes sent on a TCP socket that may also be closed as
+        soon as nothing is at stake (:func:`nothing_at_stake`), which is
+        asked again at every sweep until the client sends something.
+        ``None`` (the default) keeps it until its client closes.
+        """
         fd = sock.fileno()
         try:
             self._epoll.register(fd, _WATCHED)
@@ -87,6 +101,8 @@ class LingeringCloser:
             sock.close()
             return
         self._lingering[fd] = (sock, trio.current_time() + self.timeout)
+        if sent is not None:
+            self._awaiting_ack[fd] = sent
 
     def finish(self) -> None:
         """Let :meth:`run` return as soon as no socket is left.
@@ -112,27 +128,49 @@ class LingeringCloser:
                 self._close_expired()
                 if self._finishing:
                     self._close_acknowledged()
+                elif self._awaiting_ack and trio.current_time() >= self._next_ack_check:
+                    self._close_unstaked()
+                    self._next_ack_check = trio.current_time() + SWEEP_INTERVAL
         finally:
             for sock, _ in self._lingering.values():
                 sock.close()
             self._lingering.clear()
+            self._awaiting_ack.clear()
             self._epoll.close()
+
+    def _close(self, fd: int) -> None:
+        """Stop watching ``fd`` and close its socket."""
+        sock, _ = self._lingering.pop(fd)
+        # Its number may come back with the next connection accepted.
+        self._awaiting_ack.pop(fd, None)
+        sock.close()
 
     def _close_finished(self) -> None:
         for fd, _ in self._epoll.poll(0):
             entry = self._lingering.get(fd)
-            if entry is not None and discard_input(entry[0]):
-                del self._lingering[fd]
-                entry[0].close()
+            if entry is None:
+                continue
+            if discard_input(entry[0]):
+                self._close(fd)
+            else:
+                # The client has spoken: from now on a close could reset.
+                self._awaiting_ack.pop(fd, None)
+
+    def _close_unstaked(self) -> None:
+        unstaked = [
+            fd for fd, sent in self._awaiting_ack.items()
+            if nothing_at_stake(self._lingering[fd][0], sent)
+        ]
+        for fd in unstaked:
+            self._close(fd)
 
     def _close_acknowledged(self) -> None:
         acknowledged = [
             fd for fd, (sock, _) in self._lingering.items() if _unacknowledged(sock) == 0
         ]
         for fd in acknowledged:
-            sock, _ = self._lingering.pop(fd)
-            discard_input(sock)  # read what it sent, so closing does not reset
-            sock.close()
+            discard_input(self._lingering[fd][0])  # read what it sent, so closing does not reset
+            self._close(fd)
 
     def _close_expired(self) -> None:
         now = trio.current_time()
@@ -142,9 +180,8 @@ class LingeringCloser:
                 break
             expired.append(fd)
         for fd in expired:
-            sock, _ = self._lingering.pop(fd)
             log.debug("closing a connection whose client did not close within %g s", self.timeout)
-            sock.close()
+            self._close(fd)
 
 
 def nothing_at_stake(sock: _socket.socket, size: int) -> bool:

@@ -72,8 +72,9 @@ class StreamServer(Service):
     so that it cannot take part of the poem for all of it), or has not
     closed within that time once it has it.
 
-    A client that has the whole poem is closed at once when nothing is at
-    stake (:func:`~.linger.nothing_at_stake`); with ``always_linger`` every
+    A client that has the whole poem is closed as soon as nothing is at
+    stake (:func:`~.linger.nothing_at_stake`): at once, or when its late
+    acknowledgement arrives, unless it has sent something; with ``always_linger`` every
     client is kept until it closes, which also spares a client that starts
     writing only after it has the poem a reset on its writes.
     """
@@ -273,10 +274,12 @@ class StreamServer(Service):
         # The end of the poem is on its way before the question is asked:
         # input arriving between the question and close() then makes the
         # close a reset after the end of the poem, not instead of it.
-        if quick and nothing_at_stake(conn, size):
-            conn.close()
-        else:
+        if not quick:
             self._closer.close_when_done(conn)
+        elif nothing_at_stake(conn, size):
+            conn.close()
+        else:  # not acknowledged yet, or the client has spoken
+            self._closer.close_when_done(conn, size)
 
     def _log_sending(self, size: int, peer: str) -> None:
         log.debug(
