@@ -79,6 +79,14 @@ def queued(sock: socket.socket, request: int) -> int:
     return struct.unpack("i", fcntl.ioctl(sock.fileno(), request, bytes(4)))[0]
 
 
+def bytes_to_eof(client: socket.socket) -> int:
+    """Read until the end of the stream; how many bytes came."""
+    received = 0
+    while chunk := client.recv(65536):
+        received += len(chunk)
+    return received
+
+
 async def wait_closed(sock: socket.socket) -> None:
     """Wait until ``sock`` has been closed (a hang guard, not a deadline)."""
     with trio.fail_after(WAIT):
@@ -170,14 +178,7 @@ async def test_a_late_acknowledgement_closes_a_quiet_client_at_a_sweep(
         running_closer.close_when_done(server, sent)
         await trio.testing.wait_all_tasks_blocked()
         assert server.fileno() != -1 and len(running_closer) == 1
-
-        def read_to_eof() -> int:
-            received = 0
-            while chunk := client.recv(65536):
-                received += len(chunk)
-            return received
-
-        assert await trio.to_thread.run_sync(read_to_eof) == sent
+        assert await trio.to_thread.run_sync(bytes_to_eof, client) == sent
         await wait_closed(server)
         assert len(running_closer) == 0
 
@@ -470,10 +471,7 @@ def test_a_poem_not_yet_acknowledged_is_at_stake() -> None:
         assert sent > 4096
         server.shutdown(socket.SHUT_WR)
         assert not nothing_at_stake(server, sent)
-        received = 0
-        while chunk := client.recv(65536):
-            received += len(chunk)
-        assert received == sent
+        assert bytes_to_eof(client) == sent
         _wait_for(lambda: nothing_at_stake(server, sent))
 
 

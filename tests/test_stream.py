@@ -132,6 +132,15 @@ async def receive_to_eof(sock: trio.socket.SocketType) -> bytes:
     return bytes(data)
 
 
+async def assert_server_end_gone(sock: trio.socket.SocketType) -> None:
+    """The server has closed its end: what the client sends now is answered with a reset."""
+    with pytest.raises((ConnectionResetError, BrokenPipeError)):
+        with trio.fail_after(WAIT):
+            while True:
+                await sock.send(b"still there?\n")
+                await trio.sleep(0.01)
+
+
 async def receive_until_closed(sock: trio.socket.SocketType) -> tuple[bytes, bool]:
     """Read until EOF or reset; return the bytes and whether it was a reset."""
     data = bytearray()
@@ -419,11 +428,7 @@ async def test_a_quiet_client_is_closed_as_soon_as_it_has_its_poem() -> None:
             assert await receive_to_eof(sock) == poem
             # At once, unless the acknowledgement came late: then at a sweep.
             await wait_until(lambda: server.clients_lingering == 0)
-            with pytest.raises((ConnectionResetError, BrokenPipeError)):
-                with trio.fail_after(WAIT):
-                    while True:
-                        await sock.send(b"still there?\n")
-                        await trio.sleep(0.01)
+            await assert_server_end_gone(sock)
         assert server.poems_served == 1
 
 
@@ -441,11 +446,7 @@ async def test_a_quiet_client_is_closed_once_its_late_acknowledgement_arrives() 
             assert server.clients_lingering == 1, "the premise: sent, not yet acknowledged"
             assert await receive_to_eof(sock) == poem
             await wait_until(lambda: server.clients_lingering == 0)
-            with pytest.raises((ConnectionResetError, BrokenPipeError)):
-                with trio.fail_after(WAIT):
-                    while True:
-                        await sock.send(b"still there?\n")
-                        await trio.sleep(0.01)
+            await assert_server_end_gone(sock)
 
 
 async def test_a_client_whose_words_came_first_lingers_until_it_closes() -> None:
@@ -796,12 +797,7 @@ async def test_client_that_never_closes_is_closed_after_send_timeout(
             assert await receive_to_eof(sock) == poem
             await wait_until(lambda: server.clients_lingering == 1)
             await wait_until(lambda: server.clients_lingering == 0)
-            # The server's end is gone: what we send now is answered with a reset.
-            with pytest.raises((ConnectionResetError, BrokenPipeError)):
-                with trio.fail_after(WAIT):
-                    while True:
-                        await sock.send(b"still there?\n")
-                        await trio.sleep(0.01)
+            await assert_server_end_gone(sock)
     assert any("did not close within 0.5 s" in m for m in messages(poetry_log))
 
 

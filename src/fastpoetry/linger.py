@@ -129,8 +129,8 @@ class LingeringCloser:
                 if self._finishing:
                     self._close_acknowledged()
                 elif self._awaiting_ack and trio.current_time() >= self._next_ack_check:
-                    self._close_unstaked()
                     self._next_ack_check = trio.current_time() + SWEEP_INTERVAL
+                    self._close_unstaked()
         finally:
             for sock, _ in self._lingering.values():
                 sock.close()

@@ -74,9 +74,10 @@ class StreamServer(Service):
 
     A client that has the whole poem is closed as soon as nothing is at
     stake (:func:`~.linger.nothing_at_stake`): at once, or when its late
-    acknowledgement arrives, unless it has sent something; with ``always_linger`` every
-    client is kept until it closes, which also spares a client that starts
-    writing only after it has the poem a reset on its writes.
+    acknowledgement arrives, unless it has sent something.  With
+    ``always_linger`` every client is kept until it closes, which also
+    spares a client that starts writing only after it has the poem a reset
+    on its writes.
     """
 
     def __init__(
