@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import os
 import re
+import select
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -302,3 +305,137 @@ def listening_socket(family: int = socket.AF_INET, address: object = ("127.0.0.1
     sock.bind(address)
     sock.listen(backlog)
     return sock
+
+
+# -- a system where the name localhost resolves to nothing -------------------------
+
+# Run by unshare in the new namespaces: bring their loopback up (without
+# IPv6 if asked), hide /etc/hosts and any resolver but it, say so, and
+# wait to be killed.  nsswitch.conf is replaced too: DNS, nss-myhostname
+# and nss-resolve would each answer for localhost on their own.
+_HIDE_LOCALHOST = r"""
+set -e
+ip link set lo up
+if [ "$NO_IPV6" = 1 ]; then
+    sysctl -q -w net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.lo.disable_ipv6=1
+fi
+mount --bind "$EMPTY_HOSTS" /etc/hosts
+mount --bind "$FILES_ONLY_NSSWITCH" /etc/nsswitch.conf
+echo ready
+exec sleep infinity
+"""
+
+# Run inside: a plain client of the protocol that looks nothing up.
+_FETCH_LITERAL = r"""
+import socket, sys
+with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=float(sys.argv[3])) as sock:
+    while chunk := sock.recv(65536):
+        sys.stdout.buffer.write(chunk)
+"""
+
+
+class NoLocalhost:
+    """Namespaces of their own in which the name ``localhost`` resolves to nothing.
+
+    As in a Debian root made by debootstrap --variant=minbase, which has no
+    /etc/hosts: here /etc/hosts is empty and nsswitch.conf looks host names
+    up in it alone.  The network namespace is new as well, with nothing but
+    its loopback (127.0.0.1 and ::1, or 127.0.0.1 alone with ``ipv6``
+    false), so the default ports are free and nothing of the host answers
+    on them.  Processes enter with :meth:`command`; the namespaces last as
+    long as any process is in them.
+    """
+
+    def __init__(self, directory: Path, ipv6: bool = True) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "hosts").write_text("")
+        (directory / "nsswitch.conf").write_text("hosts: files\n")
+        env = clean_env(
+            EMPTY_HOSTS=str(directory / "hosts"),
+            FILES_ONLY_NSSWITCH=str(directory / "nsswitch.conf"),
+            NO_IPV6="" if ipv6 else "1",
+        )
+        self.holder = subprocess.Popen(
+            ["unshare", "--mount", "--net", "sh", "-c", _HIDE_LOCALHOST],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+        )
+        assert self.holder.stdout is not None
+        ready, _, _ = select.select([self.holder.stdout], [], [], WAIT)
+        if not ready or self.holder.stdout.readline() != b"ready\n":
+            self.holder.kill()
+            _, errors = self.holder.communicate(timeout=WAIT)
+            raise NamespacesUnavailable(
+                f"cannot make a network and mount namespace without localhost: "
+                f"{errors.decode(errors='replace').strip() or 'no reason given'}"
+            )
+        # The point of it all: make sure, or every test here proves nothing.
+        probe = subprocess.run(
+            self.command(sys.executable, "-c", "import socket; socket.getaddrinfo('localhost', 0)"),
+            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=WAIT, check=False,
+        )
+        if probe.returncode == 0 or "gaierror" not in probe.stderr:
+            self.close()
+            raise AssertionError(f"localhost still resolves in the namespaces: {probe}")
+
+    def command(self, *argv: str) -> list[str]:
+        """``argv``, run inside the namespaces (nsenter execs it: same PID, same signals)."""
+        return ["nsenter", f"--target={self.holder.pid}", "--net", "--mount", "--", *argv]
+
+    def run(self, *argv: str) -> subprocess.CompletedProcess[bytes]:
+        """Run ``argv`` inside to completion (WAIT is a hang guard)."""
+        return subprocess.run(
+            self.command(*argv),
+            stdin=subprocess.DEVNULL, capture_output=True, env=clean_env(), timeout=WAIT, check=False,
+        )
+
+    def fetch(self, host: str, port: int) -> bytes:
+        """What a plain client inside gets from the literal address ``host``:``port``."""
+        result = self.run(sys.executable, "-c", _FETCH_LITERAL, host, str(port), str(WAIT))
+        assert result.returncode == 0, result
+        return result.stdout
+
+    def close(self) -> None:
+        if self.holder.poll() is None:
+            self.holder.kill()
+        self.holder.communicate(timeout=WAIT)
+
+
+class NamespacesUnavailable(Exception):
+    """This host (a container, say) does not let us make the namespaces."""
+
+
+@pytest.fixture
+def no_localhost(tmp_path: Path) -> Iterator[Callable[..., NoLocalhost]]:
+    """Make NoLocalhost(ipv6=True) namespaces; closed at teardown.
+
+    Making namespaces and mounting take root: without it, or without
+    unshare, nsenter and ip, the test skips, except under CI=true, where it
+    fails instead.
+    """
+    ci = os.environ.get("CI") == "true"
+
+    def unavailable(reason: str) -> NoReturn:
+        if ci:
+            pytest.fail(f"{reason}; CI=true, so the test may not skip")
+        pytest.skip(reason)
+
+    if os.geteuid() != 0:
+        unavailable("needs root to hide /etc/hosts in a mount namespace of its own")
+    missing = [tool for tool in ("unshare", "nsenter", "ip") if shutil.which(tool) is None]
+    if missing:
+        unavailable(f"needs {', '.join(missing)} (packages util-linux and iproute2)")
+    made: list[NoLocalhost] = []
+
+    def make(ipv6: bool = True) -> NoLocalhost:
+        try:
+            made.append(NoLocalhost(tmp_path / f"no-localhost-{len(made)}", ipv6=ipv6))
+        except NamespacesUnavailable as exc:
+            unavailable(str(exc))
+        return made[-1]
+
+    yield make
+    for namespaces in made:
+        namespaces.close()

@@ -10,6 +10,7 @@ test, or another server, sets.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import pty
@@ -29,8 +30,10 @@ from pathlib import Path
 import pytest
 
 from conftest import (
+    DEFAULT_POEM,
     POEMS,
     WAIT,
+    NoLocalhost,
     Server,
     clean_env,
     listening_socket,
@@ -205,6 +208,41 @@ def read_exactly(fd: int, count: int) -> bytes:
     return data
 
 
+def loopback_sockets(keep: list[socket.socket]) -> tuple[socket.socket, socket.socket | None]:
+    """Sockets bound to one port on 127.0.0.1 and on ::1 (None without IPv6), kept in ``keep``.
+
+    Bound but not listening: nobody else takes the port meanwhile, and a
+    connection to it is refused until the test listens.
+    """
+    for _ in range(100):
+        keep.append(ipv4 := socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+        ipv4.bind(("127.0.0.1", 0))
+        try:
+            keep.append(ipv6 := socket.socket(socket.AF_INET6, socket.SOCK_STREAM))
+            ipv6.bind(("::1", ipv4.getsockname()[1]))
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                return ipv4, None  # this host has no IPv6 loopback
+            continue  # taken on ::1: try another port
+        return ipv4, ipv6
+    raise AssertionError("no port free on both 127.0.0.1 and ::1")
+
+
+def serve_once(sock: socket.socket, poem: bytes) -> threading.Thread:
+    """Listen on the bound ``sock`` and send ``poem`` to its first client, from a thread."""
+    sock.listen()
+    sock.settimeout(WAIT)
+
+    def serve() -> None:
+        conn, _ = sock.accept()
+        with conn:
+            conn.sendall(poem)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return thread
+
+
 # -- poems on standard output ------------------------------------------------------
 
 
@@ -216,12 +254,86 @@ def test_one_poem_is_written_byte_for_byte(serve_foreground: ServeForeground) ->
     assert result.stderr == b""
 
 
-def test_a_port_alone_means_localhost(serve_foreground: ServeForeground) -> None:
-    """``get PORT`` fetches from localhost:PORT, as the tutorial's client did."""
+def test_a_port_alone_means_the_loopback_addresses(serve_foreground: ServeForeground) -> None:
+    """``get PORT`` fetches from PORT on this host, as the tutorial's client did."""
     _, port = serve_foreground("--poem", str(LEDGER)).address()
     result = get(str(port))
     assert result.returncode == 0, result
     assert result.stdout == LEDGER.read_bytes()
+
+
+def test_a_port_alone_is_fetched_where_localhost_resolves_to_nothing(
+    no_localhost: Callable[..., NoLocalhost], start_server: Callable[..., Server]
+) -> None:
+    """``get PORT`` and ``get localhost:PORT`` connect to 127.0.0.1 and ::1 with no lookup.
+
+    Where nothing resolves the name (a root without /etc/hosts, as
+    debootstrap's minbase makes), a lookup would fail every fetch.
+    """
+    namespaces = no_localhost()
+    server = start_server("serve", command=namespaces.command(sys.executable, "-m", "fastpoetry"))
+    server.wait_ready()
+    for address in ("10000", "localhost:10000"):
+        result = namespaces.run(*GET, address)
+        assert result.returncode == 0, result
+        assert result.stdout == DEFAULT_POEM.read_bytes()
+        assert result.stderr == b""
+
+
+def test_a_port_alone_where_nothing_listens_names_both_addresses(
+    no_localhost: Callable[..., NoLocalhost],
+) -> None:
+    """The error line says what was tried: the port on 127.0.0.1 and on ::1."""
+    result = no_localhost().run(*GET, "10000")
+    assert result.returncode == 1, result
+    assert error_lines(result) == [
+        "fastpoetry get: 127.0.0.1:10000 and [::1]:10000: connection refused"
+    ]
+
+
+def test_a_port_alone_says_which_address_failed_how_when_they_differ(
+    no_localhost: Callable[..., NoLocalhost],
+) -> None:
+    """With IPv6 disabled, each address's own reason is named in the one line."""
+    result = no_localhost(ipv6=False).run(*GET, "10000")
+    assert result.returncode == 1, result
+    [line] = error_lines(result)
+    prefix = "fastpoetry get: 127.0.0.1:10000 and [::1]:10000: connection refused on 127.0.0.1; "
+    assert line.startswith(prefix) and line.endswith(" on ::1"), line
+
+
+@needs_ipv6
+def test_a_port_alone_reaches_a_server_on_ipv6_loopback_only(keep: list[socket.socket]) -> None:
+    """Refused on 127.0.0.1, ``get PORT`` goes on to ::1."""
+    ipv4, ipv6 = loopback_sockets(keep)
+    assert ipv6 is not None
+    server = serve_once(ipv6, b"a poem on ::1 alone\n")
+    result = get(str(ipv4.getsockname()[1]))
+    assert result.returncode == 0, result
+    assert result.stdout == b"a poem on ::1 alone\n"
+    server.join(WAIT)
+
+
+@needs_ipv6
+def test_a_port_alone_does_not_wait_for_an_ipv4_loopback_that_never_answers(
+    keep: list[socket.socket],
+) -> None:
+    """127.0.0.1 silent (its queue full), ::1 serving: the poem comes from ::1 (happy eyeballs).
+
+    Trying the addresses one after the other would wait on 127.0.0.1 until
+    the timeout, and fail.
+    """
+    ipv4, ipv6 = loopback_sockets(keep)
+    assert ipv6 is not None
+    # A listener that never accepts, with its queue full: the handshake is
+    # not answered, so connecting to it never ends (as in _never_accepts).
+    ipv4.listen(0)
+    keep.append(socket.create_connection(ipv4.getsockname(), timeout=WAIT))
+    server = serve_once(ipv6, b"a poem while 127.0.0.1 is silent\n")
+    result = get("--timeout", str(WAIT), str(ipv4.getsockname()[1]))
+    assert result.returncode == 0, result
+    assert result.stdout == b"a poem while 127.0.0.1 is silent\n"
+    server.join(WAIT)
 
 
 @needs_ipv6
@@ -368,11 +480,12 @@ def _refused(fake_server: StartFake, keep: list[socket.socket]) -> Failure:
     return name, name, "connection refused"
 
 
-def _refused_on_localhost(fake_server: StartFake, keep: list[socket.socket]) -> Failure:
-    keep.append(sock := socket.socket())
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    return str(port), f"localhost:{port}", "connection refused"
+def _refused_on_loopback(fake_server: StartFake, keep: list[socket.socket]) -> Failure:
+    # A port alone is tried on both loopback addresses, and both are named.
+    # (Without IPv6 the reasons differ, and name their addresses.)
+    ipv4, _ = loopback_sockets(keep)
+    port = ipv4.getsockname()[1]
+    return str(port), f"127.0.0.1:{port} and [::1]:{port}", "connection refused"
 
 
 def _unresolvable(fake_server: StartFake, keep: list[socket.socket]) -> Failure:
@@ -409,15 +522,28 @@ def _never_accepts(fake_server: StartFake, keep: list[socket.socket]) -> Failure
     return f"{host}:{port}", f"{host}:{port}", "timed out after 1 s while connecting"
 
 
+def _never_accepts_on_loopback(fake_server: StartFake, keep: list[socket.socket]) -> Failure:
+    # The same, on both addresses a port alone stands for: the attempts
+    # racing each other are all given up at the timeout.
+    ipv4, ipv6 = loopback_sockets(keep)
+    for sock in (ipv4, ipv6):
+        if sock is not None:
+            sock.listen(0)
+            keep.append(socket.create_connection(sock.getsockname()[:2], timeout=WAIT))
+    port = ipv4.getsockname()[1]
+    return str(port), f"127.0.0.1:{port} and [::1]:{port}", "timed out after 1 s while connecting"
+
+
 FAILURES = {
     "refused": _refused,
-    "refused, a port alone": _refused_on_localhost,
+    "refused, a port alone": _refused_on_loopback,
     "unresolvable": _unresolvable,
     "never sends": _never_sends,
     "stalls part-way": _stalls_part_way,
     "resets part-way": _resets_part_way,
     "closes without a poem": _closes_without_a_poem,
     "never accepts": _never_accepts,
+    "never accepts, a port alone": _never_accepts_on_loopback,
 }
 
 

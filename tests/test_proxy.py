@@ -228,7 +228,7 @@ def local_proxy(port: int, **options: object) -> ProxyService:
 async def test_start_caches_the_exact_poem_of_a_real_server(
     serve_foreground, tmp_path: Path, proxy_log: pytest.LogCaptureFixture, host: str  # type: ignore[no-untyped-def]
 ) -> None:
-    """Started against a running server (by address or by name), the proxy holds its poem byte for byte."""
+    """Started against a running server (by address, or as localhost), the proxy holds its poem byte for byte."""
     # Larger than one read, so that the poem arrives in pieces.
     expected = make_poem(tmp_path / "poem.txt", 300_000)
     server = serve_foreground("--poem", str(tmp_path / "poem.txt"))

@@ -80,6 +80,8 @@ class ServeConfig:
     poems: Sequence[PoemSpec | UpstreamSpec] = field(
         default_factory=lambda: [PoemSpec(DEFAULT_POEM_PATH)]
     )
+    #: Where to listen without socket activation; localhost is 127.0.0.1
+    #: and ::1, never looked up (listeners.bind).
     iface: str = "localhost"
     port: int = 10000
     #: Ports of named poems without socket activation: ``{NAME: port}``.

@@ -42,7 +42,8 @@ socket unit passes and ignores --iface and --port. A socket whose
 FileDescriptorName= is NAME serves the poem given as --poem NAME=FILE; any
 other socket serves the poem given without a name, or the only poem.
 Without socket activation it listens on --iface itself: on --port N for
-the poem without a name, and on --port NAME=N for the poem named NAME.
+the poem without a name, and on --port NAME=N for the poem named NAME. The
+default --iface, localhost, is 127.0.0.1 and ::1, never looked up.
 
 Signals: SIGHUP re-reads every poem file (all are replaced, or none);
 SIGTERM and SIGINT stop accepting and let poems in flight finish within
@@ -68,8 +69,11 @@ why. A fetch that times out, is cut off, or brings something that is not a
 poem (empty, not UTF-8, over --max-poem-size) never replaces the cache.
 
 Under systemd (socket activation) it serves on the sockets the socket unit
-passes and ignores --iface and --port. SIGTERM and SIGINT stop it as they
-stop 'fastpoetry serve'.
+passes and ignores --iface and --port; without, it listens on them itself.
+SIGTERM and SIGINT stop it as they stop 'fastpoetry serve'.
+
+The host name localhost, as the default --iface or in --upstream, is
+127.0.0.1 and ::1, never looked up.
 
 Exit status: 0 after a clean shutdown, 1 when the proxy cannot start,
 2 for a usage error, 70 if it crashed.
@@ -252,12 +256,16 @@ def _add_server_options(command: argparse.ArgumentParser) -> None:
     """The options ``serve`` and ``proxy`` share: where to listen, timeouts, logging."""
     from .logs import LEVELS, TARGETS
 
+    # localhost is the loopback addresses themselves, never looked up (see
+    # listeners.LOOPBACK_ADDRESSES): the default works also where nothing
+    # resolves the name, as in a root without /etc/hosts.
     command.add_argument(
         "--iface",
         default="localhost",
         metavar="ADDR",
-        help="interface (host name or address) to listen on without socket "
-        "activation; '' for all (default: %(default)s)",
+        help="interface (address or host name) to listen on without socket "
+        "activation; '' for all, localhost for 127.0.0.1 and ::1 without a "
+        "name lookup (default: %(default)s)",
     )
     command.add_argument(
         "--shutdown-timeout",

@@ -49,8 +49,10 @@ STDOUT_FILENO = 1
 PROGRESS_INTERVAL = 0.1
 
 EPILOG = """\
-ADDRESS is HOST:PORT, [IPV6-ADDRESS]:PORT, or a PORT alone for
-localhost:PORT.
+ADDRESS is HOST:PORT, [IPV6-ADDRESS]:PORT, or a PORT alone for this host's
+loopback addresses, 127.0.0.1 and ::1. The host name localhost means the
+same: both addresses are tried (the second if the first fails or is slow
+to answer), and the name is never looked up.
 
 Every server is contacted at once, and each has --timeout seconds to send
 its whole poem. Poems are written to standard output exactly as received,
@@ -82,21 +84,28 @@ class Address(NamedTuple):
     port: int
 
     def __str__(self) -> str:
-        # The way it would be typed: IPv6 addresses in brackets.
+        from .listeners import LOOPBACK_ADDRESSES, is_localhost
+
+        # localhost as the addresses it stands for, which are what is tried
+        # (it is never looked up); the rest the way it would be typed, IPv6
+        # addresses in brackets.
+        if is_localhost(self.host):
+            return " and ".join(str(Address(address, self.port)) for address in LOOPBACK_ADDRESSES)
         if ":" in self.host:
             return f"[{self.host}]:{self.port}"
         return f"{self.host}:{self.port}"
 
 
 def parse_address(text: str) -> Address:
-    """Read ``HOST:PORT``, ``[IPV6-ADDRESS]:PORT`` or ``PORT`` (on localhost).
+    """Read ``HOST:PORT``, ``[IPV6-ADDRESS]:PORT`` or ``PORT`` (on 127.0.0.1 and ::1).
 
     Only the form is checked; whether the host exists is found out when
     connecting, and is that server's failure, not a usage error.
     """
     import ipaddress
     if text.isascii() and text.isdigit():
-        # The Twisted tutorial's client took a bare port for a local server.
+        # The Twisted tutorial's client took a bare port for a local server:
+        # localhost, which fetching takes for the loopback addresses.
         return Address("localhost", _port(text, text))
     if text.startswith("["):
         host, bracket, port = text[1:].partition("]")
@@ -158,7 +167,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=parse_address,
         nargs="+",
         metavar="ADDRESS",
-        help="a poetry server: HOST:PORT, [IPV6-ADDRESS]:PORT, or PORT on localhost",
+        help="a poetry server: HOST:PORT, [IPV6-ADDRESS]:PORT, or PORT on 127.0.0.1 and ::1",
     )
 
 

@@ -5,6 +5,10 @@ same way: connect (trying every address of the name, happy eyeballs), read
 to a clean end of stream, which is the only end-of-poem mark the protocol
 has, and take a reset as a poem cut off.  Each says what went wrong in its
 own words; the facts come from here.
+
+``localhost`` is not looked up: it stands for the loopback addresses
+themselves, as it does for ``--iface`` (:data:`.listeners.LOOPBACK_ADDRESSES`),
+so a fetch from this host works where nothing resolves the name.
 """
 
 from __future__ import annotations
@@ -12,12 +16,20 @@ from __future__ import annotations
 import errno
 import os
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import trio
 
+from .listeners import LOOPBACK_ADDRESSES, is_localhost
+
 #: The most read from a server in one call.
 RECEIVE_SIZE = 64 * 1024
+
+#: Connecting to the loopback addresses, the next one is tried this many
+#: seconds after the attempt before it began, or as soon as that attempt
+#: failed: trio.open_tcp_stream's delay for the addresses of a name.
+HAPPY_EYEBALLS_DELAY = 0.25
 
 
 @dataclass
@@ -67,12 +79,10 @@ async def fetch_poem(host: str, port: int, limit: int, transfer: Transfer | None
     closed whatever happens, cancellation included.
     """
     transfer = transfer if transfer is not None else Transfer()
-    try:
-        stream = await trio.open_tcp_stream(host, port)
-    except OSError as exc:
-        raise _connect_error(exc) from None
-    except UnicodeError:  # the name cannot even be encoded for DNS (IDNA)
-        raise ConnectError([], unresolved="not a valid host name") from None
+    if is_localhost(host):
+        stream = await _open_first(LOOPBACK_ADDRESSES, port)
+    else:
+        stream = await _open(host, port)
     transfer.connected = True
     chunks: list[bytes] = []
     async with stream:
@@ -86,6 +96,60 @@ async def fetch_poem(host: str, port: int, limit: int, transfer: Transfer | None
             chunks.append(chunk)
             transfer.received += len(chunk)
     return b"".join(chunks)
+
+
+async def _open(host: str, port: int) -> trio.SocketStream:
+    """Connect to ``host``:``port``, any of its addresses; raises :exc:`ConnectError`."""
+    try:
+        return await trio.open_tcp_stream(host, port)
+    except OSError as exc:
+        raise _connect_error(exc) from None
+    except UnicodeError:  # the name cannot even be encoded for DNS (IDNA)
+        raise ConnectError([], unresolved="not a valid host name") from None
+
+
+async def _open_first(addresses: Sequence[str], port: int) -> trio.SocketStream:
+    """Connect to whichever of the literal ``addresses`` answers first, at ``port``.
+
+    Happy eyeballs over addresses that need no lookup, as trio does over
+    those of a name: each attempt starts HAPPY_EYEBALLS_DELAY after the one
+    before, or as soon as it failed, and the first connection made wins.
+    Raises :exc:`ConnectError` once every attempt has failed, with each
+    reason naming its address unless all failed alike.
+    """
+    connected: list[trio.SocketStream] = []
+    failures: dict[str, ConnectError] = {}
+
+    async def attempt(address: str, failed: trio.Event) -> None:
+        try:
+            stream = await _open(address, port)
+        except ConnectError as exc:
+            failures[address] = exc
+            failed.set()
+            return
+        connected.append(stream)
+        nursery.cancel_scope.cancel()  # the other attempts, and the wait below
+
+    try:
+        async with trio.open_nursery() as nursery:
+            for address in addresses:
+                failed = trio.Event()
+                nursery.start_soon(attempt, address, failed)
+                with trio.move_on_after(HAPPY_EYEBALLS_DELAY):
+                    await failed.wait()
+    except BaseException:  # cancelled from outside (a timeout): nobody gets a stream
+        for stream in connected:
+            stream.socket.close()
+        raise
+    if connected:
+        # Two attempts can connect before the cancellation reaches either.
+        for stream in connected[1:]:
+            stream.socket.close()
+        return connected[0]
+    why = {address: ", ".join(failures[address].reasons) for address in addresses}
+    if len(set(why.values())) == 1:
+        raise ConnectError([why[addresses[0]]])
+    raise ConnectError([f"{text} on {address}" for address, text in why.items()])
 
 
 def reason(exc: BaseException) -> str:

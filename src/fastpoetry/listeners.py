@@ -5,6 +5,10 @@ they came from; this module is where they come from.  An adopted socket is
 shared with the service manager that passed it, so it is only ever closed
 here, never shut down, and ``listen()`` is never called on it again (that
 would override the socket unit's Backlog=).
+
+Naming addresses includes the one name fastpoetry never looks up:
+``localhost`` is the loopback addresses, here for ``--iface`` and in
+:mod:`.fetch` for the servers it connects to.
 """
 
 from __future__ import annotations
@@ -25,6 +29,14 @@ _SERVED_FAMILIES = (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX)
 # An address of a family the host cannot use (no IPv6, say) is skipped as
 # long as another address of the same interface could be bound.
 _SKIPPABLE_ERRNOS = (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL)
+
+#: What the name ``localhost`` stands for, IPv4 first: the loopback
+#: addresses themselves, never looked up.  An administrator who writes
+#: localhost means this host's loopback, not whatever a resolver answers,
+#: and there may be nothing to ask: a debootstrap minbase root has no
+#: /etc/hosts, so the name resolves to nothing there.  RFC 6761 (6.3) asks
+#: software to treat the name so, and systemd does (IPAddressAllow=localhost).
+LOOPBACK_ADDRESSES = ("127.0.0.1", "::1")
 
 
 #: accept() fails like this when the connection died while it was queued, or
@@ -51,21 +63,24 @@ class ListenerError(Exception):
     """A socket that cannot be listened on or served from."""
 
 
-def bind(iface: str, port: int) -> list[socket.socket]:
-    """Listen on every address ``iface`` resolves to, at ``port``.
+def is_localhost(host: str) -> bool:
+    """Whether ``host`` is the name ``localhost`` (in any case, with or without a final dot)."""
+    return host.lower() in ("localhost", "localhost.")
 
-    ``localhost`` gives both 127.0.0.1 and ::1; an IPv6 socket is made
-    IPv6-only so that it does not collide with the IPv4 one.  Returns the
-    listening sockets, non-blocking; raises :exc:`ListenerError` when the
-    name does not resolve or no address can be bound.
+
+def bind(iface: str, port: int) -> list[socket.socket]:
+    """Listen on every address ``iface`` stands for, at ``port``.
+
+    ``localhost`` is 127.0.0.1 and ::1 (:data:`LOOPBACK_ADDRESSES`), with
+    no name lookup; ``''`` is every address, 0.0.0.0 and ::; any other name
+    is every address it resolves to.  An IPv6 socket is made IPv6-only so
+    that it does not collide with the IPv4 one.  An address of a family the
+    host cannot use (::1 with IPv6 disabled) is skipped with a warning, as
+    long as another address could be bound.  Returns the listening
+    sockets, non-blocking; raises :exc:`ListenerError` when the name does
+    not resolve or no address can be bound.
     """
-    try:
-        infos = socket.getaddrinfo(
-            iface or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )
-    except socket.gaierror as exc:
-        raise ListenerError(f"cannot resolve --iface {iface!r}: {exc.strerror}") from None
-    addresses = list(dict.fromkeys((family, sockaddr) for family, _, _, _, sockaddr in infos))
+    addresses = _addresses(iface, port)
     listeners: list[socket.socket] = []
     skipped: list[str] = []
     try:
@@ -89,6 +104,24 @@ def bind(iface: str, port: int) -> list[socket.socket]:
     for reason in skipped:
         log.warning("not listening on %s", reason)
     return listeners
+
+
+def _addresses(
+    iface: str, port: int
+) -> list[tuple[int, tuple[str, int] | tuple[str, int, int, int]]]:
+    """The family and socket address of each address ``iface`` stands for, once each."""
+    if is_localhost(iface):
+        return [
+            (socket.AF_INET6 if ":" in address else socket.AF_INET, (address, port))
+            for address in LOOPBACK_ADDRESSES
+        ]
+    try:
+        infos = socket.getaddrinfo(
+            iface or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror as exc:
+        raise ListenerError(f"cannot resolve --iface {iface!r}: {exc.strerror}") from None
+    return list(dict.fromkeys((family, sockaddr) for family, _, _, _, sockaddr in infos))
 
 
 def adopt(fd: int) -> socket.socket:
