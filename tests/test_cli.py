@@ -22,6 +22,7 @@ from conftest import (
     DEFAULT_POEM,
     POEMS,
     WAIT,
+    NoLocalhost,
     NotifySocket,
     Server,
     clean_env,
@@ -123,8 +124,8 @@ def test_version(entry: list[str]) -> None:
 
 
 def test_version_is_the_released_one() -> None:
-    """The version the command prints is 0.1.0, the one this test suite is for."""
-    assert run("--version").stdout == "fastpoetry 0.1.0\n"
+    """The version the command prints is 0.2.0, the one this test suite is for."""
+    assert run("--version").stdout == "fastpoetry 0.2.0\n"
 
 
 @ENTRY_POINTS
@@ -311,6 +312,56 @@ def test_unresolvable_iface_is_one_error_and_exit_1(notify_socket: NotifySocket)
         env=clean_env(NOTIFY_SOCKET=notify_socket.path),
     )
     assert_failed_to_start(result, notify_socket, "cannot resolve --iface 'poetry.invalid'")
+
+
+# -- the default --iface: the loopback addresses, never looked up -----------------
+
+
+def _warnings(log: str) -> list[str]:
+    # Run as root by a root test run, it rightly says it needs no privileges.
+    return [line for line in log.splitlines() if " WARNING: " in line and "running as root" not in line]
+
+
+def test_serve_listens_on_both_loopback_addresses_where_localhost_resolves_to_nothing(
+    no_localhost: Callable[..., NoLocalhost], start_server: Callable[..., Server]
+) -> None:
+    """With no --iface, serve listens on 127.0.0.1 and ::1 without looking localhost up.
+
+    Where nothing resolves the name (a root without /etc/hosts, as
+    debootstrap's minbase makes), a lookup would fail the start.
+    """
+    namespaces = no_localhost()
+    server = start_server("serve", command=namespaces.command(*PYTHON_M))
+    server.wait_ready()
+    log = server.log()
+    assert "INFO: serving default-poem.txt on 127.0.0.1:10000\n" in log
+    assert "INFO: serving default-poem.txt on [::1]:10000\n" in log
+    assert not _warnings(log), log
+    expected = DEFAULT_POEM.read_bytes()
+    assert namespaces.fetch("127.0.0.1", 10000) == expected
+    assert namespaces.fetch("::1", 10000) == expected
+    assert terminate(server) == 0
+
+
+def test_serve_without_ipv6_listens_on_127_0_0_1_and_warns_once(
+    no_localhost: Callable[..., NoLocalhost], start_server: Callable[..., Server]
+) -> None:
+    """IPv6 disabled: the default --iface is 127.0.0.1 alone, with one warning that names ::1.
+
+    As for any address of a family the host cannot use, the start goes on
+    as long as another address could be bound.
+    """
+    namespaces = no_localhost(ipv6=False)
+    server = start_server("serve", command=namespaces.command(*PYTHON_M))
+    server.wait_ready()
+    log = server.log()
+    [warning] = _warnings(log)
+    assert re.search(r"WARNING: not listening on \[::1\]:10000 \(.+\)$", warning), warning
+    assert "INFO: serving default-poem.txt on 127.0.0.1:10000\n" in log
+    size = DEFAULT_POEM.stat().st_size
+    assert f"INFO: ready: serving default-poem.txt ({size} bytes) on 1 socket;" in log
+    assert namespaces.fetch("127.0.0.1", 10000) == DEFAULT_POEM.read_bytes()
+    assert terminate(server) == 0
 
 
 @pytest.mark.parametrize(

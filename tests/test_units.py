@@ -8,11 +8,13 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, WAIT
+from conftest import DEFAULT_POEM, REPO, WAIT, NoLocalhost, Server
 
 UNITS = REPO / "packaging" / "systemd"
 SERVICE = UNITS / "fastpoetry.service"
@@ -145,7 +147,9 @@ def test_proxy_service_is_a_notify_service_run_as_its_own_user() -> None:
     service = unit["Service"]
     assert service["Type"] == ["notify"]
     assert service["User"] == ["fastpoetry"] and service["Group"] == ["fastpoetry"]
-    assert service["ExecStart"] == ["/usr/bin/fastpoetry proxy --upstream localhost:10000"]
+    # A literal address: nothing to look up, so it works without /etc/hosts;
+    # fastpoetry.socket's [::]:10000 is dual-stack, and takes IPv4 too.
+    assert service["ExecStart"] == ["/usr/bin/fastpoetry proxy --upstream 127.0.0.1:10000"]
     assert service["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
     assert service["Restart"] == ["on-failure"] and service["RestartPreventExitStatus"] == ["1 2"]
     assert service["WatchdogSec"] == ["10s"] and service["LimitNOFILE"] == ["65536"]
@@ -167,19 +171,46 @@ def test_proxy_socket_listens_on_10001_and_is_wanted_by_sockets_target() -> None
     assert socket_unit["Install"]["WantedBy"] == ["sockets.target"]
 
 
+def test_proxy_command_fetches_from_the_local_server_where_localhost_resolves_to_nothing(
+    no_localhost: Callable[..., NoLocalhost], start_server: Callable[..., Server]
+) -> None:
+    """The proxy's ExecStart=, run where no name resolves, serves the local server's poem.
+
+    As in a root without /etc/hosts: the upstream is a literal address, and
+    the proxy listens (here, without its socket unit) on its default
+    --iface, 127.0.0.1 and ::1, which is never looked up either.
+    """
+    [command] = settings(PROXY_SERVICE)["Service"]["ExecStart"]
+    program, *args = command.split()
+    assert program == "/usr/bin/fastpoetry"
+    fastpoetry = [sys.executable, "-m", "fastpoetry"]
+    namespaces = no_localhost()
+    server = start_server("serve", command=namespaces.command(*fastpoetry))
+    server.wait_ready()
+    proxy = start_server(*args, command=namespaces.command(*fastpoetry))
+    proxy.wait_ready()
+    assert "INFO: fetched a poem from upstream 127.0.0.1:10000 " in proxy.log()
+    for host in ("127.0.0.1", "::1"):
+        assert namespaces.fetch(host, 10001) == DEFAULT_POEM.read_bytes()
+
+
 def test_package_installs_the_proxy_units_without_enabling_them() -> None:
     """Both units are installed. The socket is not enabled, is started only if the
     administrator enabled it, is stopped on removal and is not restarted on upgrade;
     the socket starts the service, and the prerm stops it after the socket.
     """
-    install = (DEBIAN / "fastpoetry.install").read_text().splitlines()
+    rules = (DEBIAN / "rules").read_text().splitlines()
+    # dh_installsystemd installs debian/fastpoetry.fastpoetry-proxy.UNIT
+    # (with --name) where the suite keeps units; the rules copy it from the
+    # tree's one copy.
     for unit in (PROXY_SOCKET, PROXY_SERVICE):
-        assert f"packaging/systemd/{unit.name} lib/systemd/system/" in install
+        assert f"\tcp packaging/systemd/{unit.name} debian/fastpoetry.{unit.name}" in rules
+    assert "lib/systemd" not in (DEBIAN / "fastpoetry.install").read_text()
     calls = {
         line.split()[-1]: set(line.split()[1:-1])
-        for line in (DEBIAN / "rules").read_text().splitlines()
+        for line in rules
         if line.strip().startswith("dh_installsystemd")
     }
-    assert calls[PROXY_SOCKET.name] == {"--no-enable", "--no-stop-on-upgrade"}
-    assert calls[PROXY_SERVICE.name] == {"--no-enable", "--no-start", "--no-stop-on-upgrade"}
+    assert calls[PROXY_SOCKET.name] == {"--name=fastpoetry-proxy", "--no-enable", "--no-stop-on-upgrade"}
+    assert calls[PROXY_SERVICE.name] == {"--name=fastpoetry-proxy", "--no-enable", "--no-start", "--no-stop-on-upgrade"}
     assert "deb-systemd-invoke stop fastpoetry-proxy.service" in (DEBIAN / "fastpoetry.prerm").read_text()

@@ -5,4 +5,4 @@ connection.  systemd provides the sockets, the user, the logging and the
 supervision; this package provides the poems.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
