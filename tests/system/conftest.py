@@ -1,17 +1,24 @@
-"""System tests: the freshly built Debian package under a real systemd.
+"""System tests: the freshly built Debian package under a real systemd, on
+Debian 12 (bookworm) and Debian 13 (trixie).
 
-One session builds the package with ``tools/build-deb``, copies a cached
-Debian 12 base image, installs the package into the copy, boots it with
-``systemd-nspawn --boot`` (systemd is PID 1 inside) and hands the tests a
-:class:`Container`.  Everything the tests do happens inside it, through
+Each suite's package is built inside a fresh root of that suite (a copy of
+debootstrap's minbase, nothing installed) by ``tools/build-deb``, as a new
+administrator would build it.  For each suite in turn, a session copies a
+cached base image of that suite, installs the package into the copy, boots
+it with ``systemd-nspawn --boot`` (systemd is PID 1 inside) and hands the
+tests a :class:`Container`: every test that takes it runs once per suite,
+its id naming the suite.  Everything the tests do happens inside, through
 ``nsenter``: systemctl, journalctl, apt-get and the poetry clients (the
 container has a private network with only ``lo``).
 
-The base image (debootstrap, minbase) is built once and cached under
-``/var/cache/fastpoetry-tests`` (``FASTPOETRY_TEST_CACHE`` moves it), keyed by
-what goes into it.  Containers live under ``/var/tmp/fastpoetry-system-tests``
-and are powered off and removed at the end of the session, also after a
+The base images and build roots (debootstrap) are made once and cached
+under ``/var/cache/fastpoetry-tests`` (``FASTPOETRY_TEST_CACHE`` moves it),
+keyed by what goes into them, with the .debs apt downloads for builds and
+the previous release's package.  Containers and build roots live under
+``/var/tmp/fastpoetry-system-tests`` and are removed at the end, also after a
 failure; one left behind by a killed session is removed by the next.
+``FASTPOETRY_TEST_SUITES=trixie`` limits a local run to one suite; under CI
+both always run.
 
 The tests need root.  Without it they skip, except under CI (``CI=true``),
 where a skip would hide them: there they fail instead, and missing host
@@ -58,8 +65,9 @@ WAIT = 120.0
 #: The port fastpoetry.socket listens on.
 PORT = 10000
 
-#: The Debian release of the base image: the one the package is built for.
-SUITE = "bookworm"
+#: The Debian releases the package is built for and tested on, with their
+#: version numbers.  Each is built and booted in a root of its own.
+SUITES = {"bookworm": "12", "trixie": "13"}
 #: Installed into the base image on top of debootstrap's minbase.  man-db lets
 #: ``systemd-analyze verify`` check the units' Documentation=man:... pages.
 BASE_PACKAGES = (
@@ -71,10 +79,12 @@ BASE_PACKAGES = (
     "python3-systemd",
     "man-db",
 )
-#: Dependencies of the package that a minimal system lacks: downloaded into
-#: the base image's apt cache but not installed, so that installing the
-#: package pulls them in as apt would, without a network.
-BASE_DOWNLOADS = ("procps",)
+#: Downloaded into the base image's apt cache but not installed, so that
+#: apt installs them in a booted box, which has no network: procps, a
+#: dependency of the package that a minimal system lacks (installing the
+#: package pulls it in as apt would), and autopkgtest with the dpkg-dev it
+#: needs for a source tree, to run the package's debian/tests.
+BASE_DOWNLOADS = ("procps", "autopkgtest", "dpkg-dev")
 
 CACHE = Path(os.environ.get("FASTPOETRY_TEST_CACHE", "/var/cache/fastpoetry-tests"))
 RUNS = Path("/var/tmp/fastpoetry-system-tests")
@@ -265,7 +275,7 @@ def _remove_stale_runs() -> None:
     if not RUNS.is_dir():
         return
     for run in RUNS.iterdir():
-        match = re.fullmatch(r"fastpoetry-(\d+)-[0-9a-f]+", run.name)
+        match = re.fullmatch(r"[a-z0-9-]+?-(\d+)-[0-9a-f]+", run.name)
         if match is None:
             continue
         pid = int(match.group(1))
@@ -279,15 +289,101 @@ def _remove_stale_runs() -> None:
 
 
 # ----------------------------------------------------------------------------
-# The package
+# Cached trees: the base images and the build roots
+
+
+def _cached_tree(config: pytest.Config, name: str, make: Callable[[Path, Path], None]) -> Path:
+    """``CACHE/name``, made by ``make(target, log)`` if it is not there yet.
+
+    It is made next to its cache entry and renamed into place only when
+    complete, under a lock, so an interrupted or concurrent build never
+    leaves half a tree where a session would use it.
+    """
+    final = CACHE / name
+    if final.is_dir():
+        return final
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with open(CACHE / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if final.is_dir():
+            return final
+        for stale in CACHE.glob(".build-*"):
+            remove_tree(stale)  # we hold the lock: nobody is building it
+        work = Path(tempfile.mkdtemp(prefix=".build-", dir=CACHE))
+        log = final.with_name(final.name + ".log")
+        log.unlink(missing_ok=True)
+        try:
+            target = work / "root"
+            say(config, f"{final} is not cached yet: making it once")
+            make(target, log)
+            os.rename(target, final)
+        finally:
+            remove_tree(work)
+    return final
+
+
+def _key(recipe: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def base_image(config: pytest.Config, suite: str) -> Path:
+    """The cached base image of ``suite`` that containers are copied from."""
+    recipe = {"suite": suite, "variant": "minbase", "include": sorted(BASE_PACKAGES),
+              "download": sorted(BASE_DOWNLOADS), "recipe": 2}
+
+    def make(target: Path, log: Path) -> None:
+        run_logged(
+            config,
+            ["debootstrap", "--variant=minbase", f"--include={','.join(BASE_PACKAGES)}", suite, str(target)],
+            log, f"Building the {suite} base image with debootstrap (a few minutes)", timeout=3600,
+        )
+        run_logged(
+            config,
+            ["chroot", str(target), "apt-get", "install", "-y", "--download-only", "--no-install-recommends",
+             *BASE_DOWNLOADS],
+            log, f"Downloading {' '.join(BASE_DOWNLOADS)} into the {suite} base image's apt cache", timeout=1800,
+        )
+
+    return _cached_tree(config, f"base-{suite}-{_key(recipe)}", make)
+
+
+def build_root(config: pytest.Config, suite: str) -> Path:
+    """The cached build root of ``suite``: debootstrap's minbase and nothing else.
+
+    Builds run in a copy, so each one starts as a fresh machine would:
+    tools/build-deb itself installs everything it needs.
+    """
+
+    def make(target: Path, log: Path) -> None:
+        run_logged(config, ["debootstrap", "--variant=minbase", suite, str(target)], log,
+                   f"Building the {suite} build root with debootstrap (a minute or two)", timeout=3600)
+
+    return _cached_tree(config, f"build-{suite}-{_key({'suite': suite, 'variant': 'minbase', 'recipe': 1})}", make)
+
+
+def apt_archives(suite: str) -> Path:
+    """A host folder that keeps ``suite``'s downloaded .debs between runs.
+
+    Bound over a build root's /var/cache/apt/archives: apt still installs
+    every package (the build still starts from nothing), it only downloads
+    each file once per machine.
+    """
+    folder = CACHE / f"apt-archives-{suite}"
+    (folder / "partial").mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+# ----------------------------------------------------------------------------
+# The packages
 
 
 @dataclass(frozen=True)
 class Package:
-    """A built .deb and the version in it."""
+    """A built .deb, the version in it, and the Debian release it was built in."""
 
     path: Path
     version: str
+    suite: str
 
 
 def changelog_version() -> str:
@@ -304,18 +400,6 @@ def upstream_version() -> str:
     match = re.search(r'^__version__ = "([^"]+)"', text, re.M)
     assert match, "no __version__ in src/fastpoetry/__init__.py"
     return match.group(1)
-
-
-@pytest.fixture(scope="session")
-def package(request: pytest.FixtureRequest, system_host: None, tmp_path_factory: pytest.TempPathFactory) -> Package:
-    """The package as ``tools/build-deb`` builds it from this checkout."""
-    out = tmp_path_factory.mktemp("deb")
-    run_logged(request.config, [str(REPO / "tools/build-deb"), str(out)], out / "build.log",
-               "Building the Debian package with tools/build-deb", timeout=1800)
-    version = changelog_version()
-    deb = out / f"fastpoetry_{version}_all.deb"
-    assert deb.is_file(), f"tools/build-deb left no {deb.name} in {out}: {sorted(p.name for p in out.iterdir())}"
-    return Package(deb, version)
 
 
 def repack(package: Package, directory: Path, version: str) -> Package:
@@ -340,58 +424,142 @@ def repack(package: Package, directory: Path, version: str) -> Package:
     deb = directory / f"fastpoetry_{version}_all.deb"
     subprocess.run(["dpkg-deb", "--root-owner-group", "-b", str(tree), str(deb)],
                    env=HOST_ENV, check=True, capture_output=True)
-    return Package(deb, version)
+    return Package(deb, version, package.suite)
 
 
-# ----------------------------------------------------------------------------
-# The base image
+def export_tree(destination: Path, revision: str | None = None) -> None:
+    """The tracked files of this checkout (or of ``revision``) as a git checkout of their own.
+
+    tools/build-deb builds from the files git tracks, so the copy gets a
+    repository of its own with every file added; without ``revision`` the
+    files are taken as they are in the work tree, uncommitted changes too.
+    """
+    destination.mkdir(parents=True)
+    git = ["git", "-C", str(REPO)]
+    if revision is None:
+        listing = subprocess.run([*git, "ls-files", "-z"], env=HOST_ENV, capture_output=True, check=True).stdout
+        archive = subprocess.run(["tar", "-C", str(REPO), "--null", "-T", "-", "-cf", "-"], input=listing,
+                                 env=HOST_ENV, capture_output=True, check=True).stdout
+    else:
+        archive = subprocess.run([*git, "archive", revision], env=HOST_ENV, capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-C", str(destination), "-xf", "-"], input=archive, env=HOST_ENV, check=True)
+    for argv in (["init", "-q"], ["add", "-A"]):
+        subprocess.run(["git", "-C", str(destination), *argv], env=HOST_ENV, check=True, capture_output=True)
 
 
-def base_image_key() -> str:
-    recipe = {"suite": SUITE, "variant": "minbase", "include": sorted(BASE_PACKAGES),
-              "download": sorted(BASE_DOWNLOADS), "recipe": 1}
-    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+def nspawn_command(root: Path, *argv: str, binds: Iterable[str] = ()) -> list[str]:
+    """Run ``argv`` in ``root`` under systemd-nspawn (not booted), with the host's network."""
+    return [
+        "systemd-nspawn", "--quiet", "--register=no", *Container.unit_option(), "--as-pid2", "--console=pipe",
+        f"--machine={root.parent.name}", "--resolv-conf=copy-host", "--directory", str(root),
+        *(f"--bind={bind}" for bind in binds),
+        "--setenv=LC_ALL=C.UTF-8", *argv,
+    ]
+
+
+#: The release the upgrade tests start from: fastpoetry 0.1.0, tagged v0.1.0.
+#: The commit is named too, in case a clone lacks the tag.
+RELEASE = ("0.1.0", "394fb8410bb8c93ae7fc4ac6e22d4b6d88ea0d7e")
+
+
+class Builder:
+    """Builds the package, each suite's in a fresh root of that suite, once a session.
+
+    :meth:`package` runs tools/build-deb inside a copy of the suite's build
+    root (nothing but debootstrap's minbase), as a new administrator would
+    on a fresh machine.  :meth:`release` is the previous release, built
+    from its own tree with its own tools/build-deb in a Debian 12 root, and
+    cached on the host, keyed by its commit.
+    """
+
+    def __init__(self, config: pytest.Config, directory: Path) -> None:
+        self.config = config
+        self.directory = directory
+        self._built: dict[str, Package] = {}
+
+    def package(self, suite: str) -> Package:
+        if suite not in self._built:
+            with self._fresh_root(suite, f"{suite}-work-tree", None) as (root, out, binds):
+                run_logged(self.config, nspawn_command(root, "/build/src/tools/build-deb", "/build/out", binds=binds),
+                           out.parent / "build.log", f"Building the package in a fresh {suite} root with tools/build-deb",
+                           timeout=1800)
+            debs = sorted(out.glob("fastpoetry_*_all.deb"))
+            assert len(debs) == 1, f"tools/build-deb left {[p.name for p in out.iterdir()]} in {out}"
+            self._built[suite] = Package(debs[0], debs[0].name.split("_")[1], suite)
+        return self._built[suite]
+
+    def release(self) -> Package:
+        """The previous release, 0.1.0, as built for Debian 12."""
+        version, commit = RELEASE
+        cached = CACHE / f"release-{commit[:12]}" / f"fastpoetry_{version}_all.deb"
+        if not cached.is_file():
+            with self._fresh_root("bookworm", f"release-{commit[:12]}", commit) as (root, out, binds):
+                log = out.parent / "build.log"
+                # The release's tools/build-deb installed only part of the
+                # build dependencies on a fresh machine (it asked dpkg which
+                # were missing before dpkg-dev was there): install them first.
+                deps = ("apt-get update -qq && apt-get install -y -qq --no-install-recommends dpkg-dev lintian git"
+                        " && mkdir /tmp/release && cp -a /build/src/packaging/debian /tmp/release/debian"
+                        " && apt-get build-dep -y -qq --no-install-recommends /tmp/release")
+                run_logged(self.config, nspawn_command(root, "/bin/sh", "-c", deps, binds=binds), log,
+                           f"Installing the build dependencies of release {version} in a fresh bookworm root", timeout=1800)
+                run_logged(self.config, nspawn_command(root, "/build/src/tools/build-deb", "/build/out", binds=binds),
+                           log, f"Building release {version} with its own tools/build-deb", timeout=1800)
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            part = cached.with_suffix(".part")
+            shutil.copy(out / cached.name, part)
+            os.rename(part, cached)
+        return Package(cached, version, "bookworm")
+
+    @contextlib.contextmanager
+    def _fresh_root(self, suite: str, name: str, revision: str | None) -> Iterator[tuple[Path, Path, tuple[str, ...]]]:
+        """A copy of ``suite``'s build root with the source exported into it.
+
+        Yields the root, the host folder the build's output lands in, and
+        the ``--bind`` arguments that put both (and the apt cache) inside.
+        """
+        folder = self.directory / name
+        source, out = folder / "src", folder / "out"
+        out.mkdir(parents=True)
+        export_tree(source, revision)
+        RUNS.mkdir(parents=True, exist_ok=True)
+        work = RUNS / f"build-{suite}-{os.getpid()}-{secrets.token_hex(3)}"
+        work.mkdir()
+        try:
+            subprocess.run(["cp", "-a", str(build_root(self.config, suite)), str(work / "root")],
+                           env=HOST_ENV, check=True)
+            yield work / "root", out, (f"{source}:/build/src", f"{out}:/build/out",
+                                       f"{apt_archives(suite)}:/var/cache/apt/archives")
+        finally:
+            remove_tree(work)
 
 
 @pytest.fixture(scope="session")
-def base_image(request: pytest.FixtureRequest, system_host: None) -> Path:
-    """The cached Debian base image; built (once, a few minutes) if missing.
+def builder(request: pytest.FixtureRequest, system_host: None, tmp_path_factory: pytest.TempPathFactory) -> Builder:
+    return Builder(request.config, tmp_path_factory.mktemp("debs"))
 
-    It is built next to the cache entry and renamed into place only when
-    complete, under a lock, so an interrupted or concurrent build never
-    leaves a half image where a session would use it.
-    """
-    final = CACHE / f"base-{SUITE}-{base_image_key()}"
-    if final.is_dir():
-        return final
-    CACHE.mkdir(parents=True, exist_ok=True)
-    with open(CACHE / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if final.is_dir():
-            return final
-        for stale in CACHE.glob(".build-*"):
-            remove_tree(stale)  # we hold the lock: nobody is building it
-        work = Path(tempfile.mkdtemp(prefix=".build-", dir=CACHE))
-        log = final.with_name(final.name + ".log")
-        log.unlink(missing_ok=True)
-        try:
-            target = work / "root"
-            say(request.config, f"the base image {final} is not cached yet: building it once")
-            run_logged(
-                request.config,
-                ["debootstrap", "--variant=minbase", f"--include={','.join(BASE_PACKAGES)}", SUITE, str(target)],
-                log, f"Building the {SUITE} base image with debootstrap (a few minutes)", timeout=3600,
-            )
-            run_logged(
-                request.config,
-                ["chroot", str(target), "apt-get", "install", "-y", "--download-only", "--no-install-recommends",
-                 *BASE_DOWNLOADS],
-                log, f"Downloading {' '.join(BASE_DOWNLOADS)} into the base image's apt cache", timeout=1800,
-            )
-            os.rename(target, final)
-        finally:
-            remove_tree(work)
-    return final
+
+def _suites() -> list[str]:
+    """The suites to test: all, or those FASTPOETRY_TEST_SUITES names (not under CI)."""
+    wanted = os.environ.get("FASTPOETRY_TEST_SUITES", "").split()
+    if os.environ.get("CI") == "true" or not wanted:
+        return list(SUITES)
+    unknown = set(wanted) - set(SUITES)
+    if unknown:
+        raise pytest.UsageError(f"FASTPOETRY_TEST_SUITES: unknown suite(s) {sorted(unknown)}; known: {list(SUITES)}")
+    return wanted
+
+
+@pytest.fixture(scope="session", params=_suites())
+def suite(request: pytest.FixtureRequest) -> str:
+    """The Debian release under test: every test that boots the package runs once per suite."""
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def package(builder: Builder, suite: str) -> Package:
+    """The package built in a fresh root of the suite under test."""
+    return builder.package(suite)
 
 
 # ----------------------------------------------------------------------------
@@ -563,7 +731,7 @@ class Container:
         self.process = subprocess.Popen(
             [
                 "systemd-nspawn", "--quiet", "--directory", str(self.root), "--machine", self.machine,
-                "--boot", "--register=no", *self._unit_option(), "--private-network", "--link-journal=no",
+                "--boot", "--register=no", *self.unit_option(), "--private-network", "--link-journal=no",
             ],
             stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, env=HOST_ENV,
             start_new_session=True,  # a ^C to pytest must not hit the container first
@@ -585,7 +753,7 @@ class Container:
         self.boot_state = wait_until(booted, "the end of the boot", interval=0.2)
 
     @staticmethod
-    def _unit_option() -> list[str]:
+    def unit_option() -> list[str]:
         # With systemd as the host's init (and its bus), nspawn asks it for a
         # scope unit of its own, which gives the container's systemd the
         # delegated cgroup it wants.  Without, it cannot, and stays in ours.
@@ -619,26 +787,43 @@ class Container:
             raise AssertionError("; ".join(problems))
 
 
-@pytest.fixture(scope="session")
-def container(request: pytest.FixtureRequest, base_image: Path, package: Package) -> Iterator[Container]:
-    """A copy of the base image with the package installed, booted.
+def installed_box(config: pytest.Config, suite: str, packages: Iterable[Package], name: str = "fastpoetry") -> Container:
+    """A copy of ``suite``'s base image with ``packages`` installed, not booted yet.
 
-    One container serves the whole session; tests run in file order and
-    leave it as they found it, apart from what they are about.
+    The caller boots it and must :meth:`Container.destroy` it.
     """
     RUNS.mkdir(parents=True, exist_ok=True)
-    box = Container(RUNS / f"fastpoetry-{os.getpid()}-{secrets.token_hex(3)}")
+    box = Container(RUNS / f"{name}-{os.getpid()}-{secrets.token_hex(3)}")
     box.directory.mkdir()
     try:
-        subprocess.run(["cp", "-a", str(base_image), str(box.root)], env=HOST_ENV, check=True)
+        subprocess.run(["cp", "-a", str(base_image(config, suite)), str(box.root)], env=HOST_ENV, check=True)
         scratch = box.root / SCRATCH.lstrip("/")
         scratch.mkdir(parents=True)
-        shutil.copy(package.path, scratch)
-        install = subprocess.run(
-            ["chroot", str(box.root), "apt-get", "install", "-y", f"{SCRATCH}/{package.path.name}"],
-            env=HOST_ENV, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600,
-        )
-        assert install.returncode == 0, f"installing the package failed:\n{install.stdout}{install.stderr}"
+        debs = []
+        for package in packages:
+            shutil.copy(package.path, scratch)
+            debs.append(f"{SCRATCH}/{package.path.name}")
+        if debs:
+            install = subprocess.run(
+                ["chroot", str(box.root), "apt-get", "install", "-y", *debs],
+                env=HOST_ENV, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600,
+            )
+            assert install.returncode == 0, f"installing {debs} failed:\n{install.stdout}{install.stderr}"
+    except BaseException:
+        box.destroy()
+        raise
+    return box
+
+
+@pytest.fixture(scope="session")
+def container(request: pytest.FixtureRequest, suite: str, package: Package) -> Iterator[Container]:
+    """A copy of the suite's base image with the suite's package installed, booted.
+
+    One container per suite serves the whole session; tests run in file
+    order and leave it as they found it, apart from what they are about.
+    """
+    box = installed_box(request.config, suite, [package])
+    try:
         say(request.config, f"booting {box.root} with systemd-nspawn")
         box.boot()
         yield box
@@ -686,7 +871,7 @@ config = json.loads(sys.argv[1])
 expected = set(config["expected"])
 lock = threading.Lock()
 stop = threading.Event()
-summary = {"ok": 0, "failed": 0, "errors": [], "digests": {}}
+summary = {"ok": 0, "failed": 0, "empty": 0, "errors": [], "digests": {}}
 
 def fetch(address):
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
@@ -715,6 +900,8 @@ def worker(address):
                 summary["digests"][digest] = summary["digests"].get(digest, 0) + 1
             else:
                 summary["failed"] += 1
+                if digest is not None and not data:
+                    summary["empty"] += 1  # a clean end with not one byte
                 if len(summary["errors"]) < 20:
                     summary["errors"].append(f"{time.strftime('%H:%M:%S')} {address}: {error}")
             done = summary["ok"] + summary["failed"]
@@ -740,7 +927,8 @@ class ClientLoop:
 
     Every reply must be one of the ``expected`` poems, whole.  Used as a
     context manager; :meth:`stop` ends it and returns the summary:
-    ``{"ok": N, "failed": N, "errors": [...], "digests": {sha256: N}}``.
+    ``{"ok": N, "failed": N, "empty": N, "errors": [...], "digests": {sha256: N}}``,
+    where ``empty`` counts the failed fetches that ended cleanly with no byte.
     """
 
     def __init__(self, container: Container, expected: Iterable[bytes], threads: int = 1,

@@ -1,0 +1,116 @@
+"""Debian 12 to 13 with fastpoetry installed, enabled and serving.
+
+An administrator's path, in a booted Debian 12 box of its own: the
+package built for 12 serves; the sources move to trixie and ``apt-get
+dist-upgrade`` brings systemd 257 and Python 3.13 while the server runs;
+then the package built for 13 replaces the one built for 12, and its units
+move from /lib (Debian 12's place) to /usr/lib (13's: /lib is only an alias
+there, DEP 17).  Afterwards every unit file is still there and dpkg knows
+it, the socket is enabled and listening, the next client starts the service
+and gets the poem, no unit has failed, and the package's modules are
+compiled for the new Python.
+
+The box has no network once booted (as every test box): the trixie
+packages are downloaded into its apt cache before it boots.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .conftest import SCRATCH, Builder, ClientLoop, Container, installed_box, run_logged
+from .test_system import PACKAGED_POEM, UNIT_DIRECTORY, UNITS, new_main_pid
+
+pytestmark = pytest.mark.system
+
+#: The modules whose bytecode must exist for the new Python (a sample: the
+#: entry point and the serving path).
+MODULES = ("__main__", "cli", "app", "stream", "systemd")
+
+
+def apt_sources_to_trixie(root: Path) -> None:
+    """Point the box's apt at trixie, as the release notes tell an administrator to."""
+    sources = root / "etc/apt/sources.list"
+    text = sources.read_text()
+    assert "bookworm" in text, text
+    sources.write_text(text.replace("bookworm", "trixie"))
+
+
+@pytest.fixture(scope="module")
+def bookworm_box(request: pytest.FixtureRequest, builder: Builder) -> Iterator[Container]:
+    """A booted Debian 12 box serving the 12 build, with trixie's packages in its apt cache."""
+    box = installed_box(request.config, "bookworm", [builder.package("bookworm")], name="dist-upgrade")
+    try:
+        apt_sources_to_trixie(box.root)
+        for argv, what in (
+            (["apt-get", "update", "-qq"], "Reading trixie's package lists into the Debian 12 box"),
+            (["apt-get", "dist-upgrade", "-y", "-qq", "--download-only"],
+             "Downloading the packages of the dist-upgrade to trixie into the box's apt cache"),
+        ):
+            run_logged(request.config, ["chroot", str(box.root), *argv], box.directory / "prepare.log", what,
+                       timeout=1800)
+        trixie = builder.package("trixie")
+        (box.root / SCRATCH.lstrip("/") / trixie.path.name).write_bytes(trixie.path.read_bytes())
+        box.boot()
+        yield box
+    finally:
+        box.destroy()
+
+
+def test_dist_upgrade_12_to_13_then_the_13_build_keeps_serving(
+    bookworm_box: Container, builder: Builder
+) -> None:
+    """12 -> 13 with the server serving, then the 13 build: units moved, socket kept, bytecode for 3.13."""
+    box = bookworm_box
+    poem = PACKAGED_POEM.read_bytes()
+    bookworm, trixie = builder.package("bookworm"), builder.package("trixie")
+    assert box.text("dpkg-query", "-W", "-f", "${Version}", "fastpoetry") == bookworm.version
+    assert box.fetch() == poem
+    old_pid = box.main_pid()
+
+    # The dist-upgrade, while clients fetch: the server keeps its code in
+    # memory and serves on.
+    with ClientLoop(box, [poem], threads=2) as loop:
+        loop.more(50)
+        box.run("apt-get", "dist-upgrade", "-y", "-o", "Dpkg::Options::=--force-confold", timeout=1800)
+        loop.more(50)
+        summary = loop.stop()
+    assert summary["failed"] == 0, f"fetches failed during the dist-upgrade: {summary}"
+    assert box.text("sh", "-c", ". /etc/os-release && echo $VERSION_CODENAME") == "trixie"
+    assert box.text("python3", "-c", "import sys; print(sys.version_info[:2] >= (3, 13))") == "True"
+    cache_tag = box.text("python3", "-c", "import sys; print(sys.implementation.cache_tag)")
+    # The 12 build is still installed; its modules must already work for
+    # the new Python, bytecode included, before anyone upgrades it.
+    compiled = box.text("sh", "-c", f"ls /usr/lib/python3/dist-packages/fastpoetry/__pycache__/ | grep -c {cache_tag} || true")
+    assert int(compiled) >= len(MODULES), f"no bytecode for {cache_tag} after the dist-upgrade ({compiled} files)"
+
+    # The 12 build to the 13 build: the units move from /lib to /usr/lib.
+    with ClientLoop(box, [poem], threads=2) as loop:
+        loop.more(50)
+        box.run("apt-get", "install", "-y", f"{SCRATCH}/{trixie.path.name}", timeout=600)
+        loop.more(50)
+        summary = loop.stop()
+    assert summary["failed"] == 0, f"fetches failed during the upgrade to the 13 build: {summary}"
+    assert box.text("dpkg-query", "-W", "-f", "${Version}", "fastpoetry") == trixie.version
+
+    for unit in UNITS:
+        path = f"{UNIT_DIRECTORY['trixie']}/{unit}"
+        assert box.run("test", "-f", path, check=False).returncode == 0, f"{path} is gone after the upgrade"
+        assert box.text("dpkg-query", "-S", path) == f"fastpoetry: {path}"
+    assert box.text("systemctl", "is-enabled", "fastpoetry.socket") == "enabled"
+    assert box.show("fastpoetry.socket", "SubState") == "listening"
+
+    # The next client starts the service, on the new code.
+    box.run("systemctl", "stop", "fastpoetry.service")
+    assert box.is_active("fastpoetry.service") == "inactive"
+    assert box.fetch() == poem
+    new_pid = new_main_pid(box, old_pid)
+    assert f"fastpoetry {trixie.version.split('+')[0]} starting" in box.journal(f"_PID={new_pid}")
+    failed = box.text("systemctl", "list-units", "--failed", "--plain", "--no-legend")
+    assert failed == "", f"failed units after the upgrade:\n{failed}"
+    for module in MODULES:
+        pyc = f"/usr/lib/python3/dist-packages/fastpoetry/__pycache__/{module}.{cache_tag}.pyc"
+        assert box.run("test", "-f", pyc, check=False).returncode == 0, f"{pyc} is missing"
