@@ -229,6 +229,37 @@ def test_units_are_installed_where_the_suite_keeps_them(container: Container, su
         assert aliased == [], f"files under the aliased /lib, /bin or /sbin (DEP 17): {aliased}"
 
 
+#: The package's modules, and the file whose change means a new default Python 3.
+MODULES = "/usr/lib/python3/dist-packages/fastpoetry"
+PYTHON_DEFAULTS = "/usr/share/python3/debian_defaults"
+
+
+def compiled_modules(container: Container) -> tuple[int, int]:
+    """(modules, those with bytecode for the box's python3), in the package's directory."""
+    tag = container.text("python3", "-c", "import sys; print(sys.implementation.cache_tag)")
+    count = container.text("sh", "-c", f'ls "$1"/*.py | wc -l; ls "$1"/__pycache__/*.{tag}.pyc 2>/dev/null | wc -l',
+                           "sh", MODULES)
+    modules, compiled = map(int, count.split())
+    return modules, compiled
+
+
+def test_modules_are_compiled_again_when_the_default_python_changes(container: Container) -> None:
+    """The unit cannot write bytecode; a dpkg trigger compiles the modules when python3's defaults change.
+
+    A 12 -> 13 upgrade may keep this package as it is while Python 3.13
+    arrives: python3-minimal's debian_defaults then changes, and the
+    trigger recompiles (test_dist_upgrade.py shows the real upgrade).
+    """
+    modules, compiled = compiled_modules(container)
+    assert modules > 0 and compiled == modules, (modules, compiled)
+    container.run("sh", "-c", 'rm -f "$1"/__pycache__/*.pyc', "sh", MODULES)
+    assert compiled_modules(container) == (modules, 0)
+    container.run("dpkg-trigger", "--no-await", PYTHON_DEFAULTS)
+    container.run("dpkg", "--triggers-only", "--pending")
+    assert container.text("dpkg-query", "-W", "-f", "${db:Status-Abbrev}", "fastpoetry") == "ii"
+    assert compiled_modules(container) == (modules, modules)
+
+
 def test_installed_units_verify_clean(container: Container) -> None:
     """systemd-analyze verify finds nothing to say about the installed units."""
     done = container.run("systemd-analyze", "verify", *unit_files(container, "fastpoetry.socket", "fastpoetry.service"),
