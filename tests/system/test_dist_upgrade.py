@@ -1,17 +1,24 @@
-"""Debian 12 to 13 with fastpoetry installed, enabled and serving.
+"""From release 0.1.0 on Debian 12 to this version on Debian 13, serving throughout.
 
-An administrator's path, in a booted Debian 12 box of its own: the
-package built for 12 serves; the sources move to trixie and ``apt-get
-dist-upgrade`` brings systemd 257 and Python 3.13 while the server runs;
-then the package built for 13 replaces the one built for 12, and its units
-move from /lib (Debian 12's place) to /usr/lib (13's: /lib is only an alias
-there, DEP 17).  Afterwards every unit file is still there and dpkg knows
-it, the socket is enabled and listening, the next client starts the service
-and gets the poem, no unit has failed, and the package's modules are
-compiled for the new Python.
+An administrator's path, in a booted Debian 12 box of its own, in order:
+
+1. 0.1.0, the previous release, serves; it is upgraded to the package
+   built for 12 while clients fetch.
+2. The sources move to trixie and ``apt-get dist-upgrade`` brings systemd
+   257 and Python 3.13 while the server runs.
+3. The package built for 13 replaces the one built for 12, and its units
+   move from /lib (Debian 12's place) to /usr/lib (13's: /lib is only an
+   alias there, DEP 17).
+
+Afterwards every unit file is still there and dpkg knows it, the socket is
+enabled and listening, the next client starts the service and gets the
+poem, no unit has failed, and the package's modules are compiled for the
+new Python.
 
 The box has no network once booted (as every test box): the trixie
-packages are downloaded into its apt cache before it boots.
+packages are downloaded into its apt cache before it boots, so its apt
+already reads trixie's package lists in step 1 (installing a local .deb
+whose dependencies are met upgrades nothing else).
 """
 
 from __future__ import annotations
@@ -21,10 +28,11 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import SCRATCH, Builder, ClientLoop, Container, installed_box, run_logged
+from .conftest import SCRATCH, Builder, ClientLoop, Container, Package, installed_box, run_logged
 from .test_system import PACKAGED_POEM, UNIT_DIRECTORY, UNITS, compiled_modules, new_main_pid
 
 pytestmark = pytest.mark.system
+
 
 def apt_sources_to_trixie(root: Path) -> None:
     """Point the box's apt at trixie, as the release notes tell an administrator to."""
@@ -36,8 +44,8 @@ def apt_sources_to_trixie(root: Path) -> None:
 
 @pytest.fixture(scope="module")
 def bookworm_box(request: pytest.FixtureRequest, builder: Builder) -> Iterator[Container]:
-    """A booted Debian 12 box serving the 12 build, with trixie's packages in its apt cache."""
-    box = installed_box(request.config, "bookworm", [builder.package("bookworm")], name="dist-upgrade")
+    """A booted Debian 12 box serving release 0.1.0, with trixie's packages and both builds at hand."""
+    box = installed_box(request.config, "bookworm", [builder.release()], name="dist-upgrade")
     try:
         apt_sources_to_trixie(box.root)
         for argv, what in (
@@ -47,12 +55,40 @@ def bookworm_box(request: pytest.FixtureRequest, builder: Builder) -> Iterator[C
         ):
             run_logged(request.config, ["chroot", str(box.root), *argv], box.directory / "prepare.log", what,
                        timeout=1800)
-        trixie = builder.package("trixie")
-        (box.root / SCRATCH.lstrip("/") / trixie.path.name).write_bytes(trixie.path.read_bytes())
+        for suite in ("bookworm", "trixie"):
+            package = builder.package(suite)
+            (box.root / SCRATCH.lstrip("/") / package.path.name).write_bytes(package.path.read_bytes())
         box.boot()
         yield box
     finally:
         box.destroy()
+
+
+def upgrade_under_load(box: Container, package: Package) -> None:
+    """``apt-get install`` ``package`` while two clients fetch: none fails, and it is installed."""
+    poem = PACKAGED_POEM.read_bytes()
+    with ClientLoop(box, [poem], threads=2) as loop:
+        loop.more(50)
+        box.run("apt-get", "install", "-y", f"{SCRATCH}/{package.path.name}", timeout=600)
+        loop.more(50)
+        summary = loop.stop()
+    assert summary["failed"] == 0, f"fetches failed during the upgrade to {package.version}: {summary}"
+    assert box.text("dpkg-query", "-W", "-f", "${Version}", "fastpoetry") == package.version
+
+
+def test_upgrade_from_release_0_1_0_on_debian_12_keeps_serving(bookworm_box: Container, builder: Builder) -> None:
+    """0.1.0 -> this version's Debian 12 build under load: no failed client, the new code serves."""
+    box = bookworm_box
+    release = builder.release()
+    assert box.text("dpkg-query", "-W", "-f", "${Version}", "fastpoetry") == release.version
+    assert box.fetch() == PACKAGED_POEM.read_bytes()
+    assert f"fastpoetry {release.version} starting" in box.journal(f"_PID={box.main_pid()}")
+    old_pid = box.main_pid()
+    upgrade_under_load(box, builder.package("bookworm"))
+    assert box.fetch() == PACKAGED_POEM.read_bytes()
+    pid = new_main_pid(box, old_pid)
+    assert f"fastpoetry {builder.package('bookworm').version.split('+')[0]} starting" in box.journal(f"_PID={pid}")
+    assert box.text("systemctl", "is-enabled", "fastpoetry.socket") == "enabled"
 
 
 def test_dist_upgrade_12_to_13_then_the_13_build_keeps_serving(
@@ -83,13 +119,7 @@ def test_dist_upgrade_12_to_13_then_the_13_build_keeps_serving(
     assert compiled == modules, f"{compiled} of {modules} modules compiled for Python 3.13 after the dist-upgrade"
 
     # The 12 build to the 13 build: the units move from /lib to /usr/lib.
-    with ClientLoop(box, [poem], threads=2) as loop:
-        loop.more(50)
-        box.run("apt-get", "install", "-y", f"{SCRATCH}/{trixie.path.name}", timeout=600)
-        loop.more(50)
-        summary = loop.stop()
-    assert summary["failed"] == 0, f"fetches failed during the upgrade to the 13 build: {summary}"
-    assert box.text("dpkg-query", "-W", "-f", "${Version}", "fastpoetry") == trixie.version
+    upgrade_under_load(box, trixie)
 
     for unit in UNITS:
         path = f"{UNIT_DIRECTORY['trixie']}/{unit}"
