@@ -292,13 +292,20 @@ def _remove_stale_runs() -> None:
 # Cached trees: the base images and the build roots
 
 
-def _cached_tree(config: pytest.Config, name: str, make: Callable[[Path, Path], None]) -> Path:
-    """``CACHE/name``, made by ``make(target, log)`` if it is not there yet.
+#: A cached tree of another recipe is removed once it is this many seconds
+#: old: long enough for a session still copying it to finish.
+STALE_TREE_AGE = 3600
+
+
+def _cached_tree(config: pytest.Config, family: str, key: str, make: Callable[[Path, Path], None]) -> Path:
+    """``CACHE/family-key``, made by ``make(target, log)`` if it is not there yet.
 
     It is made next to its cache entry and renamed into place only when
     complete, under a lock, so an interrupted or concurrent build never
-    leaves half a tree where a session would use it.
+    leaves half a tree where a session would use it.  Trees of the same
+    family with another key (an older recipe) are removed then.
     """
+    name = f"{family}-{key}"
     final = CACHE / name
     if final.is_dir():
         return final
@@ -319,6 +326,11 @@ def _cached_tree(config: pytest.Config, name: str, make: Callable[[Path, Path], 
             os.rename(target, final)
         finally:
             remove_tree(work)
+        for other in CACHE.glob(f"{family}-*"):
+            if other.is_dir() and other != final and time.time() - other.stat().st_mtime > STALE_TREE_AGE:
+                with contextlib.suppress(OSError, AssertionError, subprocess.CalledProcessError):
+                    remove_tree(other)
+                    other.with_name(other.name + ".log").unlink(missing_ok=True)
     return final
 
 
@@ -344,7 +356,7 @@ def base_image(config: pytest.Config, suite: str) -> Path:
             log, f"Downloading {' '.join(BASE_DOWNLOADS)} into the {suite} base image's apt cache", timeout=1800,
         )
 
-    return _cached_tree(config, f"base-{suite}-{_key(recipe)}", make)
+    return _cached_tree(config, f"base-{suite}", _key(recipe), make)
 
 
 def build_root(config: pytest.Config, suite: str) -> Path:
@@ -358,7 +370,7 @@ def build_root(config: pytest.Config, suite: str) -> Path:
         run_logged(config, ["debootstrap", "--variant=minbase", suite, str(target)], log,
                    f"Building the {suite} build root with debootstrap (a minute or two)", timeout=3600)
 
-    return _cached_tree(config, f"build-{suite}-{_key({'suite': suite, 'variant': 'minbase', 'recipe': 1})}", make)
+    return _cached_tree(config, f"build-{suite}", _key({"suite": suite, "variant": "minbase", "recipe": 1}), make)
 
 
 def apt_archives(suite: str) -> Path:
@@ -447,19 +459,36 @@ def export_tree(destination: Path, revision: str | None = None) -> None:
         subprocess.run(["git", "-C", str(destination), *argv], env=HOST_ENV, check=True, capture_output=True)
 
 
-def nspawn_command(root: Path, *argv: str, binds: Iterable[str] = ()) -> list[str]:
-    """Run ``argv`` in ``root`` under systemd-nspawn (not booted), with the host's network."""
+def nspawn_command(root: Path, *argv: str, binds: Iterable[str] = (), options: Iterable[str] = ()) -> list[str]:
+    """Run ``argv`` in ``root`` under systemd-nspawn (not booted), with the host's network.
+
+    ``options`` go to systemd-nspawn: ``--private-network`` for none,
+    ``--chdir=DIR`` to start elsewhere than in /.
+    """
     return [
         "systemd-nspawn", "--quiet", "--register=no", *Container.unit_option(), "--as-pid2", "--console=pipe",
         f"--machine={root.parent.name}", "--resolv-conf=copy-host", "--directory", str(root),
-        *(f"--bind={bind}" for bind in binds),
+        *(f"--bind={bind}" for bind in binds), *options,
         "--setenv=LC_ALL=C.UTF-8", *argv,
     ]
 
 
+@contextlib.contextmanager
+def fresh_root(config: pytest.Config, suite: str) -> Iterator[Path]:
+    """A copy of ``suite``'s build root (debootstrap's minbase), removed afterwards."""
+    RUNS.mkdir(parents=True, exist_ok=True)
+    work = RUNS / f"build-{suite}-{os.getpid()}-{secrets.token_hex(3)}"
+    work.mkdir()
+    try:
+        subprocess.run(["cp", "-a", str(build_root(config, suite)), str(work / "root")], env=HOST_ENV, check=True)
+        yield work / "root"
+    finally:
+        remove_tree(work)
+
+
 #: The release the upgrade tests start from: fastpoetry 0.1.0, tagged v0.1.0.
 #: The commit is named too, in case a clone lacks the tag.
-RELEASE = ("0.1.0", "394fb8410bb8c93ae7fc4ac6e22d4b6d88ea0d7e")
+RELEASE = ("0.1.0", "394fb84315992d9a4fc4f5867a8c459746616db4")
 
 
 class Builder:
@@ -513,25 +542,19 @@ class Builder:
 
     @contextlib.contextmanager
     def _fresh_root(self, suite: str, name: str, revision: str | None) -> Iterator[tuple[Path, Path, tuple[str, ...]]]:
-        """A copy of ``suite``'s build root with the source exported into it.
+        """A fresh root of ``suite`` with the source exported into it.
 
         Yields the root, the host folder the build's output lands in, and
         the ``--bind`` arguments that put both (and the apt cache) inside.
         """
         folder = self.directory / name
+        if folder.exists():  # an earlier attempt's, which failed
+            shutil.rmtree(folder)
         source, out = folder / "src", folder / "out"
         out.mkdir(parents=True)
         export_tree(source, revision)
-        RUNS.mkdir(parents=True, exist_ok=True)
-        work = RUNS / f"build-{suite}-{os.getpid()}-{secrets.token_hex(3)}"
-        work.mkdir()
-        try:
-            subprocess.run(["cp", "-a", str(build_root(self.config, suite)), str(work / "root")],
-                           env=HOST_ENV, check=True)
-            yield work / "root", out, (f"{source}:/build/src", f"{out}:/build/out",
-                                       f"{apt_archives(suite)}:/var/cache/apt/archives")
-        finally:
-            remove_tree(work)
+        with fresh_root(self.config, suite) as root:
+            yield root, out, (f"{source}:/build/src", f"{out}:/build/out", f"{apt_archives(suite)}:/var/cache/apt/archives")
 
 
 @pytest.fixture(scope="session")
