@@ -505,6 +505,8 @@ class Builder:
         self.config = config
         self.directory = directory
         self._built: dict[str, Package] = {}
+        #: Each suite's build log: tools/build-deb's output, lintian's included.
+        self.logs: dict[str, Path] = {}
 
     def package(self, suite: str) -> Package:
         if suite not in self._built:
@@ -512,6 +514,7 @@ class Builder:
                 run_logged(self.config, nspawn_command(root, "/build/src/tools/build-deb", "/build/out", binds=binds),
                            out.parent / "build.log", f"Building the package in a fresh {suite} root with tools/build-deb",
                            timeout=1800)
+            self.logs[suite] = out.parent / "build.log"
             debs = sorted(out.glob("fastpoetry_*_all.deb"))
             assert len(debs) == 1, f"tools/build-deb left {[p.name for p in out.iterdir()]} in {out}"
             self._built[suite] = Package(debs[0], debs[0].name.split("_")[1], suite)

@@ -126,11 +126,11 @@ def test_dist_upgrade_12_to_13_then_the_13_build_keeps_serving(
         assert box.run("test", "-f", path, check=False).returncode == 0, f"{path} is gone after the upgrade"
         assert box.text("dpkg-query", "-S", path) == f"fastpoetry: {path}"
     assert box.text("systemctl", "is-enabled", "fastpoetry.socket") == "enabled"
-    assert box.show("fastpoetry.socket", "SubState") == "listening"
 
     # The next client starts the service, on the new code.
     box.run("systemctl", "stop", "fastpoetry.service")
     assert box.is_active("fastpoetry.service") == "inactive"
+    assert box.show("fastpoetry.socket", "SubState") == "listening"
     assert box.fetch() == poem
     new_pid = new_main_pid(box, old_pid)
     assert f"fastpoetry {trixie.version.split('+')[0]} starting" in box.journal(f"_PID={new_pid}")
