@@ -398,14 +398,6 @@ class Package:
     suite: str
 
 
-def changelog_version() -> str:
-    done = subprocess.run(
-        ["dpkg-parsechangelog", "-l", str(REPO / "packaging/debian/changelog"), "-S", "Version"],
-        env=HOST_ENV, capture_output=True, text=True, check=True,
-    )
-    return done.stdout.strip()
-
-
 def upstream_version() -> str:
     """fastpoetry.__version__, as the server logs it."""
     text = (REPO / "src/fastpoetry/__init__.py").read_text()
@@ -486,8 +478,9 @@ def fresh_root(config: pytest.Config, suite: str) -> Iterator[Path]:
         remove_tree(work)
 
 
-#: The release the upgrade tests start from: fastpoetry 0.1.0, tagged v0.1.0.
-#: The commit is named too, in case a clone lacks the tag.
+#: The release the upgrade tests start from: fastpoetry 0.1.0, tagged v0.1.0,
+#: named here by its commit, which every clone of main has (a tag may not
+#: have been fetched).
 RELEASE = ("0.1.0", "394fb84315992d9a4fc4f5867a8c459746616db4")
 
 
