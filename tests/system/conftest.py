@@ -85,6 +85,10 @@ BASE_PACKAGES = (
 #: package pulls it in as apt would), and autopkgtest with the dpkg-dev it
 #: needs for a source tree, to run the package's debian/tests.
 BASE_DOWNLOADS = ("procps", "autopkgtest", "dpkg-dev")
+#: Downloaded with their Recommends, which a plain ``apt-get install
+#: fastpoetry`` (the README's, from the repository) installs too: procps
+#: recommends psmisc, and on 13 also linux-sysctl-defaults.
+BASE_DOWNLOADS_WITH_RECOMMENDS = ("procps",)
 
 CACHE = Path(os.environ.get("FASTPOETRY_TEST_CACHE", "/var/cache/fastpoetry-tests"))
 RUNS = Path("/var/tmp/fastpoetry-system-tests")
@@ -97,6 +101,11 @@ HOST_TOOLS = {
     "nsenter": "util-linux",
     "dpkg-deb": "dpkg",
     "chroot": "coreutils",
+    "apt-ftparchive": "apt-utils",
+    "gpg": "gpg",
+    "gpg-agent": "gpg-agent",
+    "gpgv": "gpgv",
+    "xz": "xz-utils",
 }
 
 #: The environment of host commands: Debian's tools, not a virtualenv's.
@@ -341,7 +350,8 @@ def _key(recipe: dict[str, Any]) -> str:
 def base_image(config: pytest.Config, suite: str) -> Path:
     """The cached base image of ``suite`` that containers are copied from."""
     recipe = {"suite": suite, "variant": "minbase", "include": sorted(BASE_PACKAGES),
-              "download": sorted(BASE_DOWNLOADS), "recipe": 2}
+              "download": sorted(BASE_DOWNLOADS), "recommended": sorted(BASE_DOWNLOADS_WITH_RECOMMENDS),
+              "recipe": 2}
 
     def make(target: Path, log: Path) -> None:
         run_logged(
@@ -354,6 +364,11 @@ def base_image(config: pytest.Config, suite: str) -> Path:
             ["chroot", str(target), "apt-get", "install", "-y", "--download-only", "--no-install-recommends",
              *BASE_DOWNLOADS],
             log, f"Downloading {' '.join(BASE_DOWNLOADS)} into the {suite} base image's apt cache", timeout=1800,
+        )
+        run_logged(
+            config,
+            ["chroot", str(target), "apt-get", "install", "-y", "--download-only", *BASE_DOWNLOADS_WITH_RECOMMENDS],
+            log, f"Downloading {' '.join(BASE_DOWNLOADS_WITH_RECOMMENDS)} and what it recommends", timeout=1800,
         )
 
     return _cached_tree(config, f"base-{suite}", _key(recipe), make)
