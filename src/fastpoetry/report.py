@@ -174,17 +174,23 @@ class WorkersReporter(_Announcer):
     def poems_in_flight(self) -> int:
         return sum(report.poems_in_flight for report in self.reports)
 
+    @property
+    def reload_failure(self) -> str | None:
+        """Why the last reload failed, in any worker (and in how many, if not all), or None."""
+        failures = [report.reload_failure for report in self.reports if report.reload_failure]
+        if not failures:
+            return None
+        if len(failures) == len(self.reports):
+            return failures[0]
+        # Each worker reads the files itself: one may have read a file
+        # before it was changed, another after.
+        return f"{failures[0]} (in {len(failures)} of {count(len(self.reports), 'worker')})"
+
     def status(self) -> str:
         """``Serving lantern.txt (812 bytes) on 1 socket with 2 workers; 7 poems served``."""
         workers = count(len(self.reports), "worker")
         line = f"{self.reports[0].serving} with {workers}; {count(self.poems_served, 'poem')} served"
-        failures = [report.reload_failure for report in self.reports if report.reload_failure]
-        failure = failures[0] if failures else None
-        if failure and len(failures) < len(self.reports):
-            # Each worker reads the files itself: one may have read a file
-            # before it was changed, another after.
-            failure += f" (in {len(failures)} of {workers})"
-        return _with_failure(line, failure)
+        return _with_failure(line, self.reload_failure)
 
 
 def _with_failure(line: str, failure: str | None) -> str:
