@@ -82,7 +82,7 @@ def test_service_is_a_notify_service_run_as_its_own_user() -> None:
     service = settings(SERVICE)["Service"]
     assert service["Type"] == ["notify"]
     assert service["User"] == ["fastpoetry"] and service["Group"] == ["fastpoetry"]
-    assert service["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+    assert service["ExecReload"] == ["/usr/bin/fastpoetry reload"]
     assert service["ExecStart"][0].startswith("/usr/bin/fastpoetry serve --poem /usr/share/fastpoetry/poems/")
     assert service["Restart"] == ["on-failure"] and "WatchdogSec" in service
     # The socket starts the service: it has no [Install] of its own.
@@ -150,7 +150,7 @@ def test_proxy_service_is_a_notify_service_run_as_its_own_user() -> None:
     # A literal address: nothing to look up, so it works without /etc/hosts;
     # fastpoetry.socket's [::]:10000 is dual-stack, and takes IPv4 too.
     assert service["ExecStart"] == ["/usr/bin/fastpoetry proxy --upstream 127.0.0.1:10000"]
-    assert service["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+    assert service["ExecReload"] == ["/usr/bin/fastpoetry reload"]
     assert service["Restart"] == ["on-failure"] and service["RestartPreventExitStatus"] == ["1 2"]
     assert service["WatchdogSec"] == ["10s"] and service["LimitNOFILE"] == ["65536"]
     assert unit["Unit"]["Documentation"] == ["man:fastpoetry(8)"]

@@ -11,9 +11,10 @@ deeper so that several poems can be served side by side::
       TimerService "status"
       TimerService "summary"
 
-Start-up reads every poem and takes every socket before READY=1; SIGHUP
-reloads the poems; SIGTERM or SIGINT stops accepting and lets the poems in
-flight finish within the shutdown timeout.
+Start-up reads every poem and takes every socket before READY=1; SIGHUP,
+or a request on the control socket (:mod:`.control`, which also gets the
+outcome back), reloads the poems; SIGTERM or SIGINT stops accepting and
+lets the poems in flight finish within the shutdown timeout.
 
 With ``serve --workers N`` each worker process runs this tree too, on the
 sockets and poems its main process took and read (:func:`prepare`), and is
@@ -24,6 +25,7 @@ asked to reload or stop by the main process instead of by signals alone;
 from __future__ import annotations
 
 import logging
+import math
 import os
 import resource
 import signal
@@ -34,7 +36,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from . import __version__, listeners, systemd
+from . import __version__, control, listeners, systemd
 from .poetry import (
     DEFAULT_MAX_POEM_SIZE,
     DEFAULT_POEM_PATH,
@@ -94,6 +96,8 @@ class ServeConfig:
     summary_interval: float = 60.0
     #: Processes serving side by side (``serve --workers``); 1 is this one alone.
     workers: int = 1
+    #: The control socket to take reload requests on (:mod:`.control`), or None.
+    control: str | None = None
 
 
 class StartupError(Exception):
@@ -107,24 +111,52 @@ class Request:
     reload: bool
     #: What came, as the log names it: ``SIGTERM``, ``a stop request from ...``.
     what: str
+    #: Where a reload's outcome goes, when someone waits for it (the control socket).
+    outcome: control.Outcome | None = None
+
+    def answer(self, failure: str | None) -> None:
+        """Tell whoever waits how the request ended: None for success, else why not."""
+        if self.outcome is not None:
+            self.outcome.set(failure)
 
 
-class SignalRequests:
-    """The handled signals as requests: SIGHUP reloads, SIGTERM and SIGINT stop.
+def open_requests() -> tuple[trio.MemorySendChannel, trio.MemoryReceiveChannel]:
+    """The channel that brings a server its requests, from signals and the control
+    socket, in the order they came."""
+    return trio.open_memory_channel(math.inf)
 
-    An async iterator over ``signals`` (trio's signal receiver) that may be
-    iterated again after a ``break``, as shutting down does.
+
+async def relay_signals(signals: AsyncIterator[int], send: trio.MemorySendChannel) -> None:
+    """Pass the handled signals on as requests: SIGHUP reloads, SIGTERM and SIGINT stop."""
+    async for signum in signals:
+        send.send_nowait(Request(reload=signum == signal.SIGHUP, what=signal.Signals(signum).name))
+
+
+def bind_control(config: ServeConfig) -> socket.socket | None:
+    """The control socket ``config.control`` asks for, listening; None if it asks for none.
+
+    Raises :exc:`StartupError` when it cannot be made.
     """
+    if config.control is None:
+        return None
+    try:
+        return control.bind(config.control)
+    except control.ControlError as exc:
+        raise StartupError(str(exc)) from None
 
-    def __init__(self, signals: AsyncIterator[int]) -> None:
-        self._signals = signals
 
-    def __aiter__(self) -> SignalRequests:
-        return self
+async def serve_control(
+    config: ServeConfig, sock: socket.socket | None, nursery: trio.Nursery, send: trio.MemorySendChannel
+) -> None:
+    """Take reload requests on ``sock`` (from :func:`bind_control`) into ``send``."""
+    if sock is None or config.control is None:
+        return
 
-    async def __anext__(self) -> Request:
-        signum = await self._signals.__anext__()
-        return Request(reload=signum == signal.SIGHUP, what=signal.Signals(signum).name)
+    def submit(what: str, outcome: control.Outcome) -> None:
+        send.send_nowait(Request(reload=True, what=what, outcome=outcome))
+
+    await nursery.start(control.serve, sock, config.control, submit)
+    log.info("taking reload requests on %s", config.control)
 
 
 @dataclass
@@ -203,20 +235,27 @@ async def _serve(config: ServeConfig) -> int:
     with trio.open_signal_receiver(*SIGNALS) as signals:
         # Signals held back since start-up are delivered now, to the receiver.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
+        send, requests = open_requests()
         async with trio.open_nursery() as nursery:
-            status = await _run_until_stopped(config, nursery, SignalRequests(signals))
+            nursery.start_soon(relay_signals, signals, send)
+            status = await _run_until_stopped(config, nursery, send, requests)
             nursery.cancel_scope.cancel()
         return status
 
 
 async def _run_until_stopped(
-    config: ServeConfig, nursery: trio.Nursery, requests: AsyncIterator[Request]
+    config: ServeConfig,
+    nursery: trio.Nursery,
+    send: trio.MemorySendChannel,
+    requests: AsyncIterator[Request],
 ) -> int:
     begin()
     try:
         server = await _start(config, nursery)
+        sock = bind_control(config)
     except StartupError as exc:
         return fail_to_start(exc)
+    await serve_control(config, sock, nursery, send)
     await _serve_until_stopped(server, config.shutdown_timeout, requests)
     return 0
 
@@ -265,7 +304,7 @@ async def _serve_until_stopped(
     server.reporter.ready()
     async for request in requests:
         if request.reload:
-            await _reload(server, request)
+            request.answer(await _reload(server, request))
             continue
         log.info("received %s: shutting down", request.what)
         break
@@ -513,11 +552,13 @@ async def _build(
     return _Server(app, poets, proxies, tally)
 
 
-async def _reload(server: _Server, request: Request) -> None:
-    """Re-read every poem file, and fetch from every upstream.
+async def _reload(server: _Server, request: Request) -> str | None:
+    """Re-read every poem file, and fetch from every upstream; return why it failed, or None.
 
     Poem files are replaced all or none: the new ones are served only if
     every one could be read. An upstream that fails keeps its cached poem.
+    READY=1 is sent before this returns: whoever waits for the outcome
+    hears of it only once systemd has.
     """
     log.info(
         "received %s: reloading %s",
@@ -540,6 +581,7 @@ async def _reload(server: _Server, request: Request) -> None:
             failures.append(f"upstream {proxy.label}: {proxy.last_error}")
     server.reporter.reload_failure = "; ".join(failures) or None
     server.reporter.ready()
+    return server.reporter.reload_failure
 
 
 async def _shut_down(
@@ -577,3 +619,4 @@ async def _cut_short_on_request(
             grace.cancel()
             return
         log.info("ignoring %s while shutting down", request.what)
+        request.answer("the server is shutting down")

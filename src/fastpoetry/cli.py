@@ -1,4 +1,4 @@
-"""The ``fastpoetry`` command line: ``serve``, ``proxy`` and ``get``.
+"""The ``fastpoetry`` command line: ``serve``, ``proxy``, ``reload`` and ``get``.
 
 Usage errors (an unknown option, a bad port) exit with status 2, runtime
 errors (a poem that cannot be read, a port in use) with status 1; either way
@@ -45,15 +45,18 @@ Without socket activation it listens on --iface itself: on --port N for
 the poem without a name, and on --port NAME=N for the poem named NAME. The
 default --iface, localhost, is 127.0.0.1 and ::1, never looked up.
 
-Signals: SIGHUP re-reads every poem file (all are replaced, or none);
-SIGTERM and SIGINT stop accepting and let poems in flight finish within
---shutdown-timeout.
+Reload: 'fastpoetry reload' (the unit's ExecReload=, so 'systemctl reload')
+re-reads every poem file, all are replaced or none, and returns once they
+are served, or fails with the reason. SIGHUP does the same without telling
+anyone the outcome. SIGTERM and SIGINT stop accepting and let poems in
+flight finish within --shutdown-timeout.
 
 With --workers N, the process started takes the sockets and reads the
 poems, then starts N worker processes that serve on the same sockets. It
-passes the signals it gets on to them (send signals to it, the unit's main
-process); each worker re-reads the poem files itself. If a worker dies, it
-stops the others and exits with status 70.
+passes reloads and stops on to them (signal it, the unit's main process);
+each worker re-reads the poem files itself, and a reload succeeds only if
+it did in every worker. If a worker dies, it stops the others and exits
+with status 70.
 
 Exit status: 0 after a clean shutdown, 1 when the server cannot start,
 2 for a usage error, 70 if it crashed.
@@ -62,7 +65,8 @@ Exit status: 0 after a clean shutdown, 1 when the server cannot start,
 
 _PROXY_EPILOG = """\
 The proxy fetches the upstream's poem when it starts, every --refresh
-seconds, and at once on SIGHUP, and serves the poem it fetched last. When
+seconds, and at once on 'fastpoetry reload' (which fails if the fetch does)
+or SIGHUP, and serves the poem it fetched last. When
 the upstream cannot be reached it keeps serving that poem and logs a
 warning; with no poem fetched yet it closes each client at once and logs
 why. A fetch that times out, is cut off, or brings something that is not a
@@ -77,6 +81,22 @@ The host name localhost, as the default --iface or in --upstream, is
 
 Exit status: 0 after a clean shutdown, 1 when the proxy cannot start,
 2 for a usage error, 70 if it crashed.
+"""
+
+
+_RELOAD_EPILOG = """\
+The server takes reload requests on its control socket: 'control' in the
+folder systemd made for its unit (RuntimeDirectory=, passed on as
+RUNTIME_DIRECTORY to ExecStart= and ExecReload= alike), or the --control it
+was started with. The packaged units run 'fastpoetry reload' as their
+ExecReload=, so 'systemctl reload fastpoetry' waits for the outcome and
+fails, with the reason in the journal and 'systemctl status', when a poem
+cannot be loaded (or, for the proxy, the upstream cannot be fetched from).
+The old poems are served meanwhile and stay when the reload fails.
+
+Exit status: 0 once the new poems are served, 1 if the reload failed or no
+server answered (the reason on standard error), 2 for a usage error, 130 if
+interrupted.
 """
 
 
@@ -239,6 +259,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_server_options(proxy)
 
+    reload = commands.add_parser(
+        "reload",
+        help="have a running server re-read its poems, and wait for the outcome",
+        description="Ask a running fastpoetry server (or proxy) to reload its poems, and\n"
+        "wait until the new poems are served or the reload has failed.",
+        epilog=_RELOAD_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    reload.set_defaults(command_parser=reload)
+    reload.add_argument(
+        "--control",
+        metavar="PATH",
+        help="the server's control socket (default: control in $RUNTIME_DIRECTORY, "
+        "as under the server's unit)",
+    )
+    reload.add_argument(
+        "--timeout",
+        type=_seconds,
+        metavar="SECONDS",
+        help="give up after SECONDS (default: wait for the answer; under systemd "
+        "the unit's TimeoutStartSec= ends a reload that takes too long)",
+    )
+
     get = commands.add_parser(
         "get",
         help="fetch poems from poetry servers and print them",
@@ -266,6 +309,13 @@ def _add_server_options(command: argparse.ArgumentParser) -> None:
         help="interface (address or host name) to listen on without socket "
         "activation; '' for all, localhost for 127.0.0.1 and ::1 without a "
         "name lookup (default: %(default)s)",
+    )
+    command.add_argument(
+        "--control",
+        metavar="PATH",
+        help="take reload requests ('fastpoetry reload') on the AF_UNIX socket PATH, "
+        "'' for none (default: control in $RUNTIME_DIRECTORY, the folder the unit's "
+        "RuntimeDirectory= makes; none outside such a unit)",
     )
     command.add_argument(
         "--shutdown-timeout",
@@ -335,6 +385,10 @@ def _main(argv: Sequence[str] | None) -> int:
         return _serve(args.command_parser, args)
     if args.command == "proxy":
         return _proxy(args.command_parser, args)
+    if args.command == "reload":
+        from . import control
+
+        return control.main(args.control, args.timeout)
     if args.command == "get":
         from . import client
 
@@ -387,6 +441,7 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         max_poem_size=args.max_poem_size,
         summary_interval=args.summary_interval,
         workers=args.workers,
+        control=_control(args.control),
     )
     return _run(config)
 
@@ -407,8 +462,18 @@ def _proxy(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         always_linger=args.linger == "always",
         max_poem_size=args.max_poem_size,
         summary_interval=args.summary_interval,
+        control=_control(args.control),
     )
     return _run(config)
+
+
+def _control(path: str | None) -> str | None:
+    """The control socket to listen on: --control, or the unit's default; '' is none."""
+    from . import control
+
+    if path is None:
+        return control.default_path()
+    return path or None
 
 
 def _run(config) -> int:  # config: app.ServeConfig, imported late

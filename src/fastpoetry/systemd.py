@@ -90,6 +90,18 @@ def watchdog_interval() -> float | None:
     return microseconds / 2_000_000
 
 
+def runtime_directory() -> str | None:
+    """The folder systemd made for this unit under /run, or None outside one.
+
+    systemd.exec(5): RuntimeDirectory= makes it, owned by the unit's user,
+    and sets RUNTIME_DIRECTORY to its path, for ExecStart= and ExecReload=
+    alike (several paths, colon-separated, when the unit names several: the
+    first is taken).
+    """
+    first = os.environ.get("RUNTIME_DIRECTORY", "").split(":", 1)[0]
+    return first or None
+
+
 def notify_ready(status: str) -> None:
     """Tell systemd start-up or a reload is complete (sd_notify(3) READY=1)."""
     _notify(f"READY=1\nSTATUS={status}")

@@ -80,14 +80,18 @@ def run(config: app.ServeConfig) -> int:
         app.begin()
         try:
             prepared = app.prepare(config)
+            control = app.bind_control(config)
         except app.StartupError as exc:
             return app.fail_to_start(exc)
         _warn_if_more_than_cores(config.workers)
         watchdog = systemd.watchdog_interval()
         heartbeat = REPORT_INTERVAL if watchdog is None else min(REPORT_INTERVAL, watchdog / 4)
         try:
-            team = _fork_workers(config, prepared, heartbeat)
+            team = _fork_workers(config, prepared, heartbeat, control)
         except app.StartupError as exc:
+            if control is not None:
+                control.close()
+                os.unlink(config.control)
             return app.fail_to_start(exc)
         finally:
             # Only the workers accept; a socket systemd passed stays open in
@@ -96,7 +100,7 @@ def run(config: app.ServeConfig) -> int:
                 sock.close()
         pids = ", ".join(str(worker.pid) for worker in team)
         log.info("started %s (PIDs %s)", count(len(team), "worker"), pids)
-        return trio.run(_supervise, config, team, watchdog)
+        return trio.run(_supervise, config, team, watchdog, control)
 
 
 def _warn_if_more_than_cores(workers: int) -> None:
@@ -208,7 +212,7 @@ class _Worker:
 
 
 def _fork_workers(
-    config: app.ServeConfig, prepared: app.Prepared, heartbeat: float
+    config: app.ServeConfig, prepared: app.Prepared, heartbeat: float, control: socket.socket | None
 ) -> list[_Worker]:
     """Fork ``config.workers`` workers; in each of them, never return.
 
@@ -218,7 +222,7 @@ def _fork_workers(
     team: list[_Worker] = []
     for number in range(1, config.workers + 1):
         try:
-            team.append(_fork(number, config, prepared, heartbeat, team))
+            team.append(_fork(number, config, prepared, heartbeat, team, control))
         except OSError as exc:
             for worker in team:
                 worker.link.send("stop")
@@ -236,6 +240,7 @@ def _fork(
     prepared: app.Prepared,
     heartbeat: float,
     team: Sequence[_Worker],
+    control: socket.socket | None,
 ) -> _Worker:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
@@ -248,6 +253,8 @@ def _fork(
         theirs.close()
         raise
     if pid == 0:
+        if control is not None:
+            control.close()  # the main process's: it takes the reload requests
         _be_worker(number, config, prepared, heartbeat, theirs, ours, team)
     theirs.close()
     try:
@@ -411,12 +418,18 @@ class _Requests:
 # -- the main process --------------------------------------------------------------
 
 
-async def _supervise(config: app.ServeConfig, team: list[_Worker], watchdog: float | None) -> int:
+async def _supervise(
+    config: app.ServeConfig, team: list[_Worker], watchdog: float | None, control: socket.socket | None
+) -> int:
     with trio.open_signal_receiver(*app.SIGNALS) as signals:
         # Signals held back since start-up are delivered now, to the receiver.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, app.SIGNALS)
+        send, requests = app.open_requests()
         async with trio.open_nursery() as nursery:
-            status = await _Supervisor(config, team, signals).run(nursery, watchdog)
+            nursery.start_soon(app.relay_signals, signals, send)
+            # The main process alone takes reload requests, for all.
+            await app.serve_control(config, control, nursery, send)
+            status = await _Supervisor(config, team, requests).run(nursery, watchdog)
             nursery.cancel_scope.cancel()
     for worker in team:
         worker.link.close()
@@ -427,11 +440,11 @@ class _Supervisor:
     """The main process's event loop: readiness, reloads, shutdown, and deaths."""
 
     def __init__(
-        self, config: app.ServeConfig, team: list[_Worker], signals: AsyncIterator[int]
+        self, config: app.ServeConfig, team: list[_Worker], requests: AsyncIterator[app.Request]
     ) -> None:
         self.config = config
         self.team = team
-        self.signals = signals
+        self.requests = requests
         self.reporter = WorkersReporter([worker.report for worker in team])
         # Cancelled when a worker exits unasked: then everything stops.
         self._serving = trio.CancelScope()
@@ -458,11 +471,11 @@ class _Supervisor:
             for worker in self.team:
                 await worker.next_ready()
             self.reporter.ready()
-            async for signum in self.signals:
-                if signum == signal.SIGHUP:
-                    await self._reload()
+            async for request in self.requests:
+                if request.reload:
+                    request.answer(await self._reload(request))
                     continue
-                log.info("received %s: shutting down", signal.Signals(signum).name)
+                log.info("received %s: shutting down", request.what)
                 self._stop_signals += 1
                 break
         await self._stop_workers()
@@ -478,16 +491,20 @@ class _Supervisor:
             )
         return 0 if clean else EXIT_CRASH
 
-    async def _reload(self) -> None:
-        """Have every worker re-read its poem files; READY=1 once all have."""
+    async def _reload(self, request: app.Request) -> str | None:
+        """Have every worker re-read its poem files; READY=1 once all have.
+
+        Returns why the reload failed in any worker (and in how many), or None.
+        """
         poems = count(len(self.config.poems), "poem")
-        log.info("received SIGHUP: reloading %s in %s", poems, count(len(self.team), "worker"))
+        log.info("received %s: reloading %s in %s", request.what, poems, count(len(self.team), "worker"))
         self.reporter.reloading()
         for worker in self.team:
             self._tell(worker, "reload")
         for worker in self.team:
             await worker.next_ready()
         self.reporter.ready()
+        return self.reporter.reload_failure
 
     async def _stop_workers(self) -> None:
         """Ask every worker still running to stop, and wait until all have exited.
@@ -524,10 +541,11 @@ class _Supervisor:
         ``systemctl stop``, say) may have shut down before this process got
         to its own signal, and that is no reason to hurry the others.
         """
-        async for signum in self.signals:
-            name = signal.Signals(signum).name
-            if signum == signal.SIGHUP:
-                log.info("ignoring SIGHUP while shutting down")
+        async for request in self.requests:
+            name = request.what
+            if request.reload:
+                log.info("ignoring %s while shutting down", name)
+                request.answer("the server is shutting down")
                 continue
             self._stop_signals += 1
             if self._stop_signals == 1:
