@@ -187,13 +187,18 @@ def test_a_reload_during_shutdown_is_answered_failed(serve_foreground, tmp_path:
     assert not control.exists(), "the control socket outlived the server"
 
 
-def test_no_answer_is_one_line_and_exit_1(serve_foreground, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_no_answer_is_one_line_and_exit_1_and_a_request_given_up_is_dropped(  # type: ignore[no-untyped-def]
+    serve_foreground, tmp_path: Path
+) -> None:
     """A server that does not answer (stopped): --timeout gives up with one line; so does a
-    SIGTERM, as systemd sends when a reload outlasts TimeoutStartSec=, naming that setting."""
+    SIGTERM. Requests whose clients have given up (systemd kills an ExecReload= that outlasts
+    TimeoutStartSec=) are not carried out once the server gets to them, so "failed" stays true:
+    the old poem is still served."""
     poem, control = tmp_path / "poem.txt", tmp_path / "control"
-    make_poem(poem, 1000)
+    old = make_poem(poem, 1000, seed="old")
     server: Server = serve_foreground("--poem", str(poem), "--control", str(control))
     server.send_signal(signal.SIGSTOP)
+    new = make_poem(poem, 1500, seed="new")
     try:
         done = reload(control, "--timeout", "0.5")
         assert done.returncode == 1
@@ -206,10 +211,16 @@ def test_no_answer_is_one_line_and_exit_1(serve_foreground, tmp_path: Path) -> N
         waiting.send_signal(signal.SIGTERM)
         _, stderr = waiting.communicate(timeout=WAIT)
         assert waiting.returncode == 1
-        assert "stopped by SIGTERM" in one_line(stderr) and "TimeoutStartSec=" in stderr
+        assert "stopped by SIGTERM" in one_line(stderr) and "drops the request" in stderr
     finally:
         server.send_signal(signal.SIGCONT)
-    server.wait_ready()
+    server.wait_for_log(r"(?s)(not reloading for a reload request from PID \d+ \(uid \d+\): it has given up waiting.*){2}")
+    address = server.address()
+    assert fetch(address) == old
+    assert "loaded a poem from" not in server.log().split("given up waiting", 1)[1]
+    done = reload(control)
+    assert (done.returncode, done.stderr) == (0, "")
+    assert fetch(address) == new
 
 
 def test_no_server_is_one_line_and_exit_1(tmp_path: Path) -> None:

@@ -119,6 +119,21 @@ class Request:
         if self.outcome is not None:
             self.outcome.set(failure)
 
+    def given_up(self) -> bool:
+        """Whether the request is to be dropped: whoever asked has stopped waiting (see :mod:`.control`).
+
+        Answers it if so.
+        """
+        if self.outcome is None or not self.outcome.asker_gone():
+            return False
+        log.warning(
+            "not reloading for %s: it has given up waiting (under systemd: the reload "
+            "took longer than the unit's TimeoutStartSec=, and systemd said it failed)",
+            self.what,
+        )
+        self.outcome.set(control.GONE)
+        return True
+
 
 def open_requests() -> tuple[trio.MemorySendChannel, trio.MemoryReceiveChannel]:
     """The channel that brings a server its requests, from signals and the control
@@ -304,7 +319,8 @@ async def _serve_until_stopped(
     server.reporter.ready()
     async for request in requests:
         if request.reload:
-            request.answer(await _reload(server, request))
+            if not request.given_up():
+                request.answer(await _reload(server, request))
             continue
         log.info("received %s: shutting down", request.what)
         break

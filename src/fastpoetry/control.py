@@ -11,7 +11,10 @@ and fails, with the reason, when they could not be loaded.
 Requests are served one at a time, in the order they came, each by a reload
 of its own that starts after it arrived: two reloads racing each other both
 get a true answer.  A request that comes while the server shuts down is
-answered ``failed``.
+answered ``failed``.  A request whose client has gone by the time its turn
+comes is dropped, not carried out: systemd kills an ``ExecReload=`` that
+outlasts ``TimeoutStartSec=`` and reports the reload failed, and a reload
+done later anyway would make that report untrue.
 
 The socket's file is made with the process's umask (the units' UMask=0077:
 only the service's user, and root, may connect), and removed when the
@@ -24,6 +27,7 @@ import contextlib
 import errno
 import logging
 import os
+import select
 import signal
 import socket
 import stat
@@ -70,11 +74,15 @@ def default_path() -> str | None:
 
 
 class Outcome:
-    """The answer to one reload request, given once by the server, awaited by the client's handler."""
+    """The answer to one reload request, given once by the server, awaited by the client's handler.
 
-    def __init__(self) -> None:
+    ``asker_gone`` says whether the client has hung up meanwhile.
+    """
+
+    def __init__(self, asker_gone: Callable[[], bool] = lambda: False) -> None:
         self._done = trio.Event()
         self.failure: str | None = None
+        self.asker_gone = asker_gone
 
     def set(self, failure: str | None) -> None:
         """Give the answer: None when the reload succeeded, else why it failed."""
@@ -183,14 +191,30 @@ async def _answer(conn: trio.socket.SocketType, submit: Submit) -> None:
         if request != RELOAD:
             log.debug("control socket: dropped a connection that sent %r", request)
             return
-        outcome = Outcome()
-        submit(f"a reload request from {_peer(conn)}", outcome)
+        what = f"a reload request from {_peer(conn)}"
+        outcome = Outcome(lambda: _hung_up(conn))
+        submit(what, outcome)
         failure = await outcome.wait()
+        if outcome.asker_gone():
+            if failure != GONE:
+                log.warning("%s: the reload is done, but its client has given up waiting for it", what)
+            return
         answer = b"ok\n" if failure is None else f"failed: {_one_line(failure)}\n".encode()
         try:
             await conn.send(answer)
         except OSError as exc:
             log.info("could not tell the reload's outcome to its client: %s", _reason(exc))
+
+
+#: The outcome of a request dropped because its client had gone.
+GONE = "its client has given up waiting"
+
+
+def _hung_up(conn: trio.socket.SocketType) -> bool:
+    """Whether the client has closed its end (POLLRDHUP), without waiting."""
+    poller = select.poll()
+    poller.register(conn.fileno(), select.POLLRDHUP)
+    return any(events & (select.POLLRDHUP | select.POLLHUP | select.POLLERR) for _, events in poller.poll(0))
 
 
 async def _read_line(conn: trio.socket.SocketType) -> bytes:
@@ -228,7 +252,7 @@ def request_reload(path: str, timeout: float | None = None) -> Answer:
     """Ask the server listening at ``path`` to reload; wait for its answer.
 
     Blocks until the answer comes, or ``timeout`` seconds (None: as long as
-    it takes).  Raises :exc:`ControlError` when no server answers: nothing
+    it takes); a request given up on is dropped by the server.  Raises :exc:`ControlError` when no server answers: nothing
     listens there, the connection breaks, or the time is up.
     """
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
@@ -252,7 +276,7 @@ def request_reload(path: str, timeout: float | None = None) -> Answer:
         except TimeoutError:
             raise ControlError(
                 f"the server at {path} did not answer within {timeout:g} s; "
-                "it goes on serving, and may finish the reload yet"
+                "it goes on serving, and drops the request when it gets to it"
             ) from None
         except OSError as exc:
             raise ControlError(f"lost the connection to the server at {path}: {_reason(exc)}") from None
@@ -275,7 +299,7 @@ def _reason(exc: OSError) -> str:
 
 
 class _Stopped(Exception):
-    """SIGTERM came: systemd ends an ExecReload= that outlasts TimeoutStartSec= with it."""
+    """SIGTERM came, from an administrator or a supervisor (systemd kills with SIGKILL)."""
 
 
 def _stop(signum: int, frame: FrameType | None) -> None:
@@ -305,9 +329,8 @@ def main(path: str | None, timeout: float | None) -> int:
         return _EXIT_FAILURE
     except _Stopped:
         print(
-            f"fastpoetry reload: stopped by SIGTERM before the server at {path} answered "
-            "(under systemd: the reload took longer than the unit's TimeoutStartSec=); "
-            "the server goes on serving, and may finish the reload yet",
+            f"fastpoetry reload: stopped by SIGTERM before the server at {path} answered; "
+            "the server goes on serving, and drops the request when it gets to it",
             file=sys.stderr,
         )
         return _EXIT_FAILURE

@@ -473,7 +473,8 @@ class _Supervisor:
             self.reporter.ready()
             async for request in self.requests:
                 if request.reload:
-                    request.answer(await self._reload(request))
+                    if not request.given_up():
+                        request.answer(await self._reload(request))
                     continue
                 log.info("received %s: shutting down", request.what)
                 self._stop_signals += 1
