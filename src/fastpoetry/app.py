@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from . import __version__, control, listeners, systemd
+from . import __version__, control, listeners, refusing, systemd
 from .poetry import (
     DEFAULT_MAX_POEM_SIZE,
     DEFAULT_POEM_PATH,
@@ -101,7 +101,16 @@ class ServeConfig:
 
 
 class StartupError(Exception):
-    """The server cannot start; the message says why in one line."""
+    """The server cannot start; the message says why in one line.
+
+    ``held`` are the listening sockets, still open, when clients were found
+    waiting on them: the caller turns away those that arrive next for a
+    while (:func:`.refusing.hold`) before it exits.
+    """
+
+    def __init__(self, message: str, held: Sequence[socket.socket] = ()) -> None:
+        super().__init__(message)
+        self.held = list(held)
 
 
 @dataclass(frozen=True)
@@ -211,10 +220,16 @@ def run(config: ServeConfig) -> int:
     """Serve poems in this process until SIGTERM or SIGINT; return the exit status.
 
     0 after a clean shutdown, 1 when the server could not start (the reason
-    is logged and given to systemd as STATUS=).
+    is logged and given to systemd as STATUS=; clients found waiting are
+    turned away, and so are those that arrive for a while, see
+    :mod:`.refusing`).
     """
     with signals_held():
-        return trio.run(_serve, config)
+        status, held = trio.run(_serve, config)
+        # Outside the event loop, whose signal receiver is closed by now:
+        # the hold takes the stop signals itself.
+        refusing.hold(held)
+        return status
 
 
 @contextmanager
@@ -246,16 +261,23 @@ def _ignore_late_signal(signum: int, frame: object) -> None:
     """Handler for the signals that arrive once serving is over."""
 
 
-async def _serve(config: ServeConfig) -> int:
+async def _serve(config: ServeConfig) -> tuple[int, list[socket.socket]]:
+    """Serve until stopped; the exit status, and the sockets to hold if the start failed."""
     with trio.open_signal_receiver(*SIGNALS) as signals:
         # Signals held back since start-up are delivered now, to the receiver.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
         send, requests = open_requests()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(relay_signals, signals, send)
-            status = await _run_until_stopped(config, nursery, send, requests)
+            try:
+                status = await _run_until_stopped(config, nursery, send, requests)
+            except StartupError as exc:
+                status = fail_to_start(exc)
+                held = exc.held
+            else:
+                held = []
             nursery.cancel_scope.cancel()
-        return status
+        return status, held
 
 
 async def _run_until_stopped(
@@ -265,11 +287,8 @@ async def _run_until_stopped(
     requests: AsyncIterator[Request],
 ) -> int:
     begin()
-    try:
-        server = await _start(config, nursery)
-        sock = bind_control(config)
-    except StartupError as exc:
-        return fail_to_start(exc)
+    server = await _start(config, nursery)
+    sock = bind_control(config)
     await serve_control(config, sock, nursery, send)
     await _serve_until_stopped(server, config.shutdown_timeout, requests)
     return 0
@@ -400,19 +419,24 @@ def _give_up(sockets: list[tuple[str | None, socket.socket]], exc: BaseException
 
     A configuration error is not retried (exit 1): the clients that are
     waiting would wait in vain, and would make systemd start us again and
-    again, so they are turned away. After a crash systemd restarts the
-    service, which serves them.
+    again, so they are turned away; if there were any, the sockets stay
+    open in the StartupError, to turn away those that come next for a
+    while (:mod:`.refusing`). After a crash systemd restarts the service,
+    which serves them.
     """
-    unservable = isinstance(exc, (PoemError, StartupError))
+    if not isinstance(exc, (PoemError, StartupError)):
+        for _, sock in sockets:
+            sock.close()
+        return
+    if sum(_turn_away(sock) for _, sock in sockets):
+        raise StartupError(str(exc), held=[sock for _, sock in sockets]) from None
     for _, sock in sockets:
-        if unservable:
-            _turn_away(sock)
         sock.close()
     if isinstance(exc, PoemError):
         raise StartupError(str(exc)) from None
 
 
-def _turn_away(sock: socket.socket) -> None:
+def _turn_away(sock: socket.socket) -> int:
     turned = listeners.turn_away(sock)
     if turned:
         log.warning(
@@ -420,6 +444,7 @@ def _turn_away(sock: socket.socket) -> None:
             count(turned, "connection"),
             listeners.describe(sock),
         )
+    return turned
 
 
 def _listening_sockets(config: ServeConfig) -> list[tuple[str | None, socket.socket]]:

@@ -11,6 +11,7 @@ import argparse
 import logging
 import math
 import signal
+import sys
 from collections.abc import Sequence
 
 from . import __version__
@@ -59,7 +60,10 @@ it did in every worker. If a worker dies, it stops the others and exits
 with status 70.
 
 Exit status: 0 after a clean shutdown, 1 when the server cannot start,
-2 for a usage error, 70 if it crashed.
+2 for a usage error, 70 if it crashed. Started by a socket that clients
+were waiting on, a server that cannot start (1 or 2) closes them unserved,
+and every client that arrives in the next 5 seconds, before it exits:
+otherwise each would make systemd start it again at once.
 """
 
 
@@ -80,7 +84,10 @@ The host name localhost, as the default --iface or in --upstream, is
 127.0.0.1 and ::1, never looked up.
 
 Exit status: 0 after a clean shutdown, 1 when the proxy cannot start,
-2 for a usage error, 70 if it crashed.
+2 for a usage error, 70 if it crashed. Started by a socket that clients
+were waiting on, a proxy that cannot start (1 or 2) closes them unserved,
+and every client that arrives in the next 5 seconds, before it exits:
+otherwise each would make systemd start it again at once.
 """
 
 
@@ -104,7 +111,14 @@ class _Parser(argparse.ArgumentParser):
     """An argument parser whose errors are one line, with exit status 2."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+        self._print_message(f"{self.prog}: error: {message} (see '{self.prog} --help')\n", sys.stderr)
+        # Started by a socket with a command line that cannot work: the
+        # clients that started it are turned away, or they would start it
+        # again at once, and again.  Imported here: only this path needs it.
+        from . import refusing
+
+        refusing.refuse_passed_clients()
+        self.exit(EXIT_USAGE)
 
 
 def _port(text: str) -> int:

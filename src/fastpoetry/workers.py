@@ -51,7 +51,7 @@ from typing import Any, NoReturn
 
 import trio
 
-from . import app, systemd
+from . import app, refusing, systemd
 from .cli import EXIT_CRASH
 from .poetry import PoetryService
 from .proxy import ProxyService
@@ -82,7 +82,9 @@ def run(config: app.ServeConfig) -> int:
             prepared = app.prepare(config)
             control = app.bind_control(config)
         except app.StartupError as exc:
-            return app.fail_to_start(exc)
+            status = app.fail_to_start(exc)
+            refusing.hold(exc.held)
+            return status
         _warn_if_more_than_cores(config.workers)
         watchdog = systemd.watchdog_interval()
         heartbeat = REPORT_INTERVAL if watchdog is None else min(REPORT_INTERVAL, watchdog / 4)

@@ -1,0 +1,123 @@
+"""Turning clients away for a while before a server that cannot start exits.
+
+A server that cannot start because of its configuration (a bad poem: exit
+status 1; a bad command line: 2) is not restarted by the unit, and it turns
+away the clients waiting on the sockets systemd passed it: left queued,
+each would make systemd start it again at once.  Under load that is not
+enough: a client arriving a moment after it exits starts it again, and so
+does the next, a start every few hundred milliseconds, each one reading its
+configuration, failing and logging why.  So a server that found clients
+waiting keeps its sockets a little longer and closes every client that
+arrives, then exits.  The socket stays listening in systemd throughout, and
+starts cost one per :data:`HOLD` seconds of load, however many clients come.
+
+Why not the socket unit's ``TriggerLimitIntervalSec=``/``TriggerLimitBurst=``:
+hitting that limit puts the socket unit in a failed state and closes it, the
+very thing to avoid.  ``PollLimitIntervalSec=`` would pause it instead, but
+only from systemd 255 (Debian 13); this works under both.
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import signal
+import socket
+import time
+from collections.abc import Sequence
+from types import FrameType
+
+from . import listeners, systemd
+from .report import count
+
+log = logging.getLogger(__name__)
+
+#: How long a server that cannot start, and found clients waiting, turns
+#: arriving clients away before it exits.  Each start costs a Python
+#: start-up (about 0.2 s of CPU here); an administrator who fixes the
+#: configuration and runs ``systemctl restart`` does not wait for it.
+HOLD = 5.0
+
+#: How often the hold looks at whether a stop signal came.
+_TICK = 0.1
+
+#: The signals that end the hold at once: a stop (``systemctl stop`` or
+#: ``restart``).  SIGHUP asks for a reload, which a server that is not
+#: running cannot do: it is ignored.
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def hold(sockets: Sequence[socket.socket], seconds: float = HOLD) -> int:
+    """Turn away every client that arrives on ``sockets`` for ``seconds``; close them.
+
+    Ends early when SIGTERM or SIGINT comes, including one that was
+    blocked (held) before the call; SIGHUP is ignored meanwhile.  The
+    signal handlers and mask are put back as they were.  The sockets are
+    closed on the way out, never shut down (systemd shares them).
+    Returns how many clients were turned away.
+    """
+    if not sockets:
+        return 0
+    stopped: list[int] = []
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        stopped.append(signum)
+
+    handlers = {signum: signal.signal(signum, stop) for signum in _STOP_SIGNALS}
+    handlers[signal.SIGHUP] = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # Signals held back until now are delivered here, to stop().
+    mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, list(handlers))
+    log.info(
+        "turning away the clients that arrive for %g s before exiting, so that "
+        "they do not start the server again and again",
+        seconds,
+    )
+    turned = 0
+    try:
+        poller = select.poll()
+        by_fd = {sock.fileno(): sock for sock in sockets}
+        for fd, sock in by_fd.items():
+            sock.setblocking(False)  # turn_away() accepts until the queue is empty
+            poller.register(fd, select.POLLIN)
+        deadline = time.monotonic() + seconds
+        while not stopped and (left := deadline - time.monotonic()) > 0:
+            for fd, _ in poller.poll(min(left, _TICK) * 1000):
+                turned += listeners.turn_away(by_fd[fd])
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+        for sock in sockets:
+            sock.close()
+    how = f"stopped by {signal.Signals(stopped[0]).name}" if stopped else "exiting"
+    log.warning("turned away %s while failing to start; %s", count(turned, "more connection"), how)
+    return turned
+
+
+def refuse_passed_clients(seconds: float = HOLD) -> int:
+    """After a usage error: turn away the clients on the sockets systemd passed, if any.
+
+    A command line that cannot be parsed fails before any socket is taken,
+    so the clients that started the service would start it again at once.
+    Turns away those waiting and, if there were any, :func:`hold`.  Does
+    nothing without socket activation or when the passed descriptors are
+    unusable (the usage error is what to report).  Returns how many
+    clients were turned away.
+    """
+    try:
+        passed = systemd.listen_sockets()
+    except systemd.ActivationError:
+        return 0
+    sockets = []
+    for fd in passed:
+        try:
+            sockets.append(listeners.adopt(fd))
+        except (OSError, listeners.ListenerError):
+            continue
+    turned = sum(listeners.turn_away(sock) for sock in sockets)
+    if not turned:
+        for sock in sockets:
+            sock.close()
+        return 0
+    log.warning("closed %s waiting without a poem: cannot start", count(turned, "connection"))
+    return turned + hold(sockets, seconds)
