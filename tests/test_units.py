@@ -89,6 +89,17 @@ def test_service_is_a_notify_service_run_as_its_own_user() -> None:
     assert "Install" not in settings(SERVICE)
 
 
+@pytest.mark.parametrize("unit", [SERVICE, PROXY_SERVICE], ids=lambda unit: unit.name)
+def test_restarts_never_hit_a_start_limit_and_back_off(unit: Path) -> None:
+    """No start limit (hitting it would fail the socket); restarts after crashes only, backing off to 10 s."""
+    sections = settings(unit)
+    assert sections["Unit"]["StartLimitIntervalSec"] == ["0"]
+    service = sections["Service"]
+    assert service["Restart"] == ["on-failure"] and service["RestartPreventExitStatus"] == ["1 2"]
+    assert service["RestartSec"] == ["500ms"]
+    assert service["RestartSteps"] == ["5"] and service["RestartMaxDelaySec"] == ["10s"]
+
+
 def test_socket_is_named_and_wanted_by_sockets_target() -> None:
     """ListenStream=10000, a FileDescriptorName=, and enabled via sockets.target."""
     socket_unit = settings(SOCKET)
@@ -202,9 +213,10 @@ def test_package_installs_the_proxy_units_without_enabling_them() -> None:
     rules = (DEBIAN / "rules").read_text().splitlines()
     # dh_installsystemd installs debian/fastpoetry.fastpoetry-proxy.UNIT
     # (with --name) where the suite keeps units; the rules copy it from the
-    # tree's one copy.
-    for unit in (PROXY_SOCKET, PROXY_SERVICE):
-        assert f"\tcp packaging/systemd/{unit.name} debian/fastpoetry.{unit.name}" in rules
+    # tree's one copy (the service without what the suite's systemd lacks).
+    assert f"\tcp packaging/systemd/{PROXY_SOCKET.name} debian/fastpoetry.{PROXY_SOCKET.name}" in rules
+    unit = PROXY_SERVICE.name
+    assert f"\t$(UNIT_FILTER) packaging/systemd/{unit} > debian/fastpoetry.{unit}" in rules
     assert "lib/systemd" not in (DEBIAN / "fastpoetry.install").read_text()
     calls = {
         line.split()[-1]: set(line.split()[1:-1])
