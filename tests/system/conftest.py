@@ -741,10 +741,10 @@ class Container:
         """Connect to ``address`` inside and return everything received."""
         return self.python(FETCH, address, str(port), str(timeout)).stdout
 
-    def fetch_later(self, address: str = "127.0.0.1", port: int = PORT) -> subprocess.Popen[bytes]:
-        """Start a fetch in the background; its standard output is the poem."""
+    def fetch_later(self, address: str = "127.0.0.1", port: int = PORT, timeout: float = WAIT) -> subprocess.Popen[bytes]:
+        """Start a fetch in the background (giving up after ``timeout`` s); its standard output is the poem."""
         return subprocess.Popen(
-            self.command("python3", "-c", FETCH, address, str(port), str(WAIT)),
+            self.command("python3", "-c", FETCH, address, str(port), str(timeout)),
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=HOST_ENV,
         )
 
@@ -865,6 +865,26 @@ def container(request: pytest.FixtureRequest, suite: str, package: Package) -> I
         box.destroy()
 
 
+@pytest.fixture(scope="module")
+def installed(container: Container, package: Package) -> Iterator[Container]:
+    """The container with the package installed, as it was booted.
+
+    For the modules that run after test_system.py, which ends by purging
+    the package: it is installed again for the module and purged after.
+    """
+    status = container.text("dpkg-query", "-W", "-f", "${Status}", "fastpoetry", check=False)
+    reinstall = status != "install ok installed"
+    if reinstall:  # test_system.py purged it
+        deb = f"{SCRATCH}/{package.path.name}"
+        container.write(deb, package.path.read_bytes())
+        container.run("apt-get", "install", "-y", deb, timeout=600)
+    try:
+        yield container
+    finally:
+        if reinstall:
+            container.run("apt-get", "purge", "-y", "fastpoetry", timeout=600)
+
+
 # ----------------------------------------------------------------------------
 # Scripts run by the container's python3
 
@@ -898,14 +918,35 @@ print(json.dumps(found))
 """
 
 #: argv: JSON config.  Fetches poems in threads until standard input closes;
-#: prints "progress N" every 10 fetches, then a JSON summary.
+#: prints "progress N" every 10 fetches, then a JSON summary.  Each fetch is
+#: sorted into one of KINDS.
 CLIENT_LOOP = r"""
 import hashlib, json, socket, sys, threading, time
 config = json.loads(sys.argv[1])
 expected = set(config["expected"])
+poems = []
+for path in config["poem_files"]:
+    with open(path, "rb") as file:
+        poems.append(file.read())
 lock = threading.Lock()
 stop = threading.Event()
-summary = {"ok": 0, "failed": 0, "empty": 0, "errors": [], "digests": {}}
+summary = {"ok": 0, "failed": 0, "empty": 0, "errors": [], "digests": {},
+           "kinds": dict.fromkeys(config["kinds"], 0)}
+
+def kind_of(error, data):
+    if isinstance(error, ConnectionRefusedError):
+        return "refused"
+    if isinstance(error, ConnectionResetError):
+        return "reset"
+    if isinstance(error, TimeoutError):
+        return "timed out"
+    if error is not None:
+        return "other error"
+    if hashlib.sha256(data).hexdigest() in expected:
+        return "whole"
+    if not data:
+        return "empty"
+    return "truncated" if any(poem.startswith(data) for poem in poems) else "foreign"
 
 def fetch(address):
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
@@ -920,15 +961,19 @@ def fetch(address):
 def worker(address):
     while not stop.is_set():
         error = digest = None
+        data = b""
         try:
             data = fetch(address)
         except OSError as exc:
+            kind = kind_of(exc, data)
             error = f"{type(exc).__name__}: {exc}"
         else:
+            kind = kind_of(None, data)
             digest = hashlib.sha256(data).hexdigest()
             if digest not in expected:
                 error = f"unexpected reply: {len(data)} bytes, sha256 {digest[:16]}"
         with lock:
+            summary["kinds"][kind] += 1
             if error is None:
                 summary["ok"] += 1
                 summary["digests"][digest] = summary["digests"].get(digest, 0) + 1
@@ -956,19 +1001,29 @@ print(json.dumps(summary), flush=True)
 """
 
 
+#: What a fetch can end with: the whole of an expected poem, nothing at all,
+#: the start of a poem, other bytes, or an error.
+KINDS = ("whole", "empty", "truncated", "foreign", "refused", "reset", "timed out", "other error")
+
+
 class ClientLoop:
     """Clients inside the container fetching poems without pause, in threads.
 
     Every reply must be one of the ``expected`` poems, whole.  Used as a
     context manager; :meth:`stop` ends it and returns the summary:
-    ``{"ok": N, "failed": N, "empty": N, "errors": [...], "digests": {sha256: N}}``,
-    where ``empty`` counts the failed fetches that ended cleanly with no byte.
+    ``{"ok": N, "failed": N, "empty": N, "errors": [...], "digests": {sha256: N},
+    "kinds": {kind: N}}``, where ``empty`` counts the failed fetches that
+    ended cleanly with no byte, and ``kinds`` sorts every fetch into one of
+    :data:`KINDS` (``truncated``: the start of one of ``poem_files``, paths
+    inside the container).  Each client gives up after ``timeout`` seconds.
     """
 
     def __init__(self, container: Container, expected: Iterable[bytes], threads: int = 1,
-                 addresses: tuple[str, ...] = ("127.0.0.1", "::1")) -> None:
+                 addresses: tuple[str, ...] = ("127.0.0.1", "::1"), timeout: float = 60.0,
+                 poem_files: Iterable[str] = ()) -> None:
         config = {"expected": [sha256(poem) for poem in expected], "threads": threads,
-                  "addresses": list(addresses), "port": PORT, "timeout": 60.0}
+                  "addresses": list(addresses), "port": PORT, "timeout": timeout,
+                  "poem_files": list(poem_files), "kinds": list(KINDS)}
         self._stderr = tempfile.TemporaryFile()
         self.process = subprocess.Popen(
             container.command("python3", "-c", CLIENT_LOOP, json.dumps(config)),

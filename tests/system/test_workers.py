@@ -19,7 +19,7 @@ from contextlib import contextmanager
 
 import pytest
 
-from .conftest import POEMS, SCRATCH, ClientLoop, Container, Package, wait_until
+from .conftest import POEMS, ClientLoop, Container, wait_until
 from .test_system import (
     INSTALLED_POEM,
     PACKAGED_POEM,
@@ -49,22 +49,6 @@ for pid in filter(str.isdigit, os.listdir("/proc")):
         found.append(int(pid))
 print(json.dumps(sorted(found)))
 """
-
-
-@pytest.fixture(scope="module")
-def installed(container: Container, package: Package) -> Iterator[Container]:
-    """The container with the package installed, as it was booted."""
-    status = container.text("dpkg-query", "-W", "-f", "${Status}", "fastpoetry", check=False)
-    reinstall = status != "install ok installed"
-    if reinstall:  # test_system.py purged it
-        deb = f"{SCRATCH}/{package.path.name}"
-        container.write(deb, package.path.read_bytes())
-        container.run("apt-get", "install", "-y", deb, timeout=600)
-    try:
-        yield container
-    finally:
-        if reinstall:
-            container.run("apt-get", "purge", "-y", "fastpoetry", timeout=600)
 
 
 def journal_since(container: Container, cursor: str) -> str:
