@@ -395,6 +395,25 @@ def test_serve_without_poem_serves_the_bundled_one(start_server: Callable[..., S
     assert terminate(server) == 0
 
 
+def test_a_broken_installation_exits_70_so_that_the_unit_restarts_it(tmp_path: Path) -> None:
+    """A module that fails to import (here trio) is a crash, not a bad configuration.
+
+    Python's own exit status for it would be 1, which the unit does not
+    restart; under socket activation each client would then start the
+    server again at once.
+    """
+    (tmp_path / "trio").mkdir()
+    (tmp_path / "trio" / "__init__.py").write_text("raise ImportError('trio is broken (made by the test)')\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "fastpoetry", "serve", "--poem", str(LANTERN), *LOCAL],
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=WAIT,
+        env=clean_env(PYTHONPATH=os.pathsep.join([str(tmp_path), *sys.path])),
+    )
+    assert result.returncode == 70, result
+    assert "crashed" in result.stderr
+    assert "ImportError: trio is broken (made by the test)" in result.stderr
+
+
 def test_a_crash_exits_70_with_the_traceback_logged() -> None:
     """An unexpected exception (a bug) exits 70, which the unit restarts after, not 1."""
     crashing = (

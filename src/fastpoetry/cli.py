@@ -390,6 +390,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _main(argv)
     except KeyboardInterrupt:  # Ctrl-C before a command took over SIGINT
         return EXIT_INTERRUPTED
+    except Exception:
+        # A bug, or a broken installation (a module that fails to import):
+        # say where, and let systemd restart the server, with its back-off.
+        # Python's own exit status for it, 1, would be taken for a bad
+        # configuration, which is not restarted, and under socket activation
+        # each client would start the server again at once.
+        logging.getLogger(__package__).critical("crashed", exc_info=True)
+        return EXIT_CRASH
 
 
 def _main(argv: Sequence[str] | None) -> int:
@@ -493,13 +501,9 @@ def _control(path: str | None) -> str | None:
 def _run(config) -> int:  # config: app.ServeConfig, imported late
     from . import app
 
-    try:
-        if config.workers > 1:
-            from . import workers
+    if config.workers > 1:
+        from . import workers
 
-            return workers.run(config)
-        return app.run(config)
-    except Exception:  # a bug: say where, and let systemd restart the server
-        logging.getLogger(__package__).critical("crashed", exc_info=True)
-        return EXIT_CRASH
+        return workers.run(config)
+    return app.run(config)
 
