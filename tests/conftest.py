@@ -298,6 +298,17 @@ def start_activated(
     )
 
 
+def has_waiting_connection(sock: socket.socket) -> bool:
+    """Whether a connection waits in ``sock``'s accept queue (taking it if so)."""
+    sock.setblocking(False)
+    try:
+        conn, _ = sock.accept()
+    except BlockingIOError:
+        return False
+    conn.close()
+    return True
+
+
 def listening_socket(family: int = socket.AF_INET, address: object = ("127.0.0.1", 0), backlog: int = 16) -> socket.socket:
     """A listening stream socket, as a socket unit would create it."""
     sock = socket.socket(family, socket.SOCK_STREAM)

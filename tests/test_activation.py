@@ -25,6 +25,7 @@ from conftest import (
     NotifySocket,
     clean_env,
     fetch,
+    has_waiting_connection,
     listening_socket,
     start_activated,
 )
@@ -246,16 +247,6 @@ def _queued_clients(sock: socket.socket, number: int) -> list[socket.socket]:
     return [socket.create_connection(sock.getsockname(), timeout=WAIT) for _ in range(number)]
 
 
-def _has_waiting_connection(sock: socket.socket) -> bool:
-    sock.setblocking(False)
-    try:
-        conn, _ = sock.accept()
-    except BlockingIOError:
-        return False
-    conn.close()
-    return True
-
-
 def test_bad_poem_turns_waiting_clients_away_so_systemd_does_not_start_it_again(start_server) -> None:
     """Exit 1 with clients queued: they are closed unserved, and the socket is left empty.
 
@@ -269,7 +260,7 @@ def test_bad_poem_turns_waiting_clients_away_so_systemd_does_not_start_it_again(
         for client in clients:
             assert client.recv(1) == b""  # closed without a poem, at once
             client.close()
-        assert not _has_waiting_connection(sock)
+        assert not has_waiting_connection(sock)
         # The socket itself still listens for the next start.
         assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1
     log = server.log()

@@ -13,7 +13,7 @@ import signal
 import socket
 import threading
 
-from conftest import WAIT, listening_socket, start_activated
+from conftest import WAIT, has_waiting_connection, listening_socket, start_activated
 
 from fastpoetry import refusing
 
@@ -28,16 +28,6 @@ def _connect(sock: socket.socket) -> socket.socket:
 def _closed_without_a_byte(client: socket.socket) -> bool:
     with client:
         return client.recv(1) == b""
-
-
-def _queue_is_empty(sock: socket.socket) -> bool:
-    sock.setblocking(False)
-    try:
-        conn, _ = sock.accept()
-    except BlockingIOError:
-        return True
-    conn.close()
-    return False
 
 
 def test_hold_turns_away_arrivals_and_closes_the_sockets() -> None:
@@ -99,7 +89,7 @@ def _hold_story(start_server, args: list[str]) -> int:  # type: ignore[no-untype
         # (where it would make systemd start the server again).
         later = [_connect(sock) for _ in range(3)]
         assert all(_closed_without_a_byte(client) for client in later)
-        assert _queue_is_empty(sock)
+        assert not has_waiting_connection(sock)
         assert server.process.poll() is None
         server.send_signal(signal.SIGTERM)
         status = server.wait()
@@ -139,7 +129,7 @@ def test_a_usage_error_under_socket_activation_turns_the_clients_away(start_serv
         assert _closed_without_a_byte(later)
         server.send_signal(signal.SIGTERM)
         assert server.wait() == 2
-        assert _queue_is_empty(sock)
+        assert not has_waiting_connection(sock)
     log = server.log()
     assert "error: unrecognized arguments: --no-such-option" in log, log
     assert turned_away(log, "stopped by SIGTERM") == 2, log
@@ -160,5 +150,5 @@ def test_a_failed_start_exits_by_itself_after_the_hold(start_server) -> None:
         server = start_activated(start_server, [sock], "serve", "--poem", MISSING)
         assert _closed_without_a_byte(first)
         assert server.wait() == 1
-        assert _queue_is_empty(sock)
+        assert not has_waiting_connection(sock)
     assert turned_away(server.log(), "exiting") == 1
