@@ -98,6 +98,50 @@ def test_restarts_never_hit_a_start_limit_and_back_off(unit: Path) -> None:
     assert service["Restart"] == ["on-failure"] and service["RestartPreventExitStatus"] == ["1 2"]
     assert service["RestartSec"] == ["500ms"]
     assert service["RestartSteps"] == ["5"] and service["RestartMaxDelaySec"] == ["10s"]
+    # For systemd 252, whose build keeps this line instead of the two above.
+    assert service["ExecStartPre"] == ["-/usr/libexec/fastpoetry/restart-delay %n"]
+
+
+def systemd_restart_delay(restarts: int) -> float:
+    """The delay before automatic restart number ``restarts`` in a row, in seconds, on systemd 254+.
+
+    RestartSec=500ms, RestartSteps=5, RestartMaxDelaySec=10s, as systemd's
+    service_restart_usec_next() computes it.
+    """
+    if restarts <= 1:
+        return 0.5
+    if restarts > 5:
+        return 10.0
+    return 0.5 * (10.0 / 0.5) ** ((restarts - 1) / 5)
+
+
+@pytest.mark.parametrize("restarts", range(9))
+def test_restart_delay_waits_what_systemd_254_would_have(tmp_path: Path, restarts: int) -> None:
+    """packaging/libexec/restart-delay: 500 ms (RestartSec=) plus its sleep is systemd 254's delay, to 0.01 s."""
+    for name, body in (
+        ("systemctl", f'[ "$*" = "show --property=NRestarts --value -- fastpoetry.service" ] && echo {restarts}'),
+        ("sleep", 'echo "slept $1"'),
+    ):
+        (tmp_path / name).write_text(f"#!/bin/sh\n{body}\n")
+        (tmp_path / name).chmod(0o755)
+    done = subprocess.run(
+        [str(REPO / "packaging/libexec/restart-delay"), "fastpoetry.service"],
+        capture_output=True, text=True, timeout=WAIT, env={"PATH": f"{tmp_path}:/usr/bin:/bin"},
+    )
+    assert done.returncode == 0, done.stderr
+    slept = float(done.stdout.split("slept ")[1]) if "slept " in done.stdout else 0.0
+    assert abs(0.5 + slept - systemd_restart_delay(restarts)) < 0.01, done.stdout
+
+
+def test_restart_delay_lets_the_start_go_on_when_systemd_cannot_be_asked(tmp_path: Path) -> None:
+    """Without an answer it fails at once, saying why; the unit's "-" prefix then ignores it."""
+    (tmp_path / "systemctl").write_text("#!/bin/sh\necho 'Failed to connect to bus' >&2\nexit 1\n")
+    (tmp_path / "systemctl").chmod(0o755)
+    done = subprocess.run(
+        [str(REPO / "packaging/libexec/restart-delay"), "fastpoetry.service"],
+        capture_output=True, text=True, timeout=WAIT, env={"PATH": f"{tmp_path}:/usr/bin:/bin"},
+    )
+    assert done.returncode != 0 and "Failed to connect to bus" in done.stderr
 
 
 def test_socket_is_named_and_wanted_by_sockets_target() -> None:

@@ -185,8 +185,9 @@ def test_a_crash_loop_backs_off_keeps_the_socket_and_the_waiting_client_gets_the
     The socket never fails, and the patient client connected when the loop
     began (it waits up to 120 s, longer than the loop and the last delay)
     gets the whole poem from the first server that starts after the fix.
-    The restart delay grows where systemd can (13: RestartSteps=, read from
-    systemd's RestartUSecNext) and is RestartSec= where it cannot (12).  The
+    The restart delay grows: on 13 by RestartSteps= (read from systemd's
+    RestartUSecNext); on 12, whose systemd cannot, by the ExecStartPre= that
+    sleeps the rest of the same schedule (read from what it logs).  The
     journal says how many restarts there were and why.
     """
     container = installed
@@ -226,13 +227,18 @@ def test_a_crash_loop_backs_off_keeps_the_socket_and_the_waiting_client_gets_the
     assert re.search(r"Scheduled restart job, restart counter is at \d+", journal), journal
     assert "status=70/SOFTWARE" in journal
     assert "auto-restart" in status or "activating" in status, status
+    assert container.show("fastpoetry.service", "RestartUSec") == "500ms"
     if BACK_OFF[suite]:
         # 500 ms, then longer each time, up to 10 s.
         assert delays == sorted(delays) and len(delays) >= 3, delays
         assert delays[0] <= 1_000_000 and delays[-1] == 10_000_000, delays
+        assert "restart-delay" not in journal
     else:
         assert delays == [], "systemd 252 has no RestartUSecNext"
-        assert container.show("fastpoetry.service", "RestartUSec") == "500ms"
+        # 500 ms of RestartSec=, and then restart-delay's sleep, up to 9.5 s more.
+        waits = [float(wait) for wait in re.findall(r"in a row: waiting ([\d.]+) s more", journal)]
+        print(f"restart-delay waited (s): {waits}")
+        assert waits == sorted(waits) and len(waits) >= 3 and waits[-1] == 9.5, journal
 
 
 def test_a_bad_configuration_under_load_turns_clients_away_without_spinning(installed: Container) -> None:
