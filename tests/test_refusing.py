@@ -13,12 +13,15 @@ import signal
 import socket
 import threading
 
-from conftest import WAIT, has_waiting_connection, listening_socket, start_activated
+from conftest import POEMS, WAIT, has_waiting_connection, listening_socket, start_activated
 
 from fastpoetry import refusing
 
 #: A poem file that cannot be loaded: the start fails with exit status 1.
 MISSING = "/nonexistent/poem.txt"
+
+#: A poem that can.
+POEM = POEMS / "lantern.txt"
 
 
 def _connect(sock: socket.socket) -> socket.socket:
@@ -117,6 +120,18 @@ def test_a_bad_poem_with_clients_waiting_turns_arrivals_away_until_stopped(start
 def test_a_bad_poem_with_workers_turns_arrivals_away_until_stopped(start_server) -> None:
     """The same in the main process of --workers, before any worker is forked."""
     assert _hold_story(start_server, ["serve", "--workers", "2", "--poem", MISSING]) == 1
+
+
+def test_a_control_socket_that_cannot_be_made_turns_arrivals_away_until_stopped(start_server) -> None:
+    """--control in a folder that does not exist: exit 1 after the same hold, the clients not left queued."""
+    control = ["--control", "/nonexistent/folder/control"]
+    assert _hold_story(start_server, ["serve", "--poem", str(POEM), *control]) == 1
+
+
+def test_a_control_socket_that_cannot_be_made_with_workers_turns_arrivals_away(start_server) -> None:
+    """The same in the main process of --workers."""
+    control = ["--control", "/nonexistent/folder/control"]
+    assert _hold_story(start_server, ["serve", "--workers", "2", "--poem", str(POEM), *control]) == 1
 
 
 def test_a_usage_error_under_socket_activation_turns_the_clients_away(start_server) -> None:

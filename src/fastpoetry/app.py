@@ -31,7 +31,7 @@ import resource
 import signal
 import socket
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 
 import trio
@@ -159,14 +159,25 @@ async def relay_signals(signals: AsyncIterator[int], send: trio.MemorySendChanne
 def bind_control(config: ServeConfig) -> socket.socket | None:
     """The control socket ``config.control`` asks for, listening; None if it asks for none.
 
-    Raises :exc:`StartupError` when it cannot be made.
+    Made before the listening sockets are taken.  Raises :exc:`StartupError`
+    when it cannot be made, with the sockets systemd passed to hold if
+    clients were waiting on them (:func:`.refusing.take_waiting`).
     """
     if config.control is None:
         return None
     try:
         return control.bind(config.control)
     except control.ControlError as exc:
-        raise StartupError(str(exc)) from None
+        raise StartupError(str(exc), held=refusing.take_waiting()) from None
+
+
+def close_control(config: ServeConfig, sock: socket.socket | None) -> None:
+    """Close and remove the control socket of a start that failed after :func:`bind_control`."""
+    if sock is None or config.control is None:
+        return
+    sock.close()
+    with suppress(OSError):
+        os.unlink(config.control)
 
 
 async def serve_control(
@@ -287,8 +298,12 @@ async def _run_until_stopped(
     requests: AsyncIterator[Request],
 ) -> int:
     begin()
-    server = await _start(config, nursery)
     sock = bind_control(config)
+    try:
+        server = await _start(config, nursery)
+    except BaseException:
+        close_control(config, sock)
+        raise
     await serve_control(config, sock, nursery, send)
     await _serve_until_stopped(server, config.shutdown_timeout, requests)
     return 0

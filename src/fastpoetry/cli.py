@@ -117,7 +117,7 @@ class _Parser(argparse.ArgumentParser):
         # again at once, and again.  Imported here: only this path needs it.
         from . import refusing
 
-        refusing.refuse_passed_clients()
+        refusing.hold(refusing.take_waiting())
         self.exit(EXIT_USAGE)
 
 

@@ -94,20 +94,21 @@ def hold(sockets: Sequence[socket.socket], seconds: float = HOLD) -> int:
     return turned
 
 
-def refuse_passed_clients(seconds: float = HOLD) -> int:
-    """After a usage error: turn away the clients on the sockets systemd passed, if any.
+def take_waiting() -> list[socket.socket]:
+    """For a start that fails before it takes its sockets: turn away the clients on those systemd passed.
 
-    A command line that cannot be parsed fails before any socket is taken,
-    so the clients that started the service would start it again at once.
-    Turns away those waiting and, if there were any, :func:`hold`.  Does
-    nothing without socket activation or when the passed descriptors are
-    unusable (the usage error is what to report).  Returns how many
-    clients were turned away.
+    A command line that cannot be parsed, or a control socket that cannot
+    be made, fails before the listening sockets are taken, and the clients
+    that started the service would start it again at once.  Returns the
+    passed sockets if clients were waiting on them (turned away now), for
+    :func:`hold`; otherwise closes them and returns none.  Takes nothing
+    without socket activation or when the passed descriptors are unusable
+    (the first failure is what to report).
     """
     try:
         passed = systemd.listen_sockets()
     except systemd.ActivationError:
-        return 0
+        return []
     sockets = []
     for fd in passed:
         try:
@@ -115,9 +116,9 @@ def refuse_passed_clients(seconds: float = HOLD) -> int:
         except (OSError, listeners.ListenerError):
             continue
     turned = sum(listeners.turn_away(sock) for sock in sockets)
-    if not turned:
-        for sock in sockets:
-            sock.close()
-        return 0
-    log.warning("closed %s waiting without a poem: cannot start", count(turned, "connection"))
-    return turned + hold(sockets, seconds)
+    if turned:
+        log.warning("closed %s waiting without a poem: cannot start", count(turned, "connection"))
+        return sockets
+    for sock in sockets:
+        sock.close()
+    return []

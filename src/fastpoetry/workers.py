@@ -78,10 +78,12 @@ def run(config: app.ServeConfig) -> int:
     """
     with app.signals_held():
         app.begin()
+        control = None
         try:
-            prepared = app.prepare(config)
             control = app.bind_control(config)
+            prepared = app.prepare(config)
         except app.StartupError as exc:
+            app.close_control(config, control)
             status = app.fail_to_start(exc)
             refusing.hold(exc.held)
             return status
@@ -91,9 +93,7 @@ def run(config: app.ServeConfig) -> int:
         try:
             team = _fork_workers(config, prepared, heartbeat, control)
         except app.StartupError as exc:
-            if control is not None:
-                control.close()
-                os.unlink(config.control)
+            app.close_control(config, control)
             return app.fail_to_start(exc)
         finally:
             # Only the workers accept; a socket systemd passed stays open in
