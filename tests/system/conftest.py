@@ -1020,9 +1020,9 @@ class ClientLoop:
 
     def __init__(self, container: Container, expected: Iterable[bytes], threads: int = 1,
                  addresses: tuple[str, ...] = ("127.0.0.1", "::1"), timeout: float = 60.0,
-                 poem_files: Iterable[str] = ()) -> None:
+                 poem_files: Iterable[str] = (), port: int = PORT) -> None:
         config = {"expected": [sha256(poem) for poem in expected], "threads": threads,
-                  "addresses": list(addresses), "port": PORT, "timeout": timeout,
+                  "addresses": list(addresses), "port": port, "timeout": timeout,
                   "poem_files": list(poem_files), "kinds": list(KINDS)}
         self._stderr = tempfile.TemporaryFile()
         self.process = subprocess.Popen(

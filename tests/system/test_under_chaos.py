@@ -28,6 +28,9 @@ from .test_system import INSTALLED_POEM, PACKAGED_POEM, journal_cursor, new_main
 
 pytestmark = pytest.mark.system
 
+#: Where fastpoetry-proxy.socket listens.
+PROXY_PORT = 10001
+
 #: Client threads fetching without pause, as in the issue's measurements.
 CLIENTS = 8
 
@@ -123,6 +126,35 @@ def test_ten_restarts_as_fast_as_systemctl_returns_refuse_no_client(installed: C
     assert_nothing_lost(summary)
     assert_both_units_active(container)
     assert "start-limit" not in container.text("systemctl", "status", "--no-pager", "fastpoetry.socket", check=False)
+
+
+def test_ten_restarts_of_the_proxy_as_fast_as_systemctl_returns_refuse_no_client(installed: Container) -> None:
+    """fastpoetry-proxy has the same policy: 10 restarts in a row under load, every fetch whole.
+
+    Each new proxy fetches the poem from its upstream (the local server)
+    before it serves, so no client meets a proxy with nothing cached.
+    """
+    container = installed
+    started_service(container)
+    container.run("systemctl", "enable", "--now", "fastpoetry-proxy.socket")
+    try:
+        assert container.fetch(port=PROXY_PORT) == PACKAGED_POEM.read_bytes()
+        with ClientLoop(container, [PACKAGED_POEM.read_bytes()], threads=CLIENTS, timeout=PATIENCE,
+                        poem_files=[INSTALLED_POEM], port=PROXY_PORT) as loop:
+            loop.wait_for(100)
+            for _ in range(10):
+                container.run("systemctl", "restart", "fastpoetry-proxy.service")
+            loop.more(200)
+            summary = loop.stop()
+        print(f"10 proxy restarts: fetches {kinds(summary)}")
+        assert_nothing_lost(summary)
+        assert container.is_active("fastpoetry-proxy.service") == "active"
+        assert container.is_active("fastpoetry-proxy.socket") == "active"
+        assert container.show("fastpoetry-proxy.socket", "Result") == "success"
+    finally:
+        container.run("systemctl", "disable", "--now", "fastpoetry-proxy.socket")
+        container.run("systemctl", "stop", "fastpoetry-proxy.service")
+        container.run("systemctl", "reset-failed", "fastpoetry-proxy.service", "fastpoetry-proxy.socket", check=False)
 
 
 def test_a_minute_of_kills_restarts_and_reloads_refuses_no_client(installed: Container) -> None:
