@@ -443,23 +443,9 @@ def _give_up(sockets: list[tuple[str | None, socket.socket]], exc: BaseException
         for _, sock in sockets:
             sock.close()
         return
-    if sum(_turn_away(sock) for _, sock in sockets):
-        raise StartupError(str(exc), held=[sock for _, sock in sockets]) from None
-    for _, sock in sockets:
-        sock.close()
-    if isinstance(exc, PoemError):
-        raise StartupError(str(exc)) from None
-
-
-def _turn_away(sock: socket.socket) -> int:
-    turned = listeners.turn_away(sock)
-    if turned:
-        log.warning(
-            "closed %s waiting on %s without a poem: cannot start",
-            count(turned, "connection"),
-            listeners.describe(sock),
-        )
-    return turned
+    held = refusing.turn_away_waiting([sock for _, sock in sockets])
+    if held or isinstance(exc, PoemError):
+        raise StartupError(str(exc), held=held) from None
 
 
 def _listening_sockets(config: ServeConfig) -> list[tuple[str | None, socket.socket]]:

@@ -34,8 +34,9 @@ log = logging.getLogger(__name__)
 
 #: How long a server that cannot start, and found clients waiting, turns
 #: arriving clients away before it exits.  Each start costs a Python
-#: start-up (about 0.2 s of CPU here); an administrator who fixes the
-#: configuration and runs ``systemctl restart`` does not wait for it.
+#: start-up (about 0.11 s of CPU, measured in a Debian 12 box on 2026-12-07);
+#: an administrator who fixes the configuration and runs ``systemctl
+#: restart`` does not wait for it.
 HOLD = 5.0
 
 #: How often the hold looks at whether a stop signal came.
@@ -115,10 +116,28 @@ def take_waiting() -> list[socket.socket]:
             sockets.append(listeners.adopt(fd))
         except (OSError, listeners.ListenerError):
             continue
-    turned = sum(listeners.turn_away(sock) for sock in sockets)
+    return turn_away_waiting(sockets)
+
+
+def turn_away_waiting(sockets: Sequence[socket.socket]) -> list[socket.socket]:
+    """Close the clients waiting on ``sockets`` unserved, for a start that failed.
+
+    Logs a warning per socket that had any.  Returns ``sockets`` if any
+    client was waiting (they are for :func:`hold`, still open); otherwise
+    closes them and returns none.
+    """
+    turned = 0
+    for sock in sockets:
+        here = listeners.turn_away(sock)
+        if here:
+            log.warning(
+                "closed %s waiting on %s without a poem: cannot start",
+                count(here, "connection"),
+                listeners.describe(sock),
+            )
+        turned += here
     if turned:
-        log.warning("closed %s waiting without a poem: cannot start", count(turned, "connection"))
-        return sockets
+        return list(sockets)
     for sock in sockets:
         sock.close()
     return []

@@ -70,7 +70,7 @@ def _clean(installed: Container) -> Iterator[None]:
     """Each test starts from a running service with nothing failed, and leaves it so."""
     installed.reset_failed()
     yield
-    installed.run("rm", "-f", CRASH_DROP_IN)
+    installed.run("rm", "-rf", CRASH_DROP_IN, CRASH_DIRECTORY)
     installed.run("systemctl", "daemon-reload")
     installed.reset_failed()
 
