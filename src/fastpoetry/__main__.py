@@ -2,12 +2,7 @@
 
 import sys
 
-
-def main() -> int:
-    from .cli import main as cli_main
-
-    return cli_main()
-
+from .cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

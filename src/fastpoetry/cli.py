@@ -1,41 +1,23 @@
 """The ``fastpoetry`` command line: ``serve``, ``proxy``, ``reload`` and ``get``.
 
+It only parses: the values by :mod:`.options`, into the configuration of
+the command, which it hands to the module that runs it.  Nothing imports
+this module.
+
 Usage errors (an unknown option, a bad port) exit with status 2, runtime
 errors (a poem that cannot be read, a port in use) with status 1; either way
-with one line on standard error that says what is wrong.
+with one line on standard error that says what is wrong (:mod:`.exits`).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import math
-import signal
 import sys
 from collections.abc import Sequence
 
-from . import __version__
-
-#: Exit statuses: the unit restarts the server after a crash (EXIT_CRASH, as
-#: sysexits.h's EX_SOFTWARE), not when its configuration is wrong (1 and 2).
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_CRASH = 0, 1, 2, 70
-
-#: Interrupted (Ctrl-C), as a shell reports a command killed by SIGINT.
-EXIT_INTERRUPTED = 128 + signal.SIGINT
-
-#: The port of the poem without a name, without socket activation.
-DEFAULT_PORT = 10000
-
-#: The proxy's port without socket activation: beside the server's.
-DEFAULT_PROXY_PORT = 10001
-
-#: The most processes ``serve --workers`` starts: far more than the cores
-#: of most machines, which is where more workers stop helping.
-MAX_WORKERS = 64
-
-# systemd.socket(5): a FileDescriptorName= is at most 255 characters, with
-# no colon (it separates names in LISTEN_FDNAMES) and no control characters.
-_MAX_NAME_LENGTH = 255
+from . import __version__, exits, logs, options, refusing
+from .options import ServeConfig
 
 _SERVE_EPILOG = """\
 Under systemd (socket activation), fastpoetry serves on the sockets the
@@ -107,6 +89,30 @@ interrupted.
 """
 
 
+_GET_EPILOG = """\
+ADDRESS is HOST:PORT, [IPV6-ADDRESS]:PORT, or a PORT alone for this host's
+loopback addresses, 127.0.0.1 and ::1. The host name localhost means the
+same: both addresses are tried (the second if the first fails or is slow
+to answer), and the name is never looked up.
+
+Every server is contacted at once, and each has --timeout seconds to send
+its whole poem. Poems are written to standard output exactly as received,
+in the order the addresses are given, each as soon as it and every poem
+before it have arrived. Between two poems a newline is added only when the
+first does not end with one, so with one address the output is the poem,
+byte for byte.
+
+A server that fails (refused, not found, reset part-way, closed without a
+poem, or too slow) gets one line on standard error, and none of its bytes
+are written. When standard error is a terminal, it shows how many bytes
+each server has sent so far.
+
+Exit status: 0 if every poem arrived, 1 if any did not, 2 for a usage
+error, 130 if interrupted, 141 if standard output was closed early (as by
+'| head'), 70 if it crashed.
+"""
+
+
 class _Parser(argparse.ArgumentParser):
     """An argument parser whose errors are one line, with exit status 2."""
 
@@ -114,83 +120,13 @@ class _Parser(argparse.ArgumentParser):
         self._print_message(f"{self.prog}: error: {message} (see '{self.prog} --help')\n", sys.stderr)
         # Started by a socket with a command line that cannot work: the
         # clients that started it are turned away, or they would start it
-        # again at once, and again.  Imported here: only this path needs it.
-        from . import refusing
-
+        # again at once, and again.
         refusing.hold(refusing.take_waiting())
-        self.exit(EXIT_USAGE)
-
-
-def _port(text: str) -> int:
-    # int() alone would also take "8_0" and digits of other scripts.
-    port = int(text) if text.isascii() and text.isdigit() else -1
-    if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0 to 65535)")
-    return port
-
-
-def _workers(text: str) -> int:
-    number = int(text) if text.isascii() and text.isdigit() else 0
-    if not 1 <= number <= MAX_WORKERS:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of workers (1 to {MAX_WORKERS})")
-    return number
-
-
-def _named_port(text: str) -> tuple[str | None, int]:
-    name, sep, port = text.rpartition("=")
-    if sep and not name:
-        raise argparse.ArgumentTypeError(f"{text!r} has an empty NAME before '='")
-    return (name or None), _port(port)
-
-
-def _seconds(text: str) -> float:
-    try:
-        seconds = float(text)
-    except ValueError:
-        seconds = math.nan
-    if not (seconds > 0 and math.isfinite(seconds)):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
-    return seconds
-
-
-# Binary multiples, as systemd.exec(5) reads sizes such as LimitFSIZE=.
-_SIZE_SUFFIXES = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
-
-
-def _size(text: str) -> int:
-    digits, suffix = text, ""
-    if text[-1:].upper() in _SIZE_SUFFIXES:
-        digits, suffix = text[:-1], text[-1:].upper()
-    if not (digits.isascii() and digits.isdigit() and int(digits) > 0):
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a size: a positive number of bytes, optionally followed by K, M or G"
-        )
-    return int(digits) * _SIZE_SUFFIXES[suffix]
-
-
-def _poem(text: str):  # -> PoemSpec, imported late to keep --help fast
-    from .app import PoemSpec
-
-    name, sep, path = text.partition("=")
-    if not sep or "/" in name:  # a plain path, which may itself contain '='
-        name, path = "", text
-    elif not name:
-        raise argparse.ArgumentTypeError(f"{text!r} has an empty NAME before '='")
-    if not path:
-        raise argparse.ArgumentTypeError(f"{text!r} names no FILE")
-    if name and (
-        len(name) > _MAX_NAME_LENGTH or ":" in name or not name.isprintable()
-    ):
-        raise argparse.ArgumentTypeError(
-            f"{name!r} cannot be a socket name (FileDescriptorName=: "
-            f"up to {_MAX_NAME_LENGTH} printable characters, no ':')"
-        )
-    return PoemSpec(path=path, name=name or None)
+        self.exit(exits.USAGE)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import client
-
+    """The parser of every command, with its help."""
     parser = _Parser(
         prog="fastpoetry",
         description="A systemd-native fast poetry server: every client that "
@@ -210,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--poem",
         dest="poems",
         metavar="[NAME=]FILE",
-        type=_poem,
+        type=options.poem,
         action="append",
         help="serve the poem in FILE, on the sockets named NAME if given; "
         "repeat for several poems (default: a poem that comes with fastpoetry)",
@@ -218,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--port",
         dest="ports",
-        type=_named_port,
+        type=options.named_port,
         action="append",
         metavar="[NAME=]N",
         help="port to listen on without socket activation, for the poem named NAME "
@@ -226,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--workers",
-        type=_workers,
+        type=options.workers,
         default=1,
         metavar="N",
         help="serve from N processes that share the sockets, to use N cores; "
@@ -246,28 +182,28 @@ def build_parser() -> argparse.ArgumentParser:
     proxy.add_argument(
         "--upstream",
         required=True,
-        type=client.parse_address,
+        type=options.address,
         metavar="HOST:PORT",
         help="the poetry server to fetch the poem from",
     )
     proxy.add_argument(
         "--port",
-        type=_port,
-        default=DEFAULT_PROXY_PORT,
+        type=options.port,
+        default=options.DEFAULT_PROXY_PORT,
         metavar="N",
         help="port to listen on without socket activation; 0 picks a free one (default: %(default)s)",
     )
     proxy.add_argument(
         "--timeout",
-        type=_seconds,
-        default=10.0,
+        type=options.seconds,
+        default=options.DEFAULT_UPSTREAM_TIMEOUT,
         metavar="SECONDS",
         help="give up a fetch from the upstream after SECONDS (default: %(default)g)",
     )
     proxy.add_argument(
         "--refresh",
-        type=_seconds,
-        default=60.0,
+        type=options.seconds,
+        default=options.DEFAULT_REFRESH,
         metavar="SECONDS",
         help="fetch the poem again every SECONDS; SIGHUP fetches it at once (default: %(default)g)",
     )
@@ -290,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     reload.add_argument(
         "--timeout",
-        type=_seconds,
+        type=options.seconds,
         metavar="SECONDS",
         help="give up after SECONDS (default: wait for the answer; under systemd "
         "the unit's TimeoutStartSec= ends a reload that takes too long)",
@@ -301,24 +237,41 @@ def build_parser() -> argparse.ArgumentParser:
         help="fetch poems from poetry servers and print them",
         description="Fetch the poems of poetry servers, all at once, and print them\n"
         "in the order given.",
-        epilog=client.EPILOG,
+        epilog=_GET_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     get.set_defaults(command_parser=get)
-    client.add_arguments(get)
+    get.add_argument(
+        "--timeout",
+        type=options.seconds,
+        default=options.DEFAULT_GET_TIMEOUT,
+        metavar="SECONDS",
+        help="give each server at most SECONDS to send its whole poem, "
+        "from connecting to the end (default: %(default)g)",
+    )
+    get.add_argument(
+        "--max-poem-size",
+        type=options.size,
+        default=options.DEFAULT_MAX_POEM_SIZE_TEXT,
+        metavar="SIZE",
+        help="give up on a server that sends more than SIZE bytes; K, M and G "
+        "multiply by 1024 (default: %(default)s)",
+    )
+    get.add_argument(
+        "addresses",
+        type=options.address,
+        nargs="+",
+        metavar="ADDRESS",
+        help="a poetry server: HOST:PORT, [IPV6-ADDRESS]:PORT, or PORT on 127.0.0.1 and ::1",
+    )
     return parser
 
 
 def _add_server_options(command: argparse.ArgumentParser) -> None:
     """The options ``serve`` and ``proxy`` share: where to listen, timeouts, logging."""
-    from .logs import LEVELS, TARGETS
-
-    # localhost is the loopback addresses themselves, never looked up (see
-    # listeners.LOOPBACK_ADDRESSES): the default works also where nothing
-    # resolves the name, as in a root without /etc/hosts.
     command.add_argument(
         "--iface",
-        default="localhost",
+        default=options.DEFAULT_IFACE,
         metavar="ADDR",
         help="interface (address or host name) to listen on without socket "
         "activation; '' for all, localhost for 127.0.0.1 and ::1 without a "
@@ -333,15 +286,15 @@ def _add_server_options(command: argparse.ArgumentParser) -> None:
     )
     command.add_argument(
         "--shutdown-timeout",
-        type=_seconds,
-        default=5.0,
+        type=options.seconds,
+        default=options.DEFAULT_SHUTDOWN_TIMEOUT,
         metavar="SECONDS",
         help="on SIGTERM, how long poems in flight may take to finish (default: %(default)g)",
     )
     command.add_argument(
         "--send-timeout",
-        type=_seconds,
-        default=30.0,
+        type=options.seconds,
+        default=options.DEFAULT_SEND_TIMEOUT,
         metavar="SECONDS",
         help="drop a client that takes longer than this to receive its poem, "
         "or to close once it has it (default: %(default)g)",
@@ -356,28 +309,28 @@ def _add_server_options(command: argparse.ArgumentParser) -> None:
     )
     command.add_argument(
         "--max-poem-size",
-        type=_size,
-        default="16M",
+        type=options.size,
+        default=options.DEFAULT_MAX_POEM_SIZE_TEXT,
         metavar="SIZE",
         help="refuse a poem larger than SIZE bytes; K, M and G multiply "
         "by 1024 (default: %(default)s)",
     )
     command.add_argument(
         "--summary-interval",
-        type=_seconds,
-        default=60.0,
+        type=options.seconds,
+        default=options.DEFAULT_SUMMARY_INTERVAL,
         metavar="SECONDS",
         help="log how many poems were served every SECONDS (default: %(default)g)",
     )
     command.add_argument(
         "--log-level",
-        choices=LEVELS,
+        choices=logs.LEVELS,
         default="info",
         help="least important messages logged; 'debug' logs every client (default: %(default)s)",
     )
     command.add_argument(
         "--log-target",
-        choices=TARGETS,
+        choices=logs.TARGETS,
         default="auto",
         help="'auto' logs to the journal when running under systemd and to "
         "standard error otherwise (default: %(default)s)",
@@ -389,7 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _main(argv)
     except KeyboardInterrupt:  # Ctrl-C before a command took over SIGINT
-        return EXIT_INTERRUPTED
+        return exits.INTERRUPTED
     except Exception:
         # A bug, or a broken installation (a module that fails to import):
         # say where, and let systemd restart the server, with its back-off.
@@ -397,30 +350,66 @@ def main(argv: Sequence[str] | None = None) -> int:
         # configuration, which is not restarted, and under socket activation
         # each client would start the server again at once.
         logging.getLogger(__package__).critical("crashed", exc_info=True)
-        return EXIT_CRASH
+        return exits.CRASH
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command == "serve":
-        return _serve(args.command_parser, args)
-    if args.command == "proxy":
-        return _proxy(args.command_parser, args)
+    args = build_parser().parse_args(argv)
+    parser: argparse.ArgumentParser = args.command_parser
     if args.command == "reload":
-        from . import control
-
-        return control.main(args.control, args.timeout)
+        return _reload(args.control, args.timeout)
     if args.command == "get":
-        from . import client
+        return _get(parser.prog, args)
+    # argparse allows no other command
+    config = _serve_config(parser, args) if args.command == "serve" else _proxy_config(args)
+    logs.setup(args.log_level, args.log_target)
+    return _run_server(config)
 
-        return client.main(args.command_parser, args)
-    parser.error(f"unknown command {args.command!r}")  # unreachable: argparse checks
-    return EXIT_USAGE
+
+def _serve_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> ServeConfig:
+    """``serve``'s configuration; a usage error for poem names and ports that do not fit together."""
+    poems = args.poems or [options.PoemSpec(options.DEFAULT_POEM_PATH)]
+    names = [spec.name for spec in poems if spec.name is not None]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        parser.error(f"--poem: the name {duplicates[0]!r} is given more than once")
+    if len(poems) - len(names) > 1:
+        parser.error("--poem: only one poem can be given without a NAME=")
+    port, named_ports = _ports(parser, args.ports or [], names)
+    return ServeConfig(
+        poems=poems,
+        iface=args.iface,
+        port=port,
+        named_ports=named_ports,
+        shutdown_timeout=args.shutdown_timeout,
+        send_timeout=args.send_timeout,
+        always_linger=args.linger == "always",
+        max_poem_size=args.max_poem_size,
+        summary_interval=args.summary_interval,
+        workers=args.workers,
+        control=options.control_path(args.control),
+    )
+
+
+def _proxy_config(args: argparse.Namespace) -> ServeConfig:
+    """``proxy``'s configuration: one poem, the upstream's."""
+    host, port = args.upstream
+    upstream = options.UpstreamSpec(host, port, timeout=args.timeout, refresh=args.refresh)
+    return ServeConfig(
+        poems=[upstream],
+        iface=args.iface,
+        port=args.port,
+        shutdown_timeout=args.shutdown_timeout,
+        send_timeout=args.send_timeout,
+        always_linger=args.linger == "always",
+        max_poem_size=args.max_poem_size,
+        summary_interval=args.summary_interval,
+        control=options.control_path(args.control),
+    )
 
 
 def _ports(
-    parser: argparse.ArgumentParser, ports: list[tuple[str | None, int]], names: list[str | None]
+    parser: argparse.ArgumentParser, ports: list[tuple[str | None, int]], names: list[str]
 ) -> tuple[int, dict[str, int]]:
     """The unnamed --port (10000 if not given) and the named ones, checked."""
     unnamed = [port for name, port in ports if name is None]
@@ -435,75 +424,31 @@ def _ports(
         if name not in names:
             parser.error(f"--port {name}={port}: no --poem is named {name!r}")
         named[name] = port
-    return (unnamed[0] if unnamed else DEFAULT_PORT), named
+    return (unnamed[0] if unnamed else options.DEFAULT_PORT), named
 
 
-def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    from . import app, logs
-
-    # Before anything slow: a signal from now on waits for the event loop.
-    app.block_signals()
-    poems = args.poems or [app.PoemSpec(app.DEFAULT_POEM_PATH)]
-    names = [spec.name for spec in poems if spec.name is not None]
-    duplicates = sorted({name for name in names if names.count(name) > 1})
-    if duplicates:
-        parser.error(f"--poem: the name {duplicates[0]!r} is given more than once")
-    if len(poems) - len(names) > 1:
-        parser.error("--poem: only one poem can be given without a NAME=")
-    port, named_ports = _ports(parser, args.ports or [], names)
-    logs.setup(args.log_level, args.log_target)
-    config = app.ServeConfig(
-        poems=poems,
-        iface=args.iface,
-        port=port,
-        named_ports=named_ports,
-        shutdown_timeout=args.shutdown_timeout,
-        send_timeout=args.send_timeout,
-        always_linger=args.linger == "always",
-        max_poem_size=args.max_poem_size,
-        summary_interval=args.summary_interval,
-        workers=args.workers,
-        control=_control(args.control),
-    )
-    return _run(config)
+# The three imports below are made here, not at the top, for start-up time
+# only: the commands need trio, and 'fastpoetry --help', a usage error and
+# 'fastpoetry reload --help' do not (measured on 2026-12-07, 2-vCPU EPYC VM,
+# Python 3.11: --help takes 0.06 s, importing the serving modules 0.20 s).
 
 
-def _proxy(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    from . import app, logs
-
-    app.block_signals()
-    logs.setup(args.log_level, args.log_target)
-    host, port = args.upstream
-    upstream = app.UpstreamSpec(host, port, timeout=args.timeout, refresh=args.refresh)
-    config = app.ServeConfig(
-        poems=[upstream],
-        iface=args.iface,
-        port=args.port,
-        shutdown_timeout=args.shutdown_timeout,
-        send_timeout=args.send_timeout,
-        always_linger=args.linger == "always",
-        max_poem_size=args.max_poem_size,
-        summary_interval=args.summary_interval,
-        control=_control(args.control),
-    )
-    return _run(config)
-
-
-def _control(path: str | None) -> str | None:
-    """The control socket to listen on: --control, or the unit's default; '' is none."""
-    from . import control
-
-    if path is None:
-        return control.default_path()
-    return path or None
-
-
-def _run(config) -> int:  # config: app.ServeConfig, imported late
-    from . import app
+def _run_server(config: ServeConfig) -> int:
+    """Serve (``serve`` or ``proxy``), in this process or with workers."""
+    from . import app, supervisor  # start-up time: see above
 
     if config.workers > 1:
-        from . import workers
-
-        return workers.run(config)
+        return supervisor.run(config)
     return app.run(config)
 
+
+def _reload(path: str | None, timeout: float | None) -> int:
+    from . import control  # start-up time: see above
+
+    return control.main(path, timeout)
+
+
+def _get(prog: str, args: argparse.Namespace) -> int:
+    from . import client  # start-up time: see above
+
+    return client.main(prog, args.addresses, args.timeout, args.max_poem_size)

@@ -11,34 +11,24 @@ Poems are written exactly as received.  Between two poems a newline is
 added when the first does not end with one, so that every poem starts on a
 line of its own; nothing else is ever added, and the output for a single
 address is the poem, byte for byte.
-
-trio (and anything else only fetching needs) is imported inside the
-functions that use it: the command line imports this module to build its
-parser, and ``fastpoetry --help`` should not pay for an event loop.
 """
 
 from __future__ import annotations
 
-import argparse
+import inspect
 import os
 import signal
 import sys
+import traceback
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, NamedTuple, TextIO
+from typing import TextIO
 
-from .cli import EXIT_CRASH, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, _seconds, _size
+import trio
 
-if TYPE_CHECKING:  # fetch imports trio, which --help does without
-    from .fetch import ConnectError
-
-#: An exit status beyond cli's: a shell reports a command killed by SIGPIPE
-#: as 128 plus the signal, and this says the same, without a traceback.
-EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
-
-#: Seconds each server gets, from the start of connecting to the end of
-#: its poem, unless --timeout says otherwise.
-DEFAULT_TIMEOUT = 10.0
-
+from . import exits
+from .fetch import FetchFailed, Transfer, fetch_within
+from .options import Address
+from .phrases import count, reason
 
 #: Poems go straight to the descriptor (see Output), not through sys.stdout.
 STDOUT_FILENO = 1
@@ -48,149 +38,26 @@ STDOUT_FILENO = 1
 #: nearby servers do not make the terminal flicker.
 PROGRESS_INTERVAL = 0.1
 
-EPILOG = """\
-ADDRESS is HOST:PORT, [IPV6-ADDRESS]:PORT, or a PORT alone for this host's
-loopback addresses, 127.0.0.1 and ::1. The host name localhost means the
-same: both addresses are tried (the second if the first fails or is slow
-to answer), and the name is never looked up.
 
-Every server is contacted at once, and each has --timeout seconds to send
-its whole poem. Poems are written to standard output exactly as received,
-in the order the addresses are given, each as soon as it and every poem
-before it have arrived. Between two poems a newline is added only when the
-first does not end with one, so with one address the output is the poem,
-byte for byte.
+def main(prog: str, addresses: Sequence[Address], timeout: float, max_size: int) -> int:
+    """Fetch the poems of ``addresses`` and print them; return the exit status.
 
-A server that fails (refused, not found, reset part-way, closed without a
-poem, or too slow) gets one line on standard error, and none of its bytes
-are written. When standard error is a terminal, it shows how many bytes
-each server has sent so far.
-
-Exit status: 0 if every poem arrived, 1 if any did not, 2 for a usage
-error, 130 if interrupted, 141 if standard output was closed early (as by
-'| head'), 70 if it crashed.
-"""
-
-_ADDRESS_FORMS = "HOST:PORT, [IPV6-ADDRESS]:PORT or PORT"
-
-
-# -- the command line ------------------------------------------------------------
-
-
-class Address(NamedTuple):
-    """A server to fetch a poem from."""
-
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        from .listeners import LOOPBACK_ADDRESSES, is_localhost
-
-        # localhost as the addresses it stands for, which are what is tried
-        # (it is never looked up); the rest the way it would be typed, IPv6
-        # addresses in brackets.
-        if is_localhost(self.host):
-            return " and ".join(str(Address(address, self.port)) for address in LOOPBACK_ADDRESSES)
-        if ":" in self.host:
-            return f"[{self.host}]:{self.port}"
-        return f"{self.host}:{self.port}"
-
-
-def parse_address(text: str) -> Address:
-    """Read ``HOST:PORT``, ``[IPV6-ADDRESS]:PORT`` or ``PORT`` (on 127.0.0.1 and ::1).
-
-    Only the form is checked; whether the host exists is found out when
-    connecting, and is that server's failure, not a usage error.
+    ``prog`` starts every line on standard error; each server gets
+    ``timeout`` seconds, and more than ``max_size`` bytes is no poem.
     """
-    import ipaddress
-    if text.isascii() and text.isdigit():
-        # The Twisted tutorial's client took a bare port for a local server:
-        # localhost, which fetching takes for the loopback addresses.
-        return Address("localhost", _port(text, text))
-    if text.startswith("["):
-        host, bracket, port = text[1:].partition("]")
-        if not bracket or not port.startswith(":"):
-            raise argparse.ArgumentTypeError(f"{text!r} is not {_ADDRESS_FORMS}")
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"{text!r}: {host!r} in brackets is not an IPv6 address"
-            ) from None
-        return Address(host, _port(port[1:], text))
-    host, colon, port = text.rpartition(":")
-    if not colon:
-        raise argparse.ArgumentTypeError(f"{text!r} is not {_ADDRESS_FORMS}")
-    if not host:
-        raise argparse.ArgumentTypeError(f"{text!r} names no host")
-    if ":" in host:
-        # "::1:80" could be ::1 port 80 or ::1:80 with no port at all.
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: write an IPv6 address in brackets, as [IPV6-ADDRESS]:PORT"
-        )
-    if not host.isprintable() or any(char.isspace() for char in host):
-        raise argparse.ArgumentTypeError(f"{text!r}: {host!r} is not a host name")
-    return Address(host, _port(port, text))
-
-
-def _port(text: str, address: str) -> int:
-    # int() alone would also take "8_0" and digits of other scripts; port 0
-    # can be listened on but not connected to.
-    port = int(text) if text.isascii() and text.isdigit() else 0
-    if not 1 <= port <= 65535:
-        raise argparse.ArgumentTypeError(
-            f"{address!r}: {text!r} is not a port number (1 to 65535)"
-        )
-    return port
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add ``get``'s options and arguments to its parser."""
-    parser.add_argument(
-        "--timeout",
-        type=_seconds,
-        default=DEFAULT_TIMEOUT,
-        metavar="SECONDS",
-        help="give each server at most SECONDS to send its whole poem, "
-        "from connecting to the end (default: %(default)g)",
-    )
-    parser.add_argument(
-        "--max-poem-size",
-        type=_size,
-        default="16M",
-        metavar="SIZE",
-        help="give up on a server that sends more than SIZE bytes; K, M and G "
-        "multiply by 1024 (default: %(default)s)",
-    )
-    parser.add_argument(
-        "addresses",
-        type=parse_address,
-        nargs="+",
-        metavar="ADDRESS",
-        help="a poetry server: HOST:PORT, [IPV6-ADDRESS]:PORT, or PORT on 127.0.0.1 and ::1",
-    )
-
-
-def main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    """Fetch the poems ``args`` asks for and print them; returns the exit status."""
-    prog = parser.prog
     progress = Progress(sys.stderr) if _isatty(sys.stderr) else None
     try:
-        import trio
-
-        return trio.run(_get, prog, args.addresses, args.timeout, args.max_poem_size, progress)
+        return trio.run(_get, prog, addresses, timeout, max_size, progress)
     except BaseException as exc:
         if progress is not None:
             progress.clear()
         if _only(exc, KeyboardInterrupt):
-            return EXIT_INTERRUPTED
+            return exits.INTERRUPTED
         if not isinstance(exc, Exception):
             raise  # SystemExit and the like are not ours to swallow
         # A bug: say where, with the traceback, as ``serve`` does.
-        import traceback
-
         _say(f"{prog}: crashed\n{''.join(traceback.format_exception(exc))}")
-        return EXIT_CRASH
+        return exits.CRASH
 
 
 def _only(exc: BaseException, kind: type[BaseException]) -> bool:
@@ -212,10 +79,6 @@ class Fetch:
     """One server's poem: :meth:`run` ends with :attr:`poem` or :attr:`error` set."""
 
     def __init__(self, address: Address, max_size: int) -> None:
-        import trio
-
-        from .fetch import Transfer
-
         self.address = address
         #: More than this is not a poem: a hostile or broken server would
         #: otherwise fill memory until the timeout.
@@ -230,39 +93,26 @@ class Fetch:
 
     async def run(self, timeout: float) -> None:
         """Fetch the poem, giving up after ``timeout`` seconds."""
-        import trio
-
-        from .fetch import ConnectError, ReceiveError, fetch_poem
-
-        transfer = self.transfer
-        with trio.move_on_after(timeout) as deadline:
-            try:
-                poem = await fetch_poem(
-                    self.address.host, self.address.port, self.max_size, transfer
+        try:
+            poem = await fetch_within(
+                self.address.host, self.address.port, self.max_size, timeout, self.transfer
+            )
+        except FetchFailed as exc:
+            # A reset is how a server says it gave up on the poem.
+            self.error = f"{exc} (the poem is incomplete)" if exc.cut_off else str(exc)
+        else:
+            if len(poem) > self.max_size:
+                self.error = (
+                    f"too big for a poem: more than --max-poem-size "
+                    f"({count(self.max_size, 'byte')}); stopped reading"
                 )
-            except ConnectError as exc:
-                self.error = _connect_failure(exc)
-            except ReceiveError as exc:
-                # A reset is how a server says it gave up on the poem.
-                self.error = f"{exc.reason} after {_bytes(exc.received)} (the poem is incomplete)"
+            elif not poem:
+                # No poetry server sends an empty poem; something is wrong
+                # there (a server turning clients away, or not a poetry
+                # server at all).
+                self.error = "the connection was closed without a poem"
             else:
-                if len(poem) > self.max_size:
-                    self.error = (
-                        f"too big for a poem: more than --max-poem-size "
-                        f"({_bytes(self.max_size)}); stopped reading"
-                    )
-                elif not poem:
-                    # No poetry server sends an empty poem; something is wrong
-                    # there (a server turning clients away, or not a poetry
-                    # server at all).
-                    self.error = "the connection was closed without a poem"
-                else:
-                    self.poem = poem
-        if deadline.cancelled_caught:
-            if transfer.connected:
-                self.error = f"timed out after {timeout:g} s ({_bytes(transfer.received)} received)"
-            else:
-                self.error = f"timed out after {timeout:g} s while connecting"
+                self.poem = poem
         # Not in a ``finally``: a fetch that ends in an exception (Ctrl-C, a
         # bug) has nothing to print, and the nursery deals with it.
         self.done.set()
@@ -275,16 +125,6 @@ class Fetch:
     @property
     def connected(self) -> bool:
         return self.transfer.connected
-
-
-def _connect_failure(exc: ConnectError) -> str:
-    if exc.unresolved is not None:
-        return f"cannot resolve the host name ({exc.unresolved})"
-    return "; ".join(exc.reasons)
-
-
-def _bytes(count: int) -> str:
-    return "1 byte" if count == 1 else f"{count} bytes"
 
 
 # -- printing ----------------------------------------------------------------------
@@ -328,10 +168,6 @@ class Output:
 
 
 async def _in_thread(function: Callable[..., None], *args: bytes) -> None:
-    import inspect
-
-    import trio
-
     # Ctrl-C must not wait for a reader that has stopped reading. trio 0.23
     # renamed the option, and 0.22 (Debian 12's) knows only the old name.
     options = inspect.signature(trio.to_thread.run_sync).parameters
@@ -373,8 +209,6 @@ class Progress:
 
     async def run(self, fetches: Sequence[Fetch]) -> None:
         """Redraw every PROGRESS_INTERVAL seconds, until cancelled."""
-        import trio
-
         self.fetches = fetches
         while True:
             await trio.sleep(PROGRESS_INTERVAL)
@@ -384,7 +218,7 @@ class Progress:
     def _line(self) -> str:
         finished = sum(fetch.done.is_set() for fetch in self.fetches)
         waiting = [
-            f"{fetch.address} {_bytes(fetch.received)}" if fetch.connected
+            f"{fetch.address} {count(fetch.received, 'byte')}" if fetch.connected
             else f"{fetch.address} connecting"
             for fetch in self.fetches
             if not fetch.done.is_set()
@@ -431,11 +265,9 @@ async def _get(
     max_size: int,
     progress: Progress | None,
 ) -> int:
-    import trio
-
     fetches = [Fetch(address, max_size) for address in addresses]
     interrupted = False
-    status = EXIT_OK
+    status = exits.OK
     # Ctrl-C as a signal the event loop receives, not a KeyboardInterrupt
     # raised wherever the program happens to be (it could leave a coroutine
     # half made, and Python would print a warning about it on the way out).
@@ -457,15 +289,13 @@ async def _get(
             nursery.cancel_scope.cancel()  # the progress line, or fetches nobody will print
     if progress is not None:
         progress.clear()
-    return EXIT_INTERRUPTED if interrupted else status
+    return exits.INTERRUPTED if interrupted else status
 
 
 async def _print_in_order(prog: str, fetches: Sequence[Fetch], progress: Progress | None) -> int:
     """Write each poem, or say why there is none, in the order given; the exit status."""
-    from .fetch import reason
-
     output = Output(STDOUT_FILENO)
-    status = EXIT_OK
+    status = exits.OK
     for fetch in fetches:  # in the order given, whichever finishes first
         await fetch.done.wait()
         if progress is not None:
@@ -473,17 +303,17 @@ async def _print_in_order(prog: str, fetches: Sequence[Fetch], progress: Progres
             progress.clear()
         if fetch.poem is None:
             _say(f"{prog}: {fetch.address}: {fetch.error}")
-            status = EXIT_FAILURE
+            status = exits.FAILURE
         else:
             try:
                 await output.write_poem(fetch.poem)
             except StdoutClosed:
                 # Nobody wants the rest; stop as quietly as `| head`
                 # expects, without the other fetches.
-                return EXIT_BROKEN_PIPE
+                return exits.BROKEN_PIPE
             except OSError as exc:
                 _say(f"{prog}: cannot write to standard output: {reason(exc)}")
-                return EXIT_FAILURE
+                return exits.FAILURE
         if progress is not None:
             progress.paused = output.is_terminal and output.mid_line
     return status

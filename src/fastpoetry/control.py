@@ -39,12 +39,11 @@ from types import FrameType
 
 import trio
 
-from . import systemd
+from . import exits
+from .options import default_control_path
+from .phrases import reason
 
 log = logging.getLogger(__name__)
-
-#: The control socket's name in the unit's runtime folder.
-SOCKET_NAME = "control"
 
 #: The only request there is.
 RELOAD = b"reload\n"
@@ -59,18 +58,8 @@ _BACKLOG = 16
 #: connection that says nothing must not hold a handler for ever.
 _REQUEST_TIMEOUT = 10.0
 
-#: ``fastpoetry reload``'s exit statuses, as the other commands' (see cli).
-_EXIT_OK, _EXIT_FAILURE, _EXIT_USAGE, _EXIT_INTERRUPTED = 0, 1, 2, 130
-
-
 class ControlError(Exception):
     """The control socket cannot be used; the message says why in one line."""
-
-
-def default_path() -> str | None:
-    """``control`` in the runtime folder systemd made for this unit, or None outside one."""
-    folder = systemd.runtime_directory()
-    return os.path.join(folder, SOCKET_NAME) if folder else None
 
 
 class Outcome:
@@ -113,7 +102,7 @@ def bind(path: str) -> socket.socket:
         sock.listen(_BACKLOG)
     except OSError as exc:
         sock.close()
-        raise ControlError(f"cannot listen on the control socket {path}: {_reason(exc)}") from None
+        raise ControlError(f"cannot listen on the control socket {path}: {reason(exc)}") from None
     return sock
 
 
@@ -128,7 +117,7 @@ def _remove_stale(path: str) -> None:
     except FileNotFoundError:
         return
     except OSError as exc:
-        raise ControlError(f"cannot use the control socket {path}: {_reason(exc)}") from None
+        raise ControlError(f"cannot use the control socket {path}: {reason(exc)}") from None
     if not stat.S_ISSOCK(info.st_mode):
         raise ControlError(f"cannot use the control socket {path}: something else is there (not a socket)")
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
@@ -175,7 +164,7 @@ async def serve(
                     if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                         await trio.sleep(0.1)
                         continue
-                    log.warning("control socket %s: %s; reload requests are no longer taken", path, _reason(exc))
+                    log.warning("control socket %s: %s; reload requests are no longer taken", path, reason(exc))
                     return
                 nursery.start_soon(_answer, conn, submit)
     finally:
@@ -203,7 +192,7 @@ async def _answer(conn: trio.socket.SocketType, submit: Submit) -> None:
         try:
             await conn.send(answer)
         except OSError as exc:
-            log.info("could not tell the reload's outcome to its client: %s", _reason(exc))
+            log.info("could not tell the reload's outcome to its client: %s", reason(exc))
 
 
 #: The outcome of a request dropped because its client had gone.
@@ -264,7 +253,7 @@ def request_reload(path: str, timeout: float | None = None) -> Answer:
         except ConnectionRefusedError:
             raise ControlError(f"no server at {path}: nothing listens there (is the server running?)") from None
         except OSError as exc:
-            raise ControlError(f"cannot reach the server at {path}: {_reason(exc)}") from None
+            raise ControlError(f"cannot reach the server at {path}: {reason(exc)}") from None
         try:
             sock.sendall(RELOAD)
             reply = b""
@@ -279,7 +268,7 @@ def request_reload(path: str, timeout: float | None = None) -> Answer:
                 "it goes on serving, and drops the request when it gets to it"
             ) from None
         except OSError as exc:
-            raise ControlError(f"lost the connection to the server at {path}: {_reason(exc)}") from None
+            raise ControlError(f"lost the connection to the server at {path}: {reason(exc)}") from None
     text = reply.decode(errors="replace").strip()
     if text == "ok":
         return Answer(True)
@@ -295,7 +284,7 @@ def _one_line(text: str) -> str:
 
 
 def _reason(exc: OSError) -> str:
-    return (exc.strerror or str(exc)).lower()
+    return reason(exc)
 
 
 class _Stopped(Exception):
@@ -313,31 +302,31 @@ def main(path: str | None, timeout: float | None) -> int:
     under systemd) says why: the reload's failure as the server gave it,
     no server at ``path``, or no answer in time.
     """
-    path = path or default_path()
+    path = path or default_control_path()
     if path is None:
         print(
             "fastpoetry reload: no --control PATH given, and no RUNTIME_DIRECTORY "
             "(it is set only under the server's unit)",
             file=sys.stderr,
         )
-        return _EXIT_USAGE
+        return exits.USAGE
     signal.signal(signal.SIGTERM, _stop)
     try:
         answer = request_reload(path, timeout)
     except ControlError as exc:
         print(f"fastpoetry reload: {exc}", file=sys.stderr)
-        return _EXIT_FAILURE
+        return exits.FAILURE
     except _Stopped:
         print(
             f"fastpoetry reload: stopped by SIGTERM before the server at {path} answered; "
             "the server goes on serving, and drops the request when it gets to it",
             file=sys.stderr,
         )
-        return _EXIT_FAILURE
+        return exits.FAILURE
     except KeyboardInterrupt:
-        return _EXIT_INTERRUPTED
+        return exits.INTERRUPTED
     if answer.ok:
-        return _EXIT_OK
+        return exits.OK
     print(f"fastpoetry reload: reload failed, still serving the poems loaded before: {answer.failure}",
           file=sys.stderr)
-    return _EXIT_FAILURE
+    return exits.FAILURE

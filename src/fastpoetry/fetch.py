@@ -3,8 +3,9 @@
 ``fastpoetry get`` and the proxy's :class:`~.proxy.ProxyService` fetch the
 same way: connect (trying every address of the name, happy eyeballs), read
 to a clean end of stream, which is the only end-of-poem mark the protocol
-has, and take a reset as a poem cut off.  Each says what went wrong in its
-own words; the facts come from here.
+has, and take a reset as a poem cut off.  :func:`fetch_within` puts what
+went wrong in the same words for both; what the bytes must be to count as
+a poem is each caller's own rule.
 
 ``localhost`` is not looked up: it stands for the loopback addresses
 themselves, as it does for ``--iface`` (:data:`.listeners.LOOPBACK_ADDRESSES`),
@@ -13,8 +14,6 @@ so a fetch from this host works where nothing resolves the name.
 
 from __future__ import annotations
 
-import errno
-import os
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from dataclasses import dataclass
 import trio
 
 from .listeners import LOOPBACK_ADDRESSES, is_localhost
+from .phrases import count, reason
 
 #: The most read from a server in one call.
 RECEIVE_SIZE = 64 * 1024
@@ -66,7 +66,43 @@ class ReceiveError(Exception):
         self.received = received
 
 
-async def fetch_poem(host: str, port: int, limit: int, transfer: Transfer | None = None) -> bytes:
+class FetchFailed(Exception):
+    """A fetch that brought no poem; the message says why in a few words, without the server's name."""
+
+    def __init__(self, why: str, *, connected: bool, cut_off: bool = False) -> None:
+        super().__init__(why)
+        #: Whether the server was reached: otherwise it is unreachable.
+        self.connected = connected
+        #: Whether the server broke the connection part-way (a reset): the poem is incomplete.
+        self.cut_off = cut_off
+
+
+async def fetch_within(host: str, port: int, limit: int, timeout: float, transfer: Transfer) -> bytes:
+    """:func:`fetch_poem` given ``timeout`` seconds in all, from resolving the name to the end.
+
+    Raises :exc:`FetchFailed` for everything the server or the network
+    does: a name that does not resolve, a refused connection, a reset, a
+    timeout.  What came is returned as it is (too long or empty included).
+    """
+    with trio.move_on_after(timeout):
+        try:
+            return await fetch_poem(host, port, limit, transfer)
+        except ConnectError as exc:
+            if exc.unresolved is not None:
+                raise FetchFailed(f"cannot resolve the host name ({exc.unresolved})", connected=False) from None
+            raise FetchFailed("; ".join(exc.reasons), connected=False) from None
+        except ReceiveError as exc:
+            why = f"{exc.reason} after {count(exc.received, 'byte')}"
+            raise FetchFailed(why, connected=True, cut_off=True) from None
+    # Only the deadline ends the block without a return or an exception.
+    if transfer.connected:
+        why = f"timed out after {timeout:g} s ({count(transfer.received, 'byte')} received)"
+    else:
+        why = f"timed out after {timeout:g} s while connecting"
+    raise FetchFailed(why, connected=transfer.connected)
+
+
+async def fetch_poem(host: str, port: int, limit: int, transfer: Transfer) -> bytes:
     """Connect to ``host``:``port`` and return what it sends until a clean end of stream.
 
     At most ``limit + 1`` bytes are read: a longer reply means the server
@@ -78,7 +114,6 @@ async def fetch_poem(host: str, port: int, limit: int, transfer: Transfer | None
     Raises :exc:`ConnectError` or :exc:`ReceiveError`; the connection is
     closed whatever happens, cancellation included.
     """
-    transfer = transfer if transfer is not None else Transfer()
     if is_localhost(host):
         stream = await _open_first(LOOPBACK_ADDRESSES, port)
     else:
@@ -152,19 +187,9 @@ async def _open_first(addresses: Sequence[str], port: int) -> trio.SocketStream:
     raise ConnectError([f"{text} on {address}" for address, text in why.items()])
 
 
-def reason(exc: BaseException) -> str:
-    """An error as the logs and messages say it: lower case, no address repeated."""
-    number = getattr(exc, "errno", None)
-    if number == errno.ECONNRESET:
-        # Not "by peer": who else.
-        return "connection reset"
-    # os.strerror: a socket error's own text may repeat the address.
-    return (os.strerror(number) if number else str(exc)).lower()
-
-
 def _connect_error(exc: OSError) -> ConnectError:
     if isinstance(exc, socket.gaierror):
-        return ConnectError([], unresolved=(exc.strerror or str(exc)).lower())
+        return ConnectError([], unresolved=reason(exc))
     # open_tcp_stream tries every address of a name and, when all fail,
     # raises a plain OSError caused by a group of the attempts' errors.
     cause = exc.__cause__

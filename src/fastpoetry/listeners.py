@@ -1,4 +1,4 @@
-"""Listening sockets: binding our own, adopting inherited ones, naming them.
+"""Listening sockets: binding our own, adopting inherited ones, naming them, sharing them out.
 
 The serving path takes plain listening stream sockets and never asks where
 they came from; this module is where they come from.  An adopted socket is
@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 import socket
+from collections.abc import Mapping, Sequence
+
+from . import systemd
+from .phrases import count, host_port, reason
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +62,23 @@ CLIENT_GONE_ERRNOS = frozenset(
 )
 
 
+#: A listening socket and its name: FileDescriptorName=, or NAME of ``--port
+#: NAME=N``; None when it has none.
+NamedSocket = tuple[str | None, socket.socket]
+
+
 class ListenerError(Exception):
     """A socket that cannot be listened on or served from."""
+
+
+class UnservedSocket(ListenerError):
+    """A socket that no poem is for: :func:`assign` found no poem of its name, and no unnamed one."""
+
+    def __init__(self, name: str | None, where: str) -> None:
+        what = f"the socket named {name!r}" if name is not None else "the socket"
+        super().__init__(f"no poem for {what} ({where})")
+        self.name = name
+        self.where = where
 
 
 def is_localhost(host: str) -> bool:
@@ -90,9 +108,9 @@ def bind(iface: str, port: int) -> list[socket.socket]:
                 sock = socket.create_server(sockaddr, family=family, backlog=BACKLOG)
             except OSError as exc:
                 if exc.errno in _SKIPPABLE_ERRNOS:
-                    skipped.append(f"{shown} ({_reason(exc)})")
+                    skipped.append(f"{shown} ({reason(exc)})")
                     continue
-                raise ListenerError(f"cannot listen on {shown}: {_reason(exc)}") from None
+                raise ListenerError(f"cannot listen on {shown}: {reason(exc)}") from None
             sock.setblocking(False)
             listeners.append(sock)
     except BaseException:
@@ -101,8 +119,8 @@ def bind(iface: str, port: int) -> list[socket.socket]:
         raise
     if not listeners:
         raise ListenerError(f"cannot listen on {', '.join(skipped)}")
-    for reason in skipped:
-        log.warning("not listening on %s", reason)
+    for address in skipped:
+        log.warning("not listening on %s", address)
     return listeners
 
 
@@ -120,7 +138,7 @@ def _addresses(
             iface or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )
     except socket.gaierror as exc:
-        raise ListenerError(f"cannot resolve --iface {iface!r}: {exc.strerror}") from None
+        raise ListenerError(f"cannot resolve {iface!r}: {reason(exc)}") from None
     return list(dict.fromkeys((family, sockaddr) for family, _, _, _, sockaddr in infos))
 
 
@@ -134,7 +152,7 @@ def adopt(fd: int) -> socket.socket:
     try:
         sock = socket.socket(fileno=fd)
     except OSError as exc:
-        raise ListenerError(f"descriptor {fd} is not a socket: {_reason(exc)}") from None
+        raise ListenerError(f"descriptor {fd} is not a socket: {reason(exc)}") from None
     try:
         if sock.family not in _SERVED_FAMILIES:
             raise ListenerError(f"descriptor {fd} is a socket of unsupported family {sock.family!r}")
@@ -167,7 +185,7 @@ def turn_away(sock: socket.socket, limit: int | None = None) -> int:
         except OSError as exc:
             if exc.errno in CLIENT_GONE_ERRNOS:
                 continue  # that client gave up while queued
-            log.debug("stopped turning clients away on %s: %s", describe(sock), _reason(exc))
+            log.debug("stopped turning clients away on %s: %s", describe(sock), reason(exc))
             return turned
         conn.close()
         turned += 1
@@ -194,12 +212,12 @@ def format_peer(family: int, address: object) -> str:
 def _format_address(family: int, address: object, peer: bool = False) -> str:
     if family == socket.AF_INET:
         host, port = address  # type: ignore[misc]
-        return f"{host}:{port}"
+        return host_port(host, port)
     if family == socket.AF_INET6:
         host, port = address[:2]  # type: ignore[index]
         if host.startswith("::ffff:") and "." in host:
-            return f"{host[7:]}:{port}"
-        return f"[{host}]:{port}"
+            host = host[7:]
+        return host_port(host, port)
     if family == socket.AF_UNIX:
         if isinstance(address, bytes):  # abstract namespace
             address = "@" + address.lstrip(b"\0").decode("utf-8", "replace")
@@ -209,7 +227,71 @@ def _format_address(family: int, address: object, peer: bool = False) -> str:
     return repr(address)
 
 
-def _reason(exc: OSError) -> str:
-    # os.strerror: create_server() appends the address to exc.strerror, and
-    # the callers name the address themselves.
-    return (os.strerror(exc.errno) if exc.errno else str(exc)).lower()
+# -- which sockets, for which poem ---------------------------------------------
+
+
+def acquire(iface: str, port: int, named_ports: Mapping[str, int], unnamed: bool) -> list[NamedSocket]:
+    """The sockets to serve on, with their names: those systemd passed, or bound here.
+
+    Under socket activation the passed sockets are adopted (:func:`adopt`)
+    and the rest of the arguments ignored.  Otherwise :func:`bind` listens
+    on ``iface`` at ``port`` for the unnamed poem (when ``unnamed`` says
+    there is one, or no port is named) and at each of ``named_ports``.
+    Raises :exc:`ListenerError` (or :exc:`.systemd.ActivationError`); the
+    sockets taken so far are closed then.
+    """
+    passed = systemd.listen_sockets()
+    if passed:
+        return _adopt_all(passed)
+    wanted: list[tuple[str | None, int]] = list(named_ports.items())
+    if unnamed or not wanted:
+        wanted.insert(0, (None, port))
+    bound: list[NamedSocket] = []
+    try:
+        for name, number in wanted:
+            bound.extend((name, sock) for sock in bind(iface, number))
+    except BaseException:
+        close(bound)
+        raise
+    return bound
+
+
+def _adopt_all(passed: Mapping[int, str | None]) -> list[NamedSocket]:
+    adopted: list[NamedSocket] = []
+    for fd, name in passed.items():
+        try:
+            adopted.append((name, adopt(fd)))
+        except ListenerError as exc:
+            close(adopted)
+            raise ListenerError(f"socket {name!r} passed by systemd: {exc}") from None
+    log.info("took %s from systemd", count(len(adopted), "socket"))
+    return adopted
+
+
+def close(sockets: Sequence[NamedSocket]) -> None:
+    """Close every socket of ``sockets`` (in this process: systemd keeps its own copy)."""
+    for _, sock in sockets:
+        sock.close()
+
+
+def assign(names: Sequence[str | None], sockets: Sequence[NamedSocket]) -> list[list[socket.socket]]:
+    """Which sockets serve which poem, for poems served on sockets named ``names``.
+
+    A socket serves the poem of its name; any other socket the unnamed poem
+    (None in ``names``), or the only poem when there is just one.  Returns
+    one list of sockets per poem, in the order of ``names``; raises
+    :exc:`UnservedSocket` for a socket no poem is for.
+    """
+    by_name = {name: index for index, name in enumerate(names) if name is not None}
+    fallback: int | None = None
+    if None in names:
+        fallback = names.index(None)
+    elif len(names) == 1:
+        fallback = 0
+    assigned: list[list[socket.socket]] = [[] for _ in names]
+    for name, sock in sockets:
+        index = by_name.get(name, fallback) if name is not None else fallback
+        if index is None:
+            raise UnservedSocket(name, describe(sock))
+        assigned[index].append(sock)
+    return assigned

@@ -7,23 +7,19 @@ here, a datagram or proxy front end tomorrow) asks it for :attr:`poem`.
 
 from __future__ import annotations
 
-import importlib.resources
 import logging
 import os
 import stat
 
 import trio
 
+from .options import DEFAULT_MAX_POEM_SIZE, DEFAULT_POEM_PATH
+from .phrases import reason
 from .service import Service
 
+__all__ = ["DEFAULT_MAX_POEM_SIZE", "DEFAULT_POEM_PATH", "PoemError", "PoetryService", "check_poem", "read_poem"]
+
 log = logging.getLogger(__name__)
-
-#: The poem served when the command line names none.
-DEFAULT_POEM_PATH = str(importlib.resources.files(__package__) / "default-poem.txt")
-
-#: The largest poem read unless told otherwise: every poem is held in memory
-#: whole, so a file that is not a poem (a log, a disk image) must not be.
-DEFAULT_MAX_POEM_SIZE = 16 * 1024 * 1024
 
 # Opening a FIFO for reading would wait for a writer; O_NONBLOCK makes the
 # open return at once so that the type check below can refuse it.
@@ -58,7 +54,7 @@ def read_poem(path: str, max_size: int = DEFAULT_MAX_POEM_SIZE) -> bytes:
     try:
         fd = os.open(path, _OPEN_FLAGS)
     except OSError as exc:
-        raise PoemError(path, _describe(exc)) from None
+        raise PoemError(path, reason(exc)) from None
     try:
         # Check the type before open(): it refuses a directory on its own,
         # with an error of its own and without closing the descriptor.
@@ -77,7 +73,7 @@ def read_poem(path: str, max_size: int = DEFAULT_MAX_POEM_SIZE) -> bytes:
             # One byte more than allowed tells a file that grew since fstat().
             poem = file.read(max_size + 1)
         except OSError as exc:
-            raise PoemError(path, _describe(exc)) from None
+            raise PoemError(path, reason(exc)) from None
     return check_poem(poem, path, max_size)
 
 
@@ -107,12 +103,8 @@ def check_poem(
     return poem
 
 
-def _describe(exc: OSError) -> str:
-    return (exc.strerror or str(exc)).lower()
-
-
 def _too_big(size: int | None, max_size: int) -> str:
-    limit = f"more than --max-poem-size ({max_size} bytes)"
+    limit = f"more than the largest poem allowed ({max_size} bytes)"
     return f"too big for a poem: {size} bytes, {limit}" if size is not None else f"too big for a poem: {limit}"
 
 
@@ -129,12 +121,20 @@ class PoetryService(Service):
         poem_name: str | None = None,
         *,
         max_size: int = DEFAULT_MAX_POEM_SIZE,
+        first: bytes | None = None,
     ) -> None:
+        """``first``, if given, is what the first :meth:`read` returns instead of reading.
+
+        A worker of ``serve --workers`` starts with the very bytes its main
+        process read and checked before it forked, so that every worker
+        starts with the same poem; reloads read the file.
+        """
         super().__init__("poetry")
         self.path = path
         self.poem_name = poem_name
         self.max_size = max_size
         self._poem = b""
+        self._first = first
 
     @property
     def label(self) -> str:
@@ -146,6 +146,10 @@ class PoetryService(Service):
         """The poem being served."""
         return self._poem
 
+    def status(self, sockets: str, served: str) -> str:
+        """The status line when this is the only poem: ``Serving lantern.txt (812 bytes) on 1 socket; ...``."""
+        return f"Serving {self.label} ({len(self._poem)} bytes) on {sockets}; {served}"
+
     async def start(self, nursery: trio.Nursery) -> None:
         """Read the poem; :exc:`PoemError` leaves the service stopped."""
         self.use(await self.read())
@@ -153,6 +157,9 @@ class PoetryService(Service):
 
     async def read(self) -> bytes:
         """Read the file again without serving it yet (see :meth:`use`)."""
+        if self._first is not None:
+            poem, self._first = self._first, None
+            return poem
         return await trio.to_thread.run_sync(read_poem, self.path, self.max_size)
 
     def use(self, poem: bytes) -> None:

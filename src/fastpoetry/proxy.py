@@ -21,8 +21,10 @@ import logging
 
 import trio
 
-from .fetch import ConnectError, ReceiveError, Transfer, fetch_poem
-from .poetry import DEFAULT_MAX_POEM_SIZE, PoemError, check_poem
+from .fetch import FetchFailed, Transfer, fetch_within
+from .options import DEFAULT_MAX_POEM_SIZE
+from .phrases import count, host_port
+from .poetry import PoemError, check_poem
 from .service import BackgroundTask, Service
 
 log = logging.getLogger(__name__)
@@ -37,16 +39,6 @@ WARNING_INTERVAL = 300.0
 
 # The longest backoff is refresh anyway; the cap only keeps 2 ** n a float.
 _MAX_DOUBLINGS = 32
-
-
-class _FetchFailed(Exception):
-    """A fetch that brought no poem; ``reason`` says why, in a few words."""
-
-    def __init__(self, reason: str, *, connected: bool) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        #: Whether the upstream was reached: otherwise it is unreachable.
-        self.connected = connected
 
 
 class ProxyService(Service):
@@ -105,13 +97,21 @@ class ProxyService(Service):
     @property
     def label(self) -> str:
         """How logs name this source: the upstream, ``HOST:PORT`` or ``[V6]:PORT``."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
+        return host_port(self.host, self.port)
 
     @property
     def poem(self) -> bytes:
         """The cached poem; empty (``b""``) while none is cached."""
         return self._poem
+
+    def status(self, sockets: str, served: str) -> str:
+        """The status line: the poem it has, or why it has none, and the upstream's health."""
+        if not self._poem:
+            return f"Waiting for a poem from upstream {self.label}: {self.last_error or 'fetching'}; {served}"
+        line = f"Serving the poem of upstream {self.label} ({len(self._poem)} bytes) on {sockets}; {served}"
+        if self.last_error:
+            line += f"; upstream failing: {self.last_error}"
+        return line
 
     async def start(self, nursery: trio.Nursery) -> None:
         """Fetch a poem, then keep it fresh from a task in ``nursery``.
@@ -155,7 +155,7 @@ class ProxyService(Service):
         """Fetch, then cache and log the outcome; the caller holds the lock."""
         try:
             poem = await self._fetch()
-        except _FetchFailed as failure:
+        except FetchFailed as failure:
             self._failed(failure, explicit=explicit)
             return False
         self._fetched(poem)
@@ -164,26 +164,10 @@ class ProxyService(Service):
     async def _fetch(self) -> bytes:
         """Read one whole poem from the upstream, within ``timeout``.
 
-        Raises :exc:`_FetchFailed`; nothing else the upstream or the
+        Raises :exc:`.fetch.FetchFailed`; nothing else the upstream or the
         network does escapes.
         """
-        transfer = Transfer()
-        with trio.move_on_after(self.timeout) as deadline:
-            try:
-                reply = await fetch_poem(self.host, self.port, self.max_size, transfer)
-            except ConnectError as exc:
-                if exc.unresolved is not None:
-                    reason = f"cannot resolve {self.host}: {exc.unresolved}"
-                else:
-                    reason = ", ".join(exc.reasons)
-                raise _FetchFailed(reason, connected=False) from None
-            except ReceiveError as exc:
-                raise _FetchFailed(str(exc), connected=True) from None
-        if deadline.cancelled_caught:
-            reason = f"timed out after {self.timeout:g} s"
-            if transfer.connected:
-                reason += f", {transfer.received} bytes received"
-            raise _FetchFailed(reason, connected=transfer.connected)
+        reply = await fetch_within(self.host, self.port, self.max_size, self.timeout, Transfer())
         check = functools.partial(
             check_poem, reply, f"upstream {self.label}", self.max_size, what="the reply"
         )
@@ -191,7 +175,7 @@ class ProxyService(Service):
             # Decoding megabytes would hold up the clients being served.
             return await trio.to_thread.run_sync(check)
         except PoemError as exc:
-            raise _FetchFailed(exc.reason, connected=True) from None
+            raise FetchFailed(exc.reason, connected=True) from None
 
     def _fetched(self, poem: bytes) -> None:
         now = trio.current_time()
@@ -200,7 +184,7 @@ class ProxyService(Service):
             log.info(
                 "upstream %s recovered after %s over %s",
                 self.label,
-                _count(self.failures, "failed fetch", "failed fetches"),
+                count(self.failures, "failed fetch", "failed fetches"),
                 _duration(now - self._failing_since),
                 extra=fields | {"FAILURES": self.failures},
             )
@@ -220,10 +204,10 @@ class ProxyService(Service):
                 "upstream %s sent the same poem again (%d bytes)", self.label, len(poem), extra=fields
             )
 
-    def _failed(self, failure: _FetchFailed, *, explicit: bool) -> None:
+    def _failed(self, failure: FetchFailed, *, explicit: bool) -> None:
         now = trio.current_time()
         self.failures += 1
-        self.last_error = failure.reason
+        self.last_error = str(failure)
         if self.failures == 1:
             self._failing_since = now
         delay = self._retry_delay()
@@ -241,7 +225,7 @@ class ProxyService(Service):
                 level,
                 "no poem from upstream %s yet: %s; retrying in %g s",
                 self.label,
-                failure.reason,
+                str(failure),
                 delay,
                 extra=fields | {"BYTES": 0},
             )
@@ -251,7 +235,7 @@ class ProxyService(Service):
             "upstream %s %s (%s); still serving the cached poem (%d bytes, fetched %s ago)",
             self.label,
             "sent no usable poem" if failure.connected else "is unreachable",
-            failure.reason,
+            str(failure),
             len(self._poem),
             _duration(now - self.fetched_at),
             extra=fields | {"BYTES": len(self._poem)},
@@ -264,10 +248,6 @@ class ProxyService(Service):
             return self.refresh_interval
         doublings = min(self.failures - 1, _MAX_DOUBLINGS)
         return min(FIRST_RETRY * 2**doublings, self.refresh_interval)
-
-
-def _count(number: int, one: str, many: str) -> str:
-    return f"{number} {one if number == 1 else many}"
 
 
 def _duration(seconds: float) -> str:

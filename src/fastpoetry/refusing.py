@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from types import FrameType
 
 from . import listeners, systemd
-from .report import count
+from .phrases import count
 
 log = logging.getLogger(__name__)
 

@@ -7,8 +7,8 @@ poetry server would hit that within a second.
 
 A server of several processes (``serve --workers``) has a :class:`Reporter`
 in every worker, whose announcements go to the main process instead of
-systemd (see :mod:`.workers`), and a :class:`WorkersReporter` in the main
-process, which adds up what the workers reported.
+systemd (:class:`.worker.LinkReporter`), and a :class:`TeamReporter` in the
+main process, the supervisor, which adds up what the workers reported.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from . import systemd
-from .poetry import PoetryService
-from .proxy import ProxyService
+from .phrases import count
 from .stream import StreamServer
 
 log = logging.getLogger(__name__)
@@ -28,9 +28,18 @@ log = logging.getLogger(__name__)
 STATUS_INTERVAL = 5.0
 
 
-def count(number: int, noun: str) -> str:
-    """``1 poem``, ``2 poems``."""
-    return f"{number} {noun}{'' if number == 1 else 's'}"
+class Source(Protocol):
+    """A poem source as the status line shows it: a :class:`.poetry.PoetryService` or a proxy's."""
+
+    @property
+    def label(self) -> str: ...
+
+    @property
+    def poem(self) -> bytes: ...
+
+    def status(self, sockets: str, served: str) -> str:
+        """The status line when this is the only poem: ``sockets`` and ``served`` as counted."""
+        ...
 
 
 class _Announcer:
@@ -73,15 +82,32 @@ class _Announcer:
         """Tell systemd the server is shutting down, and what it waits for."""
         systemd.notify_stopping(status)
 
+    @property
+    def poems_served(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def bytes_served(self) -> int:
+        raise NotImplementedError
+
+    def log_shut_down(self, suffix: str = "") -> None:
+        """Log the last line of a clean shutdown: what was served in all, then ``suffix``."""
+        poems, size = self.poems_served, self.bytes_served
+        log.info(
+            "shut down after serving %s (%d bytes)%s",
+            count(poems, "poem"),
+            size,
+            suffix,
+            extra={"POEMS_TOTAL": poems, "BYTES": size},
+        )
+
 
 class Reporter(_Announcer):
     """Builds the status line and the summaries from the running services."""
 
-    def __init__(
-        self, poets: Sequence[PoetryService | ProxyService], servers: Sequence[StreamServer]
-    ) -> None:
+    def __init__(self, sources: Sequence[Source], servers: Sequence[StreamServer]) -> None:
         super().__init__()
-        self.poets = poets
+        self.sources = sources
         self.servers = servers
         #: Why the last reload failed, until a reload succeeds.
         self.reload_failure: str | None = None
@@ -105,17 +131,17 @@ class Reporter(_Announcer):
 
     def serving(self) -> str:
         """What poem files are served, where: ``Serving lantern.txt (812 bytes) on 1 socket``."""
-        if len(self.poets) == 1:
-            poet = self.poets[0]
-            return f"Serving {poet.label} ({len(poet.poem)} bytes) on {self._sockets()}"
-        size = sum(len(poet.poem) for poet in self.poets)
-        return f"Serving {count(len(self.poets), 'poem')} ({size} bytes) on {self._sockets()}"
+        if len(self.sources) == 1:
+            source = self.sources[0]
+            return f"Serving {source.label} ({len(source.poem)} bytes) on {self._sockets()}"
+        size = sum(len(source.poem) for source in self.sources)
+        return f"Serving {count(len(self.sources), 'poem')} ({size} bytes) on {self._sockets()}"
 
     def status(self) -> str:
         """One line: which poem, how large, on how many sockets, how many served."""
         served = f"{count(self.poems_served, 'poem')} served"
-        if len(self.poets) == 1 and isinstance(self.poets[0], ProxyService):
-            line = _proxy_status(self.poets[0], self._sockets(), served)
+        if len(self.sources) == 1:
+            line = self.sources[0].status(self._sockets(), served)
         else:
             line = f"{self.serving()}; {served}"
         return _with_failure(line, self.reload_failure)
@@ -150,7 +176,7 @@ class WorkerReport:
     poems_in_flight: int = 0
 
 
-class WorkersReporter(_Announcer):
+class TeamReporter(_Announcer):
     """The main process's status line, from what its workers reported.
 
     Every worker serves the same poem files on the same sockets, so the line
@@ -195,13 +221,3 @@ class WorkersReporter(_Announcer):
 
 def _with_failure(line: str, failure: str | None) -> str:
     return f"{line}; last reload failed: {failure}" if failure else line
-
-
-def _proxy_status(proxy: ProxyService, sockets: str, served: str) -> str:
-    """The proxy's line: the poem it has, or why it has none, and its upstream's health."""
-    if not proxy.poem:
-        return f"Waiting for a poem from upstream {proxy.label}: {proxy.last_error or 'fetching'}; {served}"
-    line = f"Serving the poem of upstream {proxy.label} ({len(proxy.poem)} bytes) on {sockets}; {served}"
-    if proxy.last_error:
-        line += f"; upstream failing: {proxy.last_error}"
-    return line

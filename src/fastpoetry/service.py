@@ -82,6 +82,13 @@ class MultiService(Service):
     def __len__(self) -> int:
         return len(self._children)
 
+    def walk(self) -> Iterator[Service]:
+        """Every service below this one, depth first, in the order added."""
+        for child in self:
+            yield child
+            if isinstance(child, MultiService):
+                yield from child.walk()
+
     def get(self, name: str) -> Service:
         """The child called ``name``; :exc:`KeyError` if there is none."""
         return self._named[name]

@@ -29,6 +29,7 @@ import trio
 
 from .linger import LingeringCloser, discard_input, nothing_at_stake
 from .listeners import CLIENT_GONE_ERRNOS, describe, format_peer, turn_away
+from .phrases import reason
 from .service import Service
 
 log = logging.getLogger(__name__)
@@ -310,7 +311,7 @@ class StreamServer(Service):
             log.warning(
                 "cannot accept connections on %s: %s; retrying (%d failed accepts since the last report)",
                 describe(listener),
-                (exc.strerror or str(exc)).lower(),
+                reason(exc),
                 failures,
                 extra={"POEM": self.source.label, "ERRNO": exc.errno},
             )
@@ -351,4 +352,4 @@ def _abort(conn: _socket.socket) -> None:
 
 
 def _log_lost(exc: OSError) -> None:
-    log.debug("a client went away before it had its poem: %s", (exc.strerror or str(exc)).lower())
+    log.debug("a client went away before it had its poem: %s", reason(exc))

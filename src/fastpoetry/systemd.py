@@ -16,11 +16,9 @@ import time
 import systemd.daemon
 import systemd.journal
 
-log = logging.getLogger(__name__)
+from .phrases import reason
 
-#: The name systemd gives a passed socket whose unit sets no FileDescriptorName=
-#: when it is run by hand (systemd-socket-activate without --fdname).
-UNNAMED_SOCKET = "unknown"
+log = logging.getLogger(__name__)
 
 _IDENTIFIER = "fastpoetry"
 
@@ -142,7 +140,7 @@ def _notify(message: str) -> None:
             log.warning(
                 "cannot notify systemd at NOTIFY_SOCKET=%s: %s",
                 os.environ.get("NOTIFY_SOCKET"),
-                (exc.strerror or str(exc)).lower(),
+                reason(exc),
             )
 
 
