@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import REPO, WAIT, fetch
+from helpers import REPO, WAIT, fetch
 
 BENCH = REPO / "bench"
 

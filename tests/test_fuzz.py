@@ -36,7 +36,7 @@ import pytest
 from hypothesis import example, given, note, settings
 from hypothesis import strategies as st
 
-from conftest import WAIT, Server, listening_socket, make_poem, start_activated
+from helpers import WAIT, Server, listening_socket, make_poem, start_activated
 from fastpoetry.linger import SWEEP_INTERVAL
 
 KiB = 1024

@@ -16,7 +16,7 @@ test raises its own RLIMIT_NOFILE, and starts the server with soft and hard
 limits of NOFILE (the packaged unit does the same with LimitNOFILE=).
 
 No timing is asserted: "promptly" is shown by the fresh clients succeeding
-within the hang guard (conftest.WAIT) while the 10,000 are held.  How long
+within the hang guard (helpers.WAIT) while the 10,000 are held.  How long
 the fetches took is printed (``pytest -s`` shows it).
 """
 
@@ -34,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import (
+from helpers import (
     DEFAULT_POEM,
     WAIT,
     Server,

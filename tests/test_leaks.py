@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import WAIT, Server, fetch, listening_socket, make_poem, start_activated
+from helpers import WAIT, Server, fetch, listening_socket, make_poem, start_activated
 
 HAMMER_SOURCE = Path(__file__).resolve().parent / "clients" / "hammer.c"
 

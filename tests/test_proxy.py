@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from conftest import WAIT, fetch, make_poem
+from helpers import WAIT, fetch, make_poem
 from fastpoetry import proxy as proxy_module
 from fastpoetry.proxy import ProxyService
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from conftest import POEMS, WAIT, clean_env, fetch, make_poem, needs_ipv6
+from helpers import POEMS, WAIT, clean_env, fetch, make_poem, needs_ipv6
 from fastpoetry.listeners import ListenerError, bind
 from fastpoetry.poetry import PoetryService
 from fastpoetry.stream import StreamServer

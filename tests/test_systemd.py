@@ -22,7 +22,17 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DEFAULT_POEM, POEMS, WAIT, NotifySocket, clean_env, fetch, start_activated, listening_socket
+from helpers import (
+    ACTIVATE,
+    DEFAULT_POEM,
+    POEMS,
+    WAIT,
+    NotifySocket,
+    clean_env,
+    fetch,
+    listening_socket,
+    start_activated,
+)
 from fastpoetry import systemd
 
 LEDGER = POEMS / "harbour-ledger.txt"
@@ -325,13 +335,11 @@ def test_server_logs_to_the_journal_with_fields(tmp_path: Path) -> None:
         env["TEST_PASS_FDS"] = str(sock.fileno())
         env["LISTEN_FDS"] = "1"
         env["LISTEN_FDNAMES"] = "ledger"
-        from conftest import _ACTIVATE
-
         process = subprocess.Popen(
             [
                 "unshare", "--mount", "--propagation", "private", "sh", "-c",
                 'mount --bind "$0" /run/systemd && exec "$@"', str(run),
-                sys.executable, "-c", _ACTIVATE,
+                sys.executable, "-c", ACTIVATE,
                 "serve", "--log-level", "debug", "--poem", f"ledger={LEDGER}",
             ],
             env=env, pass_fds=[sock.fileno()], stdout=stderr, stderr=stderr,
