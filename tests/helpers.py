@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
 
 REPO = Path(__file__).resolve().parent.parent
 POEMS = REPO / "poems"
@@ -420,7 +421,28 @@ def wait_until(
         time.sleep(interval)
 
 
+async def wait_until_async(condition: Callable[[], bool], timeout: float = WAIT) -> None:
+    """In a trio task, wait until ``condition()`` is true; fail after ``timeout`` s."""
+    # Sleeping in trio, not in time.sleep, lets the tasks that make the
+    # condition true run in between; polled often, as they are in-process.
+    with trio.fail_after(timeout):
+        while not condition():
+            await trio.sleep(0.005)
+
+
 # -- watching a server process from outside ------------------------------------------
+
+
+def open_fds(pid: int) -> list[str]:
+    """Process ``pid``'s open descriptors, in order, each as ``"N -> target"`` (readlink)."""
+    fds = []
+    # Sorted numerically, so that two listings printed in a failure line up.
+    for name in sorted(os.listdir(f"/proc/{pid}/fd"), key=int):
+        try:
+            fds.append(f"{name} -> {os.readlink(f'/proc/{pid}/fd/{name}')}")
+        except FileNotFoundError:  # closed between listdir and readlink
+            pass
+    return fds
 
 
 def listening_ports(pid: int) -> set[int]:

@@ -34,11 +34,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+
 from helpers import (
     DEFAULT_POEM,
     WAIT,
     Server,
     fetch,
+    open_fds,
     terminate,
 )
 
@@ -94,16 +96,11 @@ def _server_limits() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (NOFILE, NOFILE))
 
 
-def open_fds(pid: int) -> int:
-    """How many descriptors process ``pid`` has open."""
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
 def wait_for_fds(server: Server, what: str, done: object) -> int:
     """Poll the server's descriptor count until ``done(count)``; return it."""
     deadline = time.monotonic() + WAIT
     while True:
-        count = open_fds(server.pid)
+        count = len(open_fds(server.pid))
         if done(count):  # type: ignore[operator]
             return count
         assert server.process.poll() is None, f"the server exited ({server.process.returncode}):\n{server.log()}"
@@ -193,7 +190,7 @@ def test_fresh_clients_get_the_poem_while_10000_idle_clients_are_held(
         what = f"{IDLE_CLIENTS} idle clients closed at once, holding no descriptor"
     server.wait_ready()
     address = server.address()
-    baseline = open_fds(server.pid)
+    baseline = len(open_fds(server.pid))
     assert fetch(address) == poem  # served at all, before the load
     wait_for_fds(server, "the first client's descriptor closed", lambda n: n <= baseline)
 
