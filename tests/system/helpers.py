@@ -138,10 +138,12 @@ def wait_until(predicate: Callable[[], Any], what: str, timeout: float = WAIT, i
 
 
 def sha256(data: bytes) -> str:
+    """The SHA-256 of ``data``, in hex."""
     return hashlib.sha256(data).hexdigest()
 
 
 def _tail(path: Path, lines: int = 40) -> str:
+    """The last ``lines`` lines of a log, for a failure message."""
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError as exc:
@@ -290,6 +292,7 @@ def _cached_tree(config: pytest.Config, family: str, key: str, make: Callable[[P
 
 
 def _key(recipe: dict[str, Any]) -> str:
+    """A short digest of what goes into a cached tree, naming it."""
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -463,6 +466,7 @@ class Builder:
         self.logs: dict[str, Path] = {}
 
     def package(self, suite: str) -> Package:
+        """The package of this tree for ``suite``, built once per session."""
         if suite not in self._built:
             with self._fresh_root(suite, f"{suite}-work-tree", None) as (root, out, binds):
                 run_logged(self.config, nspawn_command(root, "/build/src/tools/build-deb", "/build/out", binds=binds),
@@ -609,17 +613,21 @@ class Container:
         self.run("sh", "-c", 'umask 022 && mkdir -p "$(dirname "$1")" && cat > "$1"', "sh", path, input=data)
 
     def read(self, path: str) -> bytes:
+        """The contents of ``path`` inside."""
         return self.run("cat", path).stdout
 
     # -- systemd
 
     def show(self, unit: str, prop: str) -> str:
+        """Property ``prop`` of ``unit``, as ``systemctl show`` says."""
         return self.text("systemctl", "show", "-p", prop, "--value", unit)
 
     def main_pid(self, unit: str = "fastpoetry.service") -> int:
+        """The unit's main PID inside (0: none)."""
         return int(self.show(unit, "MainPID") or 0)
 
     def is_active(self, unit: str) -> str:
+        """``systemctl is-active``'s word for ``unit``: active, failed, ..."""
         return self.text("systemctl", "is-active", unit, check=False)
 
     def journal(self, *match: str, unit: str = "fastpoetry.service") -> str:
