@@ -402,7 +402,6 @@ class NamespacesUnavailable(Exception):
     """This host (a container, say) does not let us make the namespaces."""
 
 
-
 # -- waiting -----------------------------------------------------------------------
 
 

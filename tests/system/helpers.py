@@ -790,6 +790,9 @@ def installed_box(config: pytest.Config, suite: str, packages: Iterable[Package]
     return box
 
 
+# ----------------------------------------------------------------------------
+# Scripts run by the container's python3
+
 
 #: argv: ADDRESS PORT TIMEOUT.  Writes what the server sent to stdout.
 FETCH = r"""
