@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (
+from helpers import (
     needs_ipv6,
-    _ACTIVATE,
+    ACTIVATE,
     DEFAULT_POEM,
     POEMS,
     WAIT,
@@ -318,7 +318,7 @@ def test_garbage_listen_fds_is_a_one_line_error() -> None:
     """LISTEN_FDS that is not a number: exit 1, the variable named, no traceback."""
     env = clean_env(LISTEN_FDS="three", TEST_PASS_FDS="")
     result = subprocess.run(
-        [sys.executable, "-c", _ACTIVATE, "serve"], env=env, capture_output=True, text=True,
+        [sys.executable, "-c", ACTIVATE, "serve"], env=env, capture_output=True, text=True,
         timeout=WAIT,
     )
     assert result.returncode == 1

@@ -2,7 +2,7 @@
 
 Every test starts ``python -m fastpoetry serve`` and talks to it over real
 sockets and real signals; its log is standard error, written to a file.
-Waits are hang guards (conftest.WAIT); no test asserts how long anything took.
+Waits are hang guards (helpers.WAIT); no test asserts how long anything took.
 """
 
 from __future__ import annotations
@@ -24,15 +24,21 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (
+from helpers import (
     POEMS,
     WAIT,
     NotifySocket,
     Server,
     clean_env,
+    count_in_log,
     fetch,
+    fetch_from,
+    listening_ports,
     make_poem,
+    read_to_end,
     terminate,
+    wait_for_count,
+    wait_until,
 )
 
 LANTERN = POEMS / "lantern.txt"
@@ -52,72 +58,11 @@ ServeForeground = Callable[..., Server]
 # -- helpers -------------------------------------------------------------------
 
 
-def wait_until(predicate: Callable[[], object], what: str, timeout: float = WAIT) -> None:
-    """Poll ``predicate`` until it is true; failing after ``timeout`` (a hang guard)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout} s: {what}")
-        time.sleep(0.02)
-
-
-def count_in_log(server: Server, pattern: str) -> int:
-    """How often ``pattern`` occurs in the log so far."""
-    return len(re.findall(pattern, server.log()))
-
-
-def wait_for_count(server: Server, pattern: str, count: int) -> None:
-    """Wait until ``pattern`` occurs ``count`` times in the log."""
-    wait_until(
-        lambda: count_in_log(server, pattern) >= count or server.process.poll() is not None,
-        f"{count} x {pattern!r}",
-    )
-    assert count_in_log(server, pattern) >= count, server.log()
-
-
 def assert_clean_log(server: Server) -> None:
     """No traceback and no error in the log."""
     log = server.log()
     assert "Traceback" not in log, log
     assert " ERROR: " not in log, log
-
-
-def listening_ports(pid: int) -> set[int]:
-    """The TCP ports process ``pid`` has listening sockets on (from /proc)."""
-    inodes: set[str] = set()
-    fd_dir = Path(f"/proc/{pid}/fd")
-    for fd in os.listdir(fd_dir):
-        try:
-            target = os.readlink(fd_dir / fd)
-        except FileNotFoundError:
-            continue
-        match = re.fullmatch(r"socket:\[(\d+)\]", target)
-        if match:
-            inodes.add(match.group(1))
-    ports: set[int] = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            rows = Path(table).read_text().splitlines()[1:]
-        except FileNotFoundError:
-            continue
-        for row in rows:
-            fields = row.split()
-            local, state, inode = fields[1], fields[3], fields[9]
-            if state == "0A" and inode in inodes:  # TCP_LISTEN
-                ports.add(int(local.rsplit(":", 1)[1], 16))
-    return ports
-
-
-def fetch_from(address: tuple[str, int]) -> tuple[bytes, int]:
-    """Fetch a poem; also return the client's own port."""
-    with socket.socket() as sock:
-        sock.settimeout(WAIT)
-        sock.connect(address)
-        port = sock.getsockname()[1]
-        chunks: list[bytes] = []
-        while chunk := sock.recv(65536):
-            chunks.append(chunk)
-    return b"".join(chunks), port
 
 
 def fetch_after_shutdown(address: tuple[str, int]) -> bytes | None:
@@ -157,12 +102,6 @@ def slow_client() -> Iterator[Callable[[tuple[str, int]], socket.socket]]:
     yield connect
     for sock in clients:
         sock.close()
-
-
-def read_to_end(sock: socket.socket, chunks: list[bytes]) -> None:
-    """Receive until the end of the stream, appending to ``chunks``."""
-    while chunk := sock.recv(1 << 20):
-        chunks.append(chunk)
 
 
 # -- serving in the foreground ---------------------------------------------------

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 import fastpoetry
-from conftest import (
+from helpers import (
     DEFAULT_POEM,
     POEMS,
     WAIT,

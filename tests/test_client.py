@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (
+from helpers import (
     DEFAULT_POEM,
     POEMS,
     WAIT,

@@ -11,12 +11,11 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import (
+from helpers import (
     WAIT,
     Server,
     clean_env,
@@ -25,6 +24,7 @@ from conftest import (
     make_poem,
     start_activated,
     terminate,
+    wait_until,
 )
 
 
@@ -51,13 +51,6 @@ def pending_connections(control: Path) -> int:
     """
     with open("/proc/net/unix") as table:
         return sum(1 for line in table if line.rstrip("\n").endswith(f" {control}")) - 1
-
-
-def wait_until(predicate, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + WAIT
-    while not predicate():
-        assert time.monotonic() < deadline, f"no {what} within {WAIT} s"
-        time.sleep(0.02)
 
 
 def one_line(stderr: str) -> str:

@@ -36,7 +36,7 @@ import pytest
 from hypothesis import example, given, note, settings
 from hypothesis import strategies as st
 
-from conftest import WAIT, Server, listening_socket, make_poem, start_activated
+from helpers import WAIT, Server, listening_socket, make_poem, open_fds, start_activated
 from fastpoetry.linger import SWEEP_INTERVAL
 
 KiB = 1024
@@ -317,17 +317,6 @@ def run_round(
 
 
 # -- watching the server ------------------------------------------------------------
-
-
-def open_fds(pid: int) -> list[str]:
-    """What the process's descriptors point at (sockets, pipes, files)."""
-    fds = []
-    for name in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            fds.append(f"{name} -> {os.readlink(f'/proc/{pid}/fd/{name}')}")
-        except FileNotFoundError:  # closed while we looked
-            pass
-    return fds
 
 
 def accept_queue(listener: socket.socket) -> int:

@@ -16,7 +16,7 @@ test raises its own RLIMIT_NOFILE, and starts the server with soft and hard
 limits of NOFILE (the packaged unit does the same with LimitNOFILE=).
 
 No timing is asserted: "promptly" is shown by the fresh clients succeeding
-within the hang guard (conftest.WAIT) while the 10,000 are held.  How long
+within the hang guard (helpers.WAIT) while the 10,000 are held.  How long
 the fetches took is printed (``pytest -s`` shows it).
 """
 
@@ -34,11 +34,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import (
+
+from helpers import (
     DEFAULT_POEM,
     WAIT,
     Server,
     fetch,
+    open_fds,
     terminate,
 )
 
@@ -94,16 +96,11 @@ def _server_limits() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (NOFILE, NOFILE))
 
 
-def open_fds(pid: int) -> int:
-    """How many descriptors process ``pid`` has open."""
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
 def wait_for_fds(server: Server, what: str, done: object) -> int:
     """Poll the server's descriptor count until ``done(count)``; return it."""
     deadline = time.monotonic() + WAIT
     while True:
-        count = open_fds(server.pid)
+        count = len(open_fds(server.pid))
         if done(count):  # type: ignore[operator]
             return count
         assert server.process.poll() is None, f"the server exited ({server.process.returncode}):\n{server.log()}"
@@ -193,7 +190,7 @@ def test_fresh_clients_get_the_poem_while_10000_idle_clients_are_held(
         what = f"{IDLE_CLIENTS} idle clients closed at once, holding no descriptor"
     server.wait_ready()
     address = server.address()
-    baseline = open_fds(server.pid)
+    baseline = len(open_fds(server.pid))
     assert fetch(address) == poem  # served at all, before the load
     wait_for_fds(server, "the first client's descriptor closed", lambda n: n <= baseline)
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import WAIT, Server, fetch, listening_socket, make_poem, start_activated
+from helpers import WAIT, Server, fetch, listening_socket, make_poem, open_fds, start_activated
 
 HAMMER_SOURCE = Path(__file__).resolve().parent / "clients" / "hammer.c"
 
@@ -100,12 +100,8 @@ class Snapshot:
 
 
 def snapshot(pid: int) -> Snapshot:
-    fds = []
-    for name in sorted(os.listdir(f"/proc/{pid}/fd"), key=int):
-        try:
-            fds.append(f"{name} -> {os.readlink(f'/proc/{pid}/fd/{name}')}")
-        except FileNotFoundError:  # closed between listdir and readlink
-            pass
+    """The server's descriptors and resident memory, now."""
+    fds = open_fds(pid)
     status = Path(f"/proc/{pid}/status").read_text()
     match = re.search(r"^VmRSS:\s+(\d+) kB$", status, re.MULTILINE)
     assert match, status

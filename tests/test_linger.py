@@ -16,7 +16,7 @@ import pytest
 import trio
 import trio.testing
 
-from conftest import WAIT
+from helpers import WAIT
 from fastpoetry.linger import DRAIN_LIMIT, SWEEP_INTERVAL, LingeringCloser, nothing_at_stake
 
 #: A linger timeout that never passes within a test: a socket closed under

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import WAIT, needs_ipv6
+from helpers import WAIT, needs_ipv6
 from fastpoetry.listeners import ListenerError, adopt, bind, describe, format_peer, turn_away
 
 

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import REPO, WAIT
+from helpers import REPO, WAIT
 
 POEM = b"A short poem for the load generator\nand its second line.\n"
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from conftest import WAIT
+from helpers import WAIT
 from fastpoetry.poetry import (
     DEFAULT_MAX_POEM_SIZE,
     DEFAULT_POEM_PATH,

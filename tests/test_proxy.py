@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from conftest import WAIT, fetch, make_poem
+from helpers import WAIT, fetch, make_poem, wait_until_async
 from fastpoetry import proxy as proxy_module
 from fastpoetry.proxy import ProxyService
 
@@ -188,13 +188,6 @@ def records(
     ]
 
 
-async def wait_until(condition: Callable[[], bool]) -> None:
-    """Wait (hang guard only) until ``condition()`` is true."""
-    with trio.fail_after(WAIT):
-        while not condition():
-            await trio.sleep(0.005)
-
-
 @asynccontextmanager
 async def running(service: ProxyService) -> AsyncIterator[ProxyService]:
     """``service`` started in a nursery of its own; stopped on the way out.
@@ -302,7 +295,7 @@ async def test_start_with_the_upstream_down_serves_nothing_until_it_comes_up(
             f"no poem from upstream 127.0.0.1:{upstream.port} yet: connection refused; retrying in 1 s"
         )
         await upstream.up()
-        await wait_until(lambda: service.poem == POEM)
+        await wait_until_async(lambda: service.poem == POEM)
         assert service.last_error is None
         assert service.failures == 0
     assert len(records(proxy_log, logging.WARNING)) == 1
@@ -316,7 +309,7 @@ async def test_retries_back_off_up_to_the_refresh_period(
     """While nothing is cached, each retry waits twice as long as the last, up to refresh."""
     monkeypatch.setattr(proxy_module, "FIRST_RETRY", 0.01)
     async with running(local_proxy(upstream.port, refresh=0.08)) as service:
-        await wait_until(lambda: service.failures >= 6)
+        await wait_until_async(lambda: service.failures >= 6)
     delays = [
         float(re.search(r"retrying in (\S+) s", r.getMessage()).group(1))  # type: ignore[union-attr]
         for r in records(proxy_log, None, "^no poem from upstream")
@@ -332,7 +325,7 @@ async def test_a_run_of_failures_keeps_the_poem_warns_once_and_logs_the_recovery
     await upstream.up()
     async with running(local_proxy(upstream.port, refresh=0.05)) as service:
         await upstream.down()
-        await wait_until(lambda: service.failures >= 5)
+        await wait_until_async(lambda: service.failures >= 5)
         assert service.poem == POEM
         assert service.last_error == "connection refused"
         [warning] = records(proxy_log, logging.WARNING)
@@ -343,7 +336,7 @@ async def test_a_run_of_failures_keeps_the_poem_warns_once_and_logs_the_recovery
         ), warning.getMessage()
         assert len(records(proxy_log, logging.DEBUG, "is unreachable")) >= 4
         await upstream.up()
-        await wait_until(lambda: service.failures == 0)
+        await wait_until_async(lambda: service.failures == 0)
         assert service.poem == POEM
         assert service.last_error is None
     assert len(records(proxy_log, logging.WARNING)) == 1
@@ -364,7 +357,7 @@ async def test_a_long_run_of_failures_warns_again_after_the_interval(
     await upstream.up()
     async with running(local_proxy(upstream.port, refresh=0.02)) as service:
         await upstream.down()
-        await wait_until(lambda: service.failures >= 3)
+        await wait_until_async(lambda: service.failures >= 3)
         assert len(records(proxy_log, logging.WARNING, "is unreachable")) == service.failures
 
 
@@ -476,9 +469,9 @@ async def test_stop_ends_a_fetch_in_progress(upstream: Upstream) -> None:
     async with running(local_proxy(upstream.port, refresh=0.01)) as service:
         upstream.behaviour = stalls_after(b"")
         service.timeout = 10 * WAIT
-        await wait_until(lambda: upstream.open > 0)
+        await wait_until_async(lambda: upstream.open > 0)
     assert service.poem == POEM
-    await wait_until(lambda: upstream.open == 0)
+    await wait_until_async(lambda: upstream.open == 0)
 
 
 async def test_only_one_fetch_runs_at_a_time(upstream: Upstream) -> None:

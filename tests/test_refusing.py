@@ -13,7 +13,7 @@ import signal
 import socket
 import threading
 
-from conftest import POEMS, WAIT, has_waiting_connection, listening_socket, start_activated
+from helpers import POEMS, WAIT, has_waiting_connection, listening_socket, start_activated
 
 from fastpoetry import refusing
 

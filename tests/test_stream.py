@@ -15,14 +15,14 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
 import trio
 
-from conftest import POEMS, WAIT, clean_env, fetch, make_poem, needs_ipv6
+from helpers import POEMS, WAIT, clean_env, fetch, make_poem, needs_ipv6, wait_until_async
 from fastpoetry.listeners import ListenerError, bind
 from fastpoetry.poetry import PoetryService
 from fastpoetry.stream import StreamServer
@@ -82,13 +82,6 @@ def poetry_log(caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 def address_of(listener: socket.socket) -> tuple[str, int]:
     host, port = listener.getsockname()[:2]
     return host, port
-
-
-async def wait_until(condition: Callable[[], bool]) -> None:
-    """Wait (hang guard only) until ``condition()`` is true."""
-    with trio.fail_after(WAIT):
-        while not condition():
-            await trio.sleep(0.005)
 
 
 async def connect(
@@ -228,7 +221,7 @@ async def test_small_poem_arrives_byte_exact_then_clean_eof() -> None:
                 assert server.poems_served == 1
                 assert server.bytes_served == len(expected)
                 assert server.poems_in_flight == 0
-            await wait_until(lambda: server.clients_lingering == 0)
+            await wait_until_async(lambda: server.clients_lingering == 0)
         await poet.stop()
 
 
@@ -253,7 +246,7 @@ async def test_big_poem_reaches_a_slow_reader_byte_exact(big_poem: bytes) -> Non
     async with serving(Source(big_poem)) as server:
         address = address_of(server.listeners[0])
         with await connect(address, rcvbuf=SMALL_RCVBUF) as sock:
-            await wait_until(lambda: server.poems_in_flight == 1)
+            await wait_until_async(lambda: server.poems_in_flight == 1)
             assert server.poems_served == 0  # not counted before the kernel has it all
             head = await receive_exactly(sock, 512 * KiB, chunk=4 * KiB, pause=0.001)
             assert server.poems_in_flight == 1
@@ -288,7 +281,7 @@ async def test_many_concurrent_clients_each_get_the_whole_poem(tmp_path: Path, s
         assert server.poems_served == clients
         assert server.bytes_served == clients * len(poem)
         assert server.poems_in_flight == 0
-        await wait_until(lambda: server.clients_lingering == 0)
+        await wait_until_async(lambda: server.clients_lingering == 0)
 
 
 # -- 4. junk sent first ---------------------------------------------------------
@@ -319,7 +312,7 @@ async def test_junk_sent_first_does_not_cut_the_poem(
                 await send_junk(sock, junk, linger)
                 assert await receive_to_eof(sock) == poem
         assert server.poems_served == 3
-        await wait_until(lambda: server.clients_lingering == 0)
+        await wait_until_async(lambda: server.clients_lingering == 0)
 
 
 @pytest.mark.slow
@@ -346,7 +339,7 @@ async def test_client_streaming_junk_while_reading_gets_the_whole_poem(big_poem:
             assert sent > 0
             assert data == big_poem
         assert server.poems_served == 1
-        await wait_until(lambda: server.clients_lingering == 0)
+        await wait_until_async(lambda: server.clients_lingering == 0)
 
 
 @pytest.mark.slow
@@ -394,7 +387,7 @@ async def test_junk_after_part_of_the_poem_does_not_cut_it(big_poem: bytes) -> N
             rest = await receive_to_eof(sock)
             assert head + rest == big_poem
         assert server.poems_served == 1
-        await wait_until(lambda: server.clients_lingering == 0)
+        await wait_until_async(lambda: server.clients_lingering == 0)
 
 
 @pytest.mark.parametrize("which", ["small", "big"])
@@ -410,7 +403,7 @@ async def test_junk_after_the_whole_poem_still_ends_in_a_clean_eof(
             data = await receive_exactly(sock, len(poem))
             await send_junk(sock, b"thank you\n" * 10000, linger)
             assert data + await receive_to_eof(sock) == poem
-        await wait_until(lambda: server.clients_lingering == 0)
+        await wait_until_async(lambda: server.clients_lingering == 0)
 
 
 # -- 5b. when a client that has its poem is closed ---------------------------------
@@ -427,7 +420,7 @@ async def test_a_quiet_client_is_closed_as_soon_as_it_has_its_poem() -> None:
         with await connect(address_of(server.listeners[0])) as sock:
             assert await receive_to_eof(sock) == poem
             # At once, unless the acknowledgement came late: then at a sweep.
-            await wait_until(lambda: server.clients_lingering == 0)
+            await wait_until_async(lambda: server.clients_lingering == 0)
             await assert_server_end_gone(sock)
         assert server.poems_served == 1
 
@@ -442,10 +435,10 @@ async def test_a_quiet_client_is_closed_once_its_late_acknowledgement_arrives() 
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 256 * KiB)
     async with serving(Source(poem), [listener], send_timeout=10 * WAIT) as server:
         with await connect(address_of(listener), rcvbuf=16 * KiB) as sock:
-            await wait_until(lambda: server.poems_served == 1)
+            await wait_until_async(lambda: server.poems_served == 1)
             assert server.clients_lingering == 1, "the premise: sent, not yet acknowledged"
             assert await receive_to_eof(sock) == poem
-            await wait_until(lambda: server.clients_lingering == 0)
+            await wait_until_async(lambda: server.clients_lingering == 0)
             await assert_server_end_gone(sock)
 
 
@@ -459,9 +452,9 @@ async def test_a_client_whose_words_came_first_lingers_until_it_closes() -> None
         await send_all(sock, b"hello?\n")
         async with serving(Source(poem), [listener]) as server:
             assert await receive_to_eof(sock) == poem
-            await wait_until(lambda: server.clients_lingering == 1)
+            await wait_until_async(lambda: server.clients_lingering == 1)
             sock.close()
-            await wait_until(lambda: server.clients_lingering == 0)
+            await wait_until_async(lambda: server.clients_lingering == 0)
 
 
 async def test_always_linger_keeps_even_a_quiet_client_until_it_closes() -> None:
@@ -470,10 +463,10 @@ async def test_always_linger_keeps_even_a_quiet_client_until_it_closes() -> None
     async with serving(Source(poem), always_linger=True) as server:
         with await connect(address_of(server.listeners[0])) as sock:
             assert await receive_to_eof(sock) == poem
-            await wait_until(lambda: server.clients_lingering == 1)
+            await wait_until_async(lambda: server.clients_lingering == 1)
             await send_all(sock, b"thank you\n" * 1000)
             assert server.clients_lingering == 1
-        await wait_until(lambda: server.clients_lingering == 0)
+        await wait_until_async(lambda: server.clients_lingering == 0)
 
 
 async def test_unix_clients_always_linger(tmp_path: Path) -> None:
@@ -489,8 +482,8 @@ async def test_unix_clients_always_linger(tmp_path: Path) -> None:
     async with serving(Source(poem), [listener]) as server:
         with await connect(str(path), socket.AF_UNIX) as sock:
             assert await receive_to_eof(sock) == poem
-            await wait_until(lambda: server.clients_lingering == 1)
-        await wait_until(lambda: server.clients_lingering == 0)
+            await wait_until_async(lambda: server.clients_lingering == 1)
+        await wait_until_async(lambda: server.clients_lingering == 0)
 
 
 # -- 6. AF_UNIX --------------------------------------------------------------------
@@ -597,8 +590,8 @@ async def test_stalled_client_is_dropped_after_send_timeout(
     async with serving(Source(big_poem), send_timeout=0.5) as server:
         address = address_of(server.listeners[0])
         with await connect(address, rcvbuf=4 * KiB) as sock:
-            await wait_until(lambda: any("dropped a client" in m for m in messages(poetry_log)))
-            await wait_until(lambda: server.poems_in_flight == 0)
+            await wait_until_async(lambda: any("dropped a client" in m for m in messages(poetry_log)))
+            await wait_until_async(lambda: server.poems_in_flight == 0)
             received, reset = await receive_until_closed(sock)
         assert 0 < len(received) < len(big_poem)
         assert big_poem.startswith(received)
@@ -620,7 +613,7 @@ async def test_stalled_client_does_not_hold_up_others(big_poem: bytes) -> None:
         address = address_of(server.listeners[0])
         stalled = await connect(address, rcvbuf=4 * KiB)
         try:
-            await wait_until(lambda: server.poems_in_flight == 1)
+            await wait_until_async(lambda: server.poems_in_flight == 1)
             received: list[bytes] = []
 
             async def client() -> None:
@@ -635,7 +628,7 @@ async def test_stalled_client_does_not_hold_up_others(big_poem: bytes) -> None:
             assert server.poems_served == 3
         finally:
             stalled.close()  # unread data: the client resets, the send fails
-        await wait_until(lambda: server.poems_in_flight == 0)
+        await wait_until_async(lambda: server.poems_in_flight == 0)
         assert server.poems_served == 3
         assert await fetch_poem(address) == big_poem
 
@@ -675,7 +668,7 @@ async def test_reload_during_a_big_send_never_mixes_poems(tmp_path: Path) -> Non
             early = [await connect(address, rcvbuf=SMALL_RCVBUF) for _ in range(3)]
             try:
                 heads = [await receive_exactly(sock, 4 * KiB) for sock in early]
-                await wait_until(lambda: server.poems_in_flight == 3)
+                await wait_until_async(lambda: server.poems_in_flight == 3)
 
                 new = make_poem(path, 3 * MiB + 17, seed="new")
                 await poet.reload()
@@ -723,9 +716,9 @@ async def test_stop_lets_a_poem_in_flight_finish(big_poem: bytes) -> None:
         async with trio.open_nursery() as helpers:
             with await connect(address, rcvbuf=SMALL_RCVBUF) as reader:
                 head = await receive_exactly(reader, 256 * KiB, chunk=4 * KiB, pause=0.001)
-                await wait_until(lambda: server.poems_in_flight == 1)
+                await wait_until_async(lambda: server.poems_in_flight == 1)
                 helpers.start_soon(stop)
-                await wait_until(lambda: listener.fileno() == -1)
+                await wait_until_async(lambda: listener.fileno() == -1)
                 assert await _refused(address)
                 assert not stop_returned.is_set()
                 # The reader goes on; the stop keeps waiting.
@@ -753,7 +746,7 @@ async def test_stop_does_not_wait_for_a_client_that_has_its_poem_but_stays() -> 
         await server.start(server_nursery)
         with await connect(address_of(listener)) as sock:
             assert await receive_to_eof(sock) == poem
-            await wait_until(lambda: server.clients_lingering == 1)
+            await wait_until_async(lambda: server.clients_lingering == 1)
             with trio.fail_after(WAIT):
                 await server.stop()
             assert server.clients_lingering == 0
@@ -776,9 +769,9 @@ async def test_stop_waits_until_a_lingering_client_has_received_everything(
     async with trio.open_nursery() as server_nursery:
         await server.start(server_nursery)
         with await connect(address_of(listener)) as sock:
-            await wait_until(lambda: server.clients_lingering == 1)
+            await wait_until_async(lambda: server.clients_lingering == 1)
             server_nursery.start_soon(stop)
-            await wait_until(lambda: listener.fileno() == -1)
+            await wait_until_async(lambda: listener.fileno() == -1)
             await trio.sleep(0.2)  # several finishing passes
             assert not stop_returned.is_set()
             assert await receive_to_eof(sock) == poem
@@ -795,8 +788,8 @@ async def test_client_that_never_closes_is_closed_after_send_timeout(
     async with serving(Source(poem), send_timeout=0.5, always_linger=True) as server:
         with await connect(address_of(server.listeners[0])) as sock:
             assert await receive_to_eof(sock) == poem
-            await wait_until(lambda: server.clients_lingering == 1)
-            await wait_until(lambda: server.clients_lingering == 0)
+            await wait_until_async(lambda: server.clients_lingering == 1)
+            await wait_until_async(lambda: server.clients_lingering == 0)
             await assert_server_end_gone(sock)
     assert any("did not close within 0.5 s" in m for m in messages(poetry_log))
 
@@ -823,9 +816,9 @@ async def test_stop_does_not_spin_while_a_client_lingers() -> None:
         await server.start(server_nursery)
         with await connect(address_of(listener)) as sock:
             assert await receive_to_eof(sock) == poem
-            await wait_until(lambda: server.clients_lingering == 1)
+            await wait_until_async(lambda: server.clients_lingering == 1)
             server_nursery.start_soon(server.stop)
-            await wait_until(lambda: listener.fileno() == -1)
+            await wait_until_async(lambda: listener.fileno() == -1)
             trio.lowlevel.add_instrument(counter)
             try:
                 # Nothing happens on the socket: a waiting closer wakes at most
@@ -846,7 +839,7 @@ async def test_stop_under_a_deadline_closes_stalled_and_lingering_clients(big_po
         await server.start(server_nursery)
         with await connect(address) as lingering, await connect(address, rcvbuf=4 * KiB) as stalled:
             assert await receive_to_eof(lingering) == big_poem
-            await wait_until(lambda: server.clients_lingering == 1 and server.poems_in_flight == 1)
+            await wait_until_async(lambda: server.clients_lingering == 1 and server.poems_in_flight == 1)
             with trio.move_on_after(0.2) as deadline:
                 await server.stop()
             assert deadline.cancelled_caught  # it was waiting, and was cut short

@@ -22,7 +22,17 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DEFAULT_POEM, POEMS, WAIT, NotifySocket, clean_env, fetch, start_activated, listening_socket
+from helpers import (
+    ACTIVATE,
+    DEFAULT_POEM,
+    POEMS,
+    WAIT,
+    NotifySocket,
+    clean_env,
+    fetch,
+    listening_socket,
+    start_activated,
+)
 from fastpoetry import systemd
 
 LEDGER = POEMS / "harbour-ledger.txt"
@@ -76,10 +86,31 @@ def test_notify_reaches_an_abstract_socket(monkeypatch: pytest.MonkeyPatch) -> N
         assert sock.recv(1024) == b"WATCHDOG=1"
 
 
-def test_notify_without_notify_socket_does_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Outside systemd, notifying is silently a no-op."""
+def test_notify_without_notify_socket_does_nothing(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Outside systemd, notifying is silently a no-op: sd_notify is not even called."""
     monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    # libsystemd's sd_notify sends nothing without NOTIFY_SOCKET either, so
+    # no socket could tell; what shows that fastpoetry stops first is that
+    # it never calls it, and never takes the descriptor it keeps in reserve
+    # for it (no test before may have taken it: start from none).
+    calls: list[str] = []
+    monkeypatch.setattr("systemd.daemon.notify", lambda message, *args, **kwargs: calls.append(message))
+    monkeypatch.setattr(systemd, "_reserve", None)
+    monkeypatch.setattr(systemd, "_notify_failed", False)
+    caplog.set_level(logging.DEBUG, logger="fastpoetry")
     systemd.notify_ready("nobody listens")
+    systemd.notify_reloading()
+    systemd.notify_status("nobody")
+    systemd.notify_watchdog()
+    systemd.notify_stopping("bye")
+    reserve = systemd._reserve
+    if reserve is not None:  # opened all the same: do not leak it into later tests
+        os.close(reserve)
+    assert calls == []
+    assert reserve is None, "a descriptor was set aside for notifications that cannot be sent"
+    assert caplog.records == []
 
 
 def test_notify_to_a_missing_socket_warns_once(
@@ -325,13 +356,11 @@ def test_server_logs_to_the_journal_with_fields(tmp_path: Path) -> None:
         env["TEST_PASS_FDS"] = str(sock.fileno())
         env["LISTEN_FDS"] = "1"
         env["LISTEN_FDNAMES"] = "ledger"
-        from conftest import _ACTIVATE
-
         process = subprocess.Popen(
             [
                 "unshare", "--mount", "--propagation", "private", "sh", "-c",
                 'mount --bind "$0" /run/systemd && exec "$@"', str(run),
-                sys.executable, "-c", _ACTIVATE,
+                sys.executable, "-c", ACTIVATE,
                 "serve", "--log-level", "debug", "--poem", f"ledger={LEDGER}",
             ],
             env=env, pass_fds=[sock.fileno()], stdout=stderr, stderr=stderr,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DEFAULT_POEM, REPO, WAIT, NoLocalhost, Server
+from helpers import DEFAULT_POEM, REPO, WAIT, NoLocalhost, Server
 
 UNITS = REPO / "packaging" / "systemd"
 SERVICE = UNITS / "fastpoetry.service"

@@ -6,7 +6,7 @@ needs a given worker to serve stops the others (SIGSTOP) for that fetch, and
 the debug log line of the fetch, which carries the PID of the process that
 wrote it, says who served it.  The fake NOTIFY_SOCKET records the PID of
 every sender, as systemd does to enforce NotifyAccess=main.
-Waits are hang guards (conftest.WAIT); no test asserts how long anything took.
+Waits are hang guards (helpers.WAIT); no test asserts how long anything took.
 """
 
 from __future__ import annotations
@@ -26,19 +26,24 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (
+from helpers import (
     POEMS,
     WAIT,
     NotifySocket,
     Server,
     clean_env,
+    count_in_log,
     fetch,
+    fetch_from,
+    listening_ports,
     listening_socket,
     make_poem,
+    read_to_end,
     start_activated,
     terminate,
+    wait_for_count,
+    wait_until,
 )
-from test_app import count_in_log, fetch_from, listening_ports, read_to_end, wait_for_count, wait_until
 
 LANTERN = POEMS / "lantern.txt"
 LEDGER = POEMS / "harbour-ledger.txt"

@@ -15,7 +15,7 @@ import re
 
 import pytest
 
-from .conftest import REPO, SCRATCH, Container, Package
+from .helpers import REPO, SCRATCH, Container, Package
 
 pytestmark = pytest.mark.system
 

@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 
-from .conftest import HOST_ENV, SUITES, Builder, Package, upstream_version
+from .helpers import HOST_ENV, SUITES, Builder, Package, upstream_version
 
 pytestmark = pytest.mark.system
 

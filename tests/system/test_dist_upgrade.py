@@ -28,8 +28,20 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import SCRATCH, Builder, ClientLoop, Container, Package, installed_box, run_logged
-from .test_system import PACKAGED_POEM, UNIT_DIRECTORY, UNITS, compiled_modules, new_main_pid
+from .helpers import (
+    PACKAGED_POEM,
+    SCRATCH,
+    UNIT_DIRECTORY,
+    UNITS,
+    Builder,
+    ClientLoop,
+    Container,
+    Package,
+    compiled_modules,
+    installed_box,
+    new_main_pid,
+    run_logged,
+)
 
 pytestmark = pytest.mark.system
 

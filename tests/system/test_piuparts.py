@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import REPO, Builder, Package, run_logged
+from .helpers import REPO, Builder, Package, run_logged
 
 pytestmark = pytest.mark.system
 

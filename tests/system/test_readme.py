@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import HOST_ENV, REPO, apt_archives, export_tree, fresh_root, nspawn_command, run_logged
+from .helpers import HOST_ENV, REPO, apt_archives, export_tree, fresh_root, nspawn_command, run_logged
 
 pytestmark = pytest.mark.system
 

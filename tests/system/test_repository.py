@@ -25,9 +25,9 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import (
+from .helpers import (
     HOST_ENV,
-    POEMS,
+    PACKAGED_POEM,
     REPO,
     SCRATCH,
     SUITES,
@@ -47,7 +47,6 @@ pytestmark = pytest.mark.system
 BUILD_REPO = REPO / "tools/build-repo"
 KEYRING = "fastpoetry-archive-keyring.gpg"
 SOURCES = "fastpoetry.sources"
-PACKAGED_POEM = POEMS / "harbour-ledger.txt"
 
 #: Where the box publishes the repository (a folder of the box's tree,
 #: written from the host) and where its web server serves it.

@@ -18,67 +18,42 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import (
+from .helpers import (
     HOST_ENV,
+    INSTALLED_POEM,
+    MODULES,
+    PACKAGED_POEM,
     POEMS,
     PORT,
+    PYTHON_DEFAULTS,
     REPO,
     SCRATCH,
+    UNIT_DIRECTORY,
+    UNITS,
     WAIT,
     ClientLoop,
     Container,
     Package,
+    compiled_modules,
+    journal_cursor,
+    new_main_pid,
     repack,
+    served_by_fastpoetry,
     sha256,
+    started_service,
+    uid_of,
     upstream_version,
     wait_until,
 )
 
 pytestmark = pytest.mark.system
 
-PACKAGED_POEM = POEMS / "harbour-ledger.txt"
-INSTALLED_POEM = "/usr/share/fastpoetry/poems/harbour-ledger.txt"
 ADMIN_POEM = "/etc/fastpoetry/poem.txt"
-
-
-#: Where each suite's package puts its units: Debian 12's debhelper under
-#: /lib, Debian 13's under /usr/lib (/lib is only an alias there, DEP 17).
-UNIT_DIRECTORY = {"bookworm": "/lib/systemd/system", "trixie": "/usr/lib/systemd/system"}
-UNITS = ("fastpoetry.socket", "fastpoetry.service", "fastpoetry-proxy.socket", "fastpoetry-proxy.service")
 
 
 def unit_files(container: Container, *units: str) -> list[str]:
     """The file each unit was loaded from, as systemd says."""
     return [container.show(unit, "FragmentPath") for unit in units]
-
-
-def uid_of(container: Container, user: str) -> str:
-    entry = container.text("getent", "passwd", user)
-    return entry.split(":")[2]
-
-
-def served_by_fastpoetry(container: Container) -> list[dict[str, str]]:
-    uid = uid_of(container, "fastpoetry")
-    return [p for p in container.processes() if uid in p["uids"]]
-
-
-def new_main_pid(container: Container, old: int) -> int:
-    """Wait until the service is active again with a main process other than ``old``."""
-
-    def changed() -> int:
-        pid = container.main_pid()
-        if pid in (0, old) or container.is_active("fastpoetry.service") != "active":
-            return 0
-        return pid
-
-    return wait_until(changed, f"a new main process of fastpoetry.service (old: {old})")
-
-
-def started_service(container: Container) -> int:
-    """Make sure the service runs (a client starts it); return its main PID."""
-    assert container.fetch() == PACKAGED_POEM.read_bytes()
-    assert container.is_active("fastpoetry.service") == "active"
-    return container.main_pid()
 
 
 @contextmanager
@@ -237,20 +212,6 @@ def test_units_are_installed_where_the_suite_keeps_them(container: Container, su
     if suite != "bookworm":
         aliased = [f for f in files if f.split("/")[1] in ("lib", "bin", "sbin")]
         assert aliased == [], f"files under the aliased /lib, /bin or /sbin (DEP 17): {aliased}"
-
-
-#: The package's modules, and the file whose change means a new default Python 3.
-MODULES = "/usr/lib/python3/dist-packages/fastpoetry"
-PYTHON_DEFAULTS = "/usr/share/python3/debian_defaults"
-
-
-def compiled_modules(container: Container) -> tuple[int, int]:
-    """(modules, those with bytecode for the box's python3), in the package's directory."""
-    tag = container.text("python3", "-c", "import sys; print(sys.implementation.cache_tag)")
-    count = container.text("sh", "-c", f'ls "$1"/*.py | wc -l; ls "$1"/__pycache__/*.{tag}.pyc 2>/dev/null | wc -l',
-                           "sh", MODULES)
-    modules, compiled = map(int, count.split())
-    return modules, compiled
 
 
 def test_modules_are_compiled_again_when_the_default_python_changes(container: Container) -> None:
@@ -586,16 +547,6 @@ print(json.dumps(report))
 """
 
 
-def open_fds(container: Container, pid: int) -> int:
-    """How many descriptors process ``pid`` inside has open."""
-    return len(container.text("ls", f"/proc/{pid}/fd").split())
-
-
-def journal_cursor(container: Container) -> str:
-    """The cursor of the newest journal entry, to read only what comes after."""
-    return json.loads(container.text("journalctl", "--no-pager", "-o", "json", "-n", "1"))["__CURSOR"]
-
-
 #: The packaged ExecStart=, keeping every client until it closes: a quiet
 #: client that has its poem is otherwise closed at once (--linger auto), and
 #: idle clients would cost the service no descriptor to hold.
@@ -622,7 +573,7 @@ def _hold_10000_idle_clients(container: Container) -> None:
     poem = PACKAGED_POEM.read_bytes()
     pid = started_service(container)
     restarts = container.show("fastpoetry.service", "NRestarts")
-    baseline = open_fds(container, pid)
+    baseline = container.open_fds(pid)
     cursor = journal_cursor(container)
 
     done = container.python(
@@ -655,7 +606,7 @@ def _hold_10000_idle_clients(container: Container) -> None:
     assert warnings == "", warnings
 
     # The idle clients have closed: the server lets go of their descriptors.
-    wait_until(lambda: open_fds(container, pid) <= baseline, f"the server back to {baseline} descriptors")
+    wait_until(lambda: container.open_fds(pid) <= baseline, f"the server back to {baseline} descriptors")
     assert container.is_active("fastpoetry.service") == "active"
     assert container.main_pid() == pid
     assert container.show("fastpoetry.service", "NRestarts") == restarts

@@ -5,7 +5,7 @@ in its queue instead of being refused, as long as the socket unit itself
 does not fail.  Its default start limit would fail it: these tests show
 the packaged units' restart policy keeping it listening (README,
 "Robustness"), on each suite with the package built there.  Every fetch is
-sorted (conftest.KINDS); the counts are the assertions, never the time
+sorted (helpers.KINDS); the counts are the assertions, never the time
 something took.
 
 The tests share the session's container (see conftest.py); they run after
@@ -23,8 +23,19 @@ from contextlib import contextmanager
 
 import pytest
 
-from .conftest import KINDS, POEMS, WAIT, ClientLoop, Container, wait_until
-from .test_system import INSTALLED_POEM, PACKAGED_POEM, journal_cursor, new_main_pid, started_service
+from .helpers import (
+    INSTALLED_POEM,
+    KINDS,
+    PACKAGED_POEM,
+    POEMS,
+    WAIT,
+    ClientLoop,
+    Container,
+    journal_cursor,
+    new_main_pid,
+    started_service,
+    wait_until,
+)
 
 pytestmark = pytest.mark.system
 

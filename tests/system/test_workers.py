@@ -19,14 +19,17 @@ from contextlib import contextmanager
 
 import pytest
 
-from .conftest import POEMS, ClientLoop, Container, wait_until
-from .test_system import (
+from .helpers import (
     INSTALLED_POEM,
     PACKAGED_POEM,
+    POEMS,
+    ClientLoop,
+    Container,
     journal_cursor,
     new_main_pid,
     served_by_fastpoetry,
     uid_of,
+    wait_until,
 )
 
 pytestmark = pytest.mark.system
