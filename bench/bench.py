@@ -3,7 +3,7 @@
 Run it with ``bench/run``, which installs what it needs, builds the load
 generator and calls this script with the benchmark's own venv::
 
-    bench/run [--smoke] [--out DIR] [--only NAME,...] [--check]
+    bench/run [--smoke] [--out DIR] [--only NAME,...] [--check] [--baseline REV]
 
 Every server is started pinned to the server core and checked to serve
 the exact poem; then, at each concurrency, they take turns in rounds under
@@ -37,9 +37,9 @@ import source
 from measure import Cores
 from plan import FULL, SMOKE, describe_load
 from poem_files import write_big_poem
-from results import Run
+from results import Baseline, Run
 from sections import Sections, progress
-from servers import CONTENDERS, Paths
+from servers import BASELINE, CONTENDERS, Contender, Paths
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -50,14 +50,21 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="bench/run", description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny counts: checks that everything runs (figures mean nothing)")
     parser.add_argument("--out", type=Path, default=BENCH / "out", help="where results go (default: bench/out)")
-    parser.add_argument("--only", default=",".join(keys), help=f"servers to run, comma-separated, of: {','.join(keys)}")
+    parser.add_argument("--only", help=f"servers to run, comma-separated, of: {','.join(keys)},{BASELINE} "
+                        f"({BASELINE} with --baseline; default: all)")  # fmt: skip
+    parser.add_argument("--baseline", metavar="REV", help="one more row: fastpoetry from git commit REV, "
+                        "measured in the same rounds as the work tree's")  # fmt: skip
     parser.add_argument("--check", action="store_true", help="exit 1 if a target is missed")
     parser.add_argument("--loadgen", type=Path, required=True, help="the built load generator (bench/run builds it)")
     parser.add_argument("--server-core", default="0", help="the core the servers run on (default 0)")
     parser.add_argument("--loadgen-core", default="1", help="the core the load generator runs on (default 1)")
     args = parser.parse_args(argv)
-    only = [key.strip() for key in args.only.split(",") if key.strip()]
+    if args.baseline is not None:
+        keys.append(BASELINE)
+    only = keys if args.only is None else [key.strip() for key in args.only.split(",") if key.strip()]
     unknown = sorted(set(only) - set(keys))
+    if BASELINE in unknown:
+        parser.error(f"--only {BASELINE} needs --baseline REV")
     if unknown or not only:
         parser.error(f"--only takes some of {','.join(keys)}, not {','.join(unknown) or 'nothing'}")
     args.only = only
@@ -84,10 +91,56 @@ def _write_outputs(run: Run, out: Path) -> None:
     plot.write(run, out / "results.png")
 
 
+def _resolve_baseline(rev: str | None) -> source.Revision | None:
+    """--baseline's commit, or None without it; BadRevision before any output is touched."""
+    if rev is None:
+        return None
+    revision = source.resolve(REPO, rev)
+    label = _baseline_label(revision)
+    if label in {c.label for c in CONTENDERS}:
+        raise source.BadRevision(f"--baseline {rev}: its row would be called {label!r}, as another row is")
+    return revision
+
+
+def _baseline_label(revision: source.Revision) -> str:
+    # The REV as given, which is what the person running it will look for
+    # in the table; the commit it named goes into the versions and the JSON.
+    return f"fastpoetry ({revision.given})"
+
+
+def _take_baseline(revision: source.Revision, paths: Paths, run: Run, work_tree_hash: str) -> Contender:
+    """Snapshot src/fastpoetry at ``revision`` into the run's directory, record it in ``run``; its row."""
+    src = paths.run / "baseline-src"
+    src.mkdir(parents=True, exist_ok=True)
+    source_hash = source.snapshot_revision(REPO, revision, src)
+    label = _baseline_label(revision)
+    same = source_hash == work_tree_hash
+    run.baseline = Baseline(revision.given, revision.commit, label, source_hash, same_source=same)
+    version = machine.fastpoetry_version(src)
+    run.versions[label] = f"{version} (commit {revision.short}; source {source_hash})"
+    return servers.baseline(label, src)
+
+
+def _contenders(only: list[str], baseline: Contender | None) -> list[Contender]:
+    """The rows to measure, the baseline right after fastpoetry so the two sit together in the tables."""
+    chosen = []
+    for contender in CONTENDERS:
+        if contender.key in only:
+            chosen.append(contender)
+        if contender.key == "fastpoetry" and baseline is not None and BASELINE in only:
+            chosen.append(baseline)
+    return chosen
+
+
 def main(argv: list[str]) -> int:
     args = _parse_args(argv)
     _stop_on_signals()
     began = time.monotonic()
+    try:
+        revision = _resolve_baseline(args.baseline)
+    except source.BadRevision as exc:
+        progress(f"ERROR: {exc}")  # before the last run's logs are emptied
+        return 2
     out: Path = args.out.resolve()
     paths = Paths(
         repo=REPO, bench=BENCH, venv=BENCH / ".venv", logs=out / "logs", run=out / "run",
@@ -127,9 +180,10 @@ def main(argv: list[str]) -> int:
             "backlog": servers.BACKLOG,
         },
     )
+    baseline_row = _take_baseline(revision, paths, run, source_hash) if revision else None
     bench = Sections(paths, plan, cores, args.loadgen.resolve(), run)
     progress(f"results go to {out}; servers on core {cores.server}, load generator on core {cores.loadgen}")
-    contenders = [c for c in CONTENDERS if c.key in args.only]
+    contenders = _contenders(args.only, baseline_row)
     try:
         bench.small_poem(contenders)
         big = out / "run" / "big-poem.txt"
@@ -145,6 +199,7 @@ def main(argv: list[str]) -> int:
         progress("interrupted: every server was stopped; no results written")
         return 130
     run.targets = report.targets(run)
+    report.judge_baseline(run)
     run.seconds = time.monotonic() - began
     _write_outputs(run, out)
     sys.stdout.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]

@@ -85,6 +85,12 @@ def _git(repo: Path, *args: str) -> str:
     return _output(["git", "-C", str(repo), *args])
 
 
+def fastpoetry_version(src: Path) -> str:
+    """fastpoetry.__version__ as imported from the copy in ``src``, on the servers' interpreter."""
+    env = dict(os.environ, PYTHONPATH=str(src))
+    return _python_module_version(servers.SYSTEM_PYTHON, "import fastpoetry; print(fastpoetry.__version__)", env)
+
+
 def versions(paths: servers.Paths, source_hash: str) -> dict[str, str]:
     """Versions of the servers under test and of the tools that measure them.
 
@@ -93,13 +99,12 @@ def versions(paths: servers.Paths, source_hash: str) -> dict[str, str]:
     """
     system = servers.SYSTEM_PYTHON
     venv_python = str(paths.venv / "bin" / "python")
-    src_env = dict(os.environ, PYTHONPATH=str(paths.fastpoetry_src))
     commit = _git(paths.repo, "rev-parse", "--short", "HEAD")
     if not commit:
         commit, dirty = "unknown (not a git work tree)", ""
     else:
         dirty = " with uncommitted changes" if _git(paths.repo, "status", "--porcelain", "--", "src") else ""
-    version = _python_module_version(system, "import fastpoetry; print(fastpoetry.__version__)", src_env)
+    version = fastpoetry_version(paths.fastpoetry_src)
     return {
         "fastpoetry": f"{version} (commit {commit}{dirty}; source {source_hash})",
         "python (servers)": _python_module_version(system, "import sys; print(sys.version.split()[0])"),

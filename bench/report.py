@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from results import Cell, ColdStart, Round, Run, Target
+from results import Baseline, Cell, ColdStart, Round, Run, Target
 from servers import NGINX, TWISTED
 
 FASTPOETRY_ROWS = ("fastpoetry", "fastpoetry (activated)")
@@ -21,6 +21,10 @@ TARGET_RSS_MIB = 30.0
 
 #: A core this busy during a cell was the limit (/proc/stat counts in ticks).
 SATURATED_PCT = 95.0
+
+#: --baseline: how far apart the two trees' CPU per poem at
+#: TARGET_CONCURRENCY may be and still count as the same cost (issue 14).
+BASELINE_TOLERANCE = 0.03
 
 
 # --------------------------------------------------------------------------
@@ -195,6 +199,67 @@ def _same_code_note(cells: Sequence[Cell]) -> list[str]:
     ]
 
 
+# --------------------------------------------------------------------------
+# --baseline: the work tree against fastpoetry from a commit, in the same rounds.
+
+
+def _over_baseline(run: Run, baseline: Baseline, concurrency: int) -> tuple[Cell, Cell] | None:
+    """fastpoetry's cell and the baseline's at ``concurrency``, if both have a CPU figure."""
+    ours, theirs = run.cell("fastpoetry", concurrency), run.cell(baseline.label, concurrency)
+    if ours is None or theirs is None or not ours.poems or not theirs.cpu_us_per_poem:
+        return None
+    return ours, theirs
+
+
+def judge_baseline(run: Run) -> None:
+    """Fill in run.baseline's comparison at TARGET_CONCURRENCY (nothing to do without --baseline)."""
+    baseline = run.baseline
+    if baseline is None:
+        return
+    pair = _over_baseline(run, baseline, TARGET_CONCURRENCY)
+    if pair is None:
+        return
+    ours, theirs = pair
+    baseline.cpu_ratio = ours.cpu_us_per_poem / theirs.cpu_us_per_poem
+    ratios = _round_ratios(ours, theirs, _cpu)
+    baseline.cpu_ratio_rounds = [min(ratios), max(ratios)] if ratios else []
+    baseline.within_tolerance = abs(baseline.cpu_ratio - 1) <= BASELINE_TOLERANCE
+
+
+def _baseline_note(run: Run) -> list[str]:
+    """One line: the two trees' CPU per poem at TARGET_CONCURRENCY, their ratio, within tolerance or not."""
+    baseline = run.baseline
+    if baseline is None:
+        return []
+    source = "the same source as the work tree's copy" if baseline.same_source else f"source {baseline.source_hash}"
+    head = f"BASELINE ({baseline.label}: commit {baseline.commit[:7]}, {source}): "
+    pair = _over_baseline(run, baseline, TARGET_CONCURRENCY)
+    if pair is None or baseline.cpu_ratio is None:
+        missing = f"fastpoetry and {baseline.label} do not both have a figure at {TARGET_CONCURRENCY} clients"
+        return [f"{head}n/a: {missing}."]
+    ours, theirs = pair
+    low_high = baseline.cpu_ratio_rounds
+    rounds = f" (rounds {low_high[0]:.2f}-{low_high[1]:.2f}x)" if len(ours.rounds) > 1 and low_high else ""
+    tolerance = f"{BASELINE_TOLERANCE:.0%}"
+    verdict = f"within {tolerance}" if baseline.within_tolerance else f"NOT within {tolerance}"
+    others = _baseline_elsewhere(run, baseline)
+    return [
+        f"{head}CPU µs/poem at {TARGET_CONCURRENCY} clients, fastpoetry over {baseline.label}: "
+        f"{ours.cpu_us_per_poem:.1f} vs {theirs.cpu_us_per_poem:.1f} µs, {baseline.cpu_ratio:.3f}x{rounds}: "
+        f"{verdict}." + (f" Other concurrencies: {others}." if others else "")
+    ]
+
+
+def _baseline_elsewhere(run: Run, baseline: Baseline) -> str:
+    """The same ratio at the other concurrencies: "1: 1.02x; 256: 0.99x"."""
+    found = []
+    for concurrency in sorted({cell.concurrency for cell in run.cells} - {TARGET_CONCURRENCY}):
+        pair = _over_baseline(run, baseline, concurrency)
+        if pair is not None:
+            found.append(f"{concurrency}: {pair[0].cpu_us_per_poem / pair[1].cpu_us_per_poem:.2f}x")
+    return "; ".join(found)
+
+
 def _peer(cells: Sequence[Cell], server: str, concurrency: int) -> Cell | None:
     for cell in cells:
         if cell.server == server and cell.concurrency == concurrency:
@@ -273,6 +338,7 @@ def small_poem_table(run: Run) -> Table:
     )
     notes.append(_steal_note())
     notes += _same_code_note(cells)
+    notes += _baseline_note(run)
     notes += _retried(cells)
     notes += [f"NOT MEASURED: {status}" for status in unmeasured.values()]
     return Table("3 KB poem, server on one core", header, rows, [note for note in notes if note])

@@ -107,6 +107,26 @@ class Target:
 
 
 @dataclass
+class Baseline:
+    """--baseline: fastpoetry from a git commit, measured as one more row beside the work tree's."""
+
+    rev: str  # as given on the command line
+    commit: str  # the full hash it named
+    label: str  # its row: "fastpoetry (REV)"
+    source_hash: str  # of its copy, hashed as the work tree's copy is
+    #: The two copies hash alike: both rows ran the same code, and any
+    #: difference between them is the machine's.
+    same_source: bool
+    #: At report.TARGET_CONCURRENCY: fastpoetry's CPU µs/poem over the
+    #: baseline's, the lowest and highest of that ratio in a single round,
+    #: and whether the two are within report.BASELINE_TOLERANCE of each
+    #: other; None while (or if) either row has no figure.
+    cpu_ratio: float | None = None
+    cpu_ratio_rounds: list[float] = field(default_factory=list)
+    within_tolerance: bool | None = None
+
+
+@dataclass
 class Run:
     """Everything a run measured, and what it ran on."""
 
@@ -128,6 +148,7 @@ class Run:
     workers: list[Cell] = field(default_factory=list)
     workers_note: str = ""
     targets: list[Target] = field(default_factory=list)
+    baseline: Baseline | None = None
     seconds: float = 0.0
 
     def cell(self, server: str, concurrency: int) -> Cell | None:

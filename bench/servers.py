@@ -84,9 +84,17 @@ def _socket_activate(port: int, passed: dict[str, str], argv: list[str], *option
     return ["systemd-socket-activate", f"--listen=127.0.0.1:{port}", *options, *setenv, *argv]
 
 
-def fastpoetry(paths: Paths, poem: Path, port: int, *, activated: bool = False, options: tuple[str, ...] = ()) -> Launch:
-    """``python3 -m fastpoetry serve`` from the run's copy of the work tree, on Debian's trio."""
-    pythonpath = {"PYTHONPATH": str(paths.fastpoetry_src)}
+def fastpoetry(
+    paths: Paths, poem: Path, port: int, *, activated: bool = False, options: tuple[str, ...] = (),
+    src: Path | None = None,
+) -> Launch:  # fmt: skip
+    """``python3 -m fastpoetry serve`` from the run's copy of the work tree, on Debian's trio.
+
+    ``src``: import fastpoetry from there instead (the --baseline copy);
+    everything else about the launch stays the same, so that the two rows
+    differ by their code only.
+    """
+    pythonpath = {"PYTHONPATH": str(src or paths.fastpoetry_src)}
     serve = [SYSTEM_PYTHON, "-m", "fastpoetry", "serve", "--poem", str(poem), *options]
     if activated:
         return Launch(_socket_activate(port, pythonpath, serve), _environment(), activated=True)
@@ -284,3 +292,12 @@ CONTENDERS = (
     Contender(NGINX, NGINX, lambda p, poem, port, log: nginx(p, poem, port)),
     Contender("trio", "trio serve_tcp", lambda p, poem, port, log: trio_naive(p, poem, port)),
 )
+
+
+#: --only's name for the --baseline row.
+BASELINE = "baseline"
+
+
+def baseline(label: str, src: Path) -> Contender:
+    """The --baseline row: the ``fastpoetry`` row's launch, importing fastpoetry from ``src``."""
+    return Contender(BASELINE, label, lambda p, poem, port, log: fastpoetry(p, poem, port, src=src))

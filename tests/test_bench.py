@@ -255,3 +255,19 @@ def test_nginx_serves_the_poem_byte_for_byte_whatever_its_characters(
 ) -> None:
     poem = TRICKY_POEMS[name]
     assert serve_with_nginx(poem) == poem
+
+
+# --------------------------------------------------------------------------
+# --baseline REV: a REV that names no commit stops the run before it measures.
+
+
+def test_a_bad_baseline_revision_is_one_line_and_measures_nothing(tmp_path: Path) -> None:
+    _require_root()
+    done = subprocess.run(
+        [str(BENCH / "run"), "--smoke", "--baseline", "no-such-revision", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=SMOKE_TIMEOUT, stdin=subprocess.DEVNULL, check=False,
+    )  # fmt: skip
+    said = [line for line in done.stderr.splitlines() if line.startswith("bench:")]
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert len(said) == 1 and "no-such-revision" in said[0], done.stderr[-2000:]
+    assert not (tmp_path / "results.json").exists() and not (tmp_path / "logs").exists()
