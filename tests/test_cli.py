@@ -256,7 +256,7 @@ BAD_POEMS: dict[str, tuple[Callable[[Path], str], str]] = {
     "not UTF-8": (_not_utf8, "not UTF-8 text (byte 0xc7 at offset 0)"),
     "FIFO": (_fifo, "not a regular file (a FIFO)"),
     "/dev/null": (_dev_null, "not a regular file (a character device)"),
-    "huge": (_huge, "too big for a poem: 1073741824 bytes, more than --max-poem-size (16777216 bytes)"),
+    "huge": (_huge, "too big for a poem: 1073741824 bytes, more than the largest poem allowed (16777216 bytes)"),
 }
 
 
@@ -278,7 +278,7 @@ def test_poem_over_max_poem_size_is_one_error_and_exit_1(notify_socket: NotifySo
         env=clean_env(NOTIFY_SOCKET=notify_socket.path),
     )
     assert size > 3 * 1024
-    reason = f"too big for a poem: {size} bytes, more than --max-poem-size (3072 bytes)"
+    reason = f"too big for a poem: {size} bytes, more than the largest poem allowed (3072 bytes)"
     assert_failed_to_start(result, notify_socket, f"cannot load a poem from {LEDGER}: {reason}")
 
 
@@ -311,7 +311,7 @@ def test_unresolvable_iface_is_one_error_and_exit_1(notify_socket: NotifySocket)
         "serve", "--iface", "poetry.invalid", "--port", "0",
         env=clean_env(NOTIFY_SOCKET=notify_socket.path),
     )
-    assert_failed_to_start(result, notify_socket, "cannot resolve --iface 'poetry.invalid'")
+    assert_failed_to_start(result, notify_socket, "cannot resolve 'poetry.invalid'")
 
 
 # -- the default --iface: the loopback addresses, never looked up -----------------

@@ -23,8 +23,9 @@ from typing import Any
 import pytest
 import trio
 
-from conftest import WAIT, needs_ipv6
+from helpers import WAIT, needs_ipv6
 from fastpoetry import fetch
+from fastpoetry.phrases import count
 
 POEM = "The ferry leaves at dusk; the lamps, at dawn. — ☾\n".encode() * 40
 
@@ -241,13 +242,13 @@ async def test_a_poem_larger_than_one_read_comes_whole() -> None:
     assert len(big) > 3 * fetch.RECEIVE_SIZE
     with trio.fail_after(WAIT):
         async with serving(sends(big)) as server:
-            assert await fetch.fetch_poem("127.0.0.1", server.port, len(big)) == big
+            assert await fetch.fetch_poem("127.0.0.1", server.port, len(big), fetch.Transfer()) == big
 
 
 async def test_a_poem_of_exactly_the_limit_is_returned_whole() -> None:
     with trio.fail_after(WAIT):
         async with serving(sends(POEM)) as server:
-            assert await fetch.fetch_poem("127.0.0.1", server.port, len(POEM)) == POEM
+            assert await fetch.fetch_poem("127.0.0.1", server.port, len(POEM), fetch.Transfer()) == POEM
 
 
 async def test_at_most_one_byte_over_the_limit_is_read() -> None:
@@ -364,7 +365,7 @@ async def test_connection_refused_is_a_connect_error_in_lower_case() -> None:
 async def test_a_name_that_does_not_resolve_says_why(resolver: Resolver) -> None:
     with trio.fail_after(WAIT):
         with pytest.raises(fetch.ConnectError) as caught:
-            await fetch.fetch_poem("poems.invalid", 17, 1000)
+            await fetch.fetch_poem("poems.invalid", 17, 1000, fetch.Transfer())
     assert resolver.asked == [b"poems.invalid"]
     assert caught.value.unresolved == "name or service not known"
     assert caught.value.reasons == []
@@ -377,7 +378,7 @@ async def test_a_name_that_cannot_be_a_host_name_is_a_connect_error(
 ) -> None:
     with trio.fail_after(WAIT):
         with pytest.raises(fetch.ConnectError) as caught:
-            await fetch.fetch_poem(host, 17, 1000)
+            await fetch.fetch_poem(host, 17, 1000, fetch.Transfer())
     assert caught.value.unresolved == "not a valid host name"
     assert str(caught.value) == "not a valid host name"
     assert resolver.asked == []
@@ -389,7 +390,7 @@ async def test_a_name_whose_addresses_all_refuse_says_it_once(resolver: Resolver
         # Two addresses of the same host, both refused.
         resolver.names[b"poems.test"] = ["127.0.0.1", "127.0.0.1"]
         with pytest.raises(fetch.ConnectError) as caught:
-            await fetch.fetch_poem("poems.test", port, 1000)
+            await fetch.fetch_poem("poems.test", port, 1000, fetch.Transfer())
     assert caught.value.reasons == ["connection refused"]
     assert str(caught.value) == "connection refused"
 
@@ -401,7 +402,7 @@ async def test_a_name_whose_addresses_fail_differently_says_each_reason(
     with trio.fail_after(WAIT), refusing() as port:
         resolver.names[b"poems.test"] = ["127.0.0.1", "255.255.255.255"]
         with pytest.raises(fetch.ConnectError) as caught:
-            await fetch.fetch_poem("poems.test", port, 1000)
+            await fetch.fetch_poem("poems.test", port, 1000, fetch.Transfer())
     assert caught.value.reasons == ["connection refused", "network is unreachable"]
     assert str(caught.value) == "connection refused, network is unreachable"
 
@@ -410,7 +411,7 @@ async def test_a_name_resolved_by_the_resolver_is_fetched_from(resolver: Resolve
     with trio.fail_after(WAIT):
         async with serving(sends(POEM)) as server:
             resolver.names[b"poems.test"] = ["127.0.0.1"]
-            assert await fetch.fetch_poem("poems.test", server.port, len(POEM)) == POEM
+            assert await fetch.fetch_poem("poems.test", server.port, len(POEM), fetch.Transfer()) == POEM
     assert resolver.asked == [b"poems.test"]
 
 
@@ -478,7 +479,7 @@ def ipv6_holder(port: int) -> Any:
 async def test_localhost_is_127_0_0_1_without_a_lookup(resolver: Resolver, name: str) -> None:
     with trio.fail_after(WAIT):
         async with serving(sends(POEM)) as server:
-            assert await fetch.fetch_poem(name, server.port, len(POEM)) == POEM
+            assert await fetch.fetch_poem(name, server.port, len(POEM), fetch.Transfer()) == POEM
     assert resolver.asked == []
     assert server.peers[0][0] == "127.0.0.1"
 
@@ -488,7 +489,7 @@ async def test_localhost_is_also_ipv6_loopback_without_a_lookup(resolver: Resolv
     """Nothing listens on 127.0.0.1 at the port: the poem must come from ::1."""
     with trio.fail_after(WAIT), refusing("127.0.0.1", port_free_on_both()) as port:
         async with serving(sends(POEM), host="::1", port=port) as server:
-            assert await fetch.fetch_poem("localhost", port, len(POEM)) == POEM
+            assert await fetch.fetch_poem("localhost", port, len(POEM), fetch.Transfer()) == POEM
     assert resolver.asked == []
     assert server.peers[0][0] == "::1"
 
@@ -498,7 +499,7 @@ async def test_localhost_tries_ipv6_while_ipv4_still_hangs(resolver: Resolver) -
     """Happy eyeballs: ::1 is tried after the delay even though 127.0.0.1 has not failed."""
     with trio.fail_after(WAIT), not_answering(port_free_on_both()) as port:
         async with serving(sends(POEM), host="::1", port=port) as server:
-            assert await fetch.fetch_poem("localhost", port, len(POEM)) == POEM
+            assert await fetch.fetch_poem("localhost", port, len(POEM), fetch.Transfer()) == POEM
     assert server.peers[0][0] == "::1"
     assert resolver.asked == []
 
@@ -507,7 +508,7 @@ async def test_localhost_tries_ipv6_while_ipv4_still_hangs(resolver: Resolver) -
 async def test_localhost_refused_on_both_addresses_says_it_once(resolver: Resolver) -> None:
     with trio.fail_after(WAIT), refusing("127.0.0.1", port_free_on_both()) as port:
         with refusing("::1", port), pytest.raises(fetch.ConnectError) as caught:
-            await fetch.fetch_poem("localhost", port, 1000)
+            await fetch.fetch_poem("localhost", port, 1000, fetch.Transfer())
     assert caught.value.reasons == ["connection refused"]
     assert str(caught.value) == "connection refused"
     assert resolver.asked == []
@@ -533,26 +534,7 @@ async def test_open_first_takes_the_address_that_answers() -> None:
                 assert stream.socket.getpeername() == ("127.0.0.1", server.port)
 
 
-# -- the words: reason(), the errors' messages --------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("exc", "expected"),
-    [
-        (ConnectionResetError(errno.ECONNRESET, "Connection reset by peer"), "connection reset"),
-        (OSError(errno.ECONNRESET, "whatever the text"), "connection reset"),
-        # The error's own text may name the address; strerror does not.
-        (ConnectionRefusedError(errno.ECONNREFUSED, "Connect call failed ('127.0.0.1', 7)"),
-         "connection refused"),
-        (OSError(errno.ENETUNREACH, "x"), "network is unreachable"),
-        (OSError("All Attempts Failed"), "all attempts failed"),
-        (ValueError("Not A Socket Error"), "not a socket error"),
-    ],
-)
-def test_reason_says_an_error_in_lower_case_without_the_address(
-    exc: BaseException, expected: str
-) -> None:
-    assert fetch.reason(exc) == expected
+# -- the words: the errors' messages --------------------------------------
 
 
 def test_broken_takes_the_reason_of_the_socket_error_behind_it() -> None:
@@ -609,3 +591,57 @@ def test_receive_error_says_how_and_after_how_many_bytes() -> None:
     error = fetch.ReceiveError("connection reset", 812)
     assert str(error) == "connection reset after 812 bytes"
     assert (error.reason, error.received) == ("connection reset", 812)
+
+
+# -- fetch_within: every failure in the same words, for get and the proxy ------------
+
+
+async def test_fetch_within_returns_the_whole_poem() -> None:
+    transfer = fetch.Transfer()
+    async with serving(sends(POEM)) as server:
+        assert await fetch.fetch_within("127.0.0.1", server.port, len(POEM), WAIT, transfer) == POEM
+    assert transfer.received == len(POEM)
+
+
+async def test_fetch_within_a_refused_connection_is_a_failure_before_connecting() -> None:
+    with refusing() as port, pytest.raises(fetch.FetchFailed) as failed:
+        await fetch.fetch_within("127.0.0.1", port, 1000, WAIT, fetch.Transfer())
+    assert str(failed.value) == "connection refused"
+    assert not failed.value.connected
+    assert not failed.value.cut_off
+
+
+async def test_fetch_within_a_name_that_does_not_resolve_says_so(resolver: Resolver) -> None:
+    with pytest.raises(fetch.FetchFailed) as failed:
+        await fetch.fetch_within("poems.invalid", 17, 1000, WAIT, fetch.Transfer())
+    assert str(failed.value) == "cannot resolve the host name (name or service not known)"
+    assert not failed.value.connected
+
+
+async def test_fetch_within_a_reset_part_way_is_a_cut_off_poem_with_its_bytes_counted() -> None:
+    transfer = fetch.Transfer()
+    async with serving(resets_after(POEM[:1], transfer)) as server:
+        with pytest.raises(fetch.FetchFailed) as failed:
+            await fetch.fetch_within("127.0.0.1", server.port, len(POEM), WAIT, transfer)
+    assert str(failed.value) == "connection reset after 1 byte"
+    assert failed.value.connected and failed.value.cut_off
+
+
+async def test_fetch_within_a_timeout_while_connecting_says_so() -> None:
+    with not_answering() as port, pytest.raises(fetch.FetchFailed) as failed:
+        await fetch.fetch_within("127.0.0.1", port, 1000, 0.5, fetch.Transfer())
+    assert str(failed.value) == "timed out after 0.5 s while connecting"
+    assert not failed.value.connected and not failed.value.cut_off
+
+
+async def test_fetch_within_a_timeout_part_way_says_how_much_came() -> None:
+    stall = Stall(POEM[:100])
+    transfer = fetch.Transfer()
+    async with serving(stall) as server:
+        with pytest.raises(fetch.FetchFailed) as failed:
+            await fetch.fetch_within("127.0.0.1", server.port, len(POEM), 0.5, transfer)
+        await stall.client_closed.wait()
+    # The stall sent its 100 bytes at once; a loaded machine may deliver
+    # them late, so the count is whatever had come when time ran out.
+    assert str(failed.value) == f"timed out after 0.5 s ({count(transfer.received, 'byte')} received)"
+    assert failed.value.connected and not failed.value.cut_off

@@ -218,7 +218,7 @@ def test_read_poem_refuses_a_file_over_the_limit(tmp_path: Path) -> None:
     error = poem_error(lambda: read_poem(str(path), max_size=100))
     assert str(error) == (
         f"cannot load a poem from {path}: too big for a poem: "
-        "101 bytes, more than --max-poem-size (100 bytes)"
+        "101 bytes, more than the largest poem allowed (100 bytes)"
     )
 
 
@@ -228,7 +228,7 @@ def test_read_poem_refuses_a_huge_file_without_reading_it(tmp_path: Path) -> Non
     with open(path, "wb") as file:
         file.truncate(64 * 1024**3)  # sparse: 64 GiB that would not fit in memory
     error = poem_error(lambda: read_poem(str(path)))
-    assert f"{64 * 1024**3} bytes, more than --max-poem-size ({DEFAULT_MAX_POEM_SIZE} bytes)" in str(error)
+    assert f"{64 * 1024**3} bytes, more than the largest poem allowed ({DEFAULT_MAX_POEM_SIZE} bytes)" in str(error)
 
 
 def test_read_poem_stops_reading_a_file_larger_than_it_said(tmp_path: Path) -> None:
@@ -237,7 +237,7 @@ def test_read_poem_stops_reading_a_file_larger_than_it_said(tmp_path: Path) -> N
     error = poem_error(lambda: read_poem("/proc/self/maps", max_size=16))
     assert str(error) == (
         "cannot load a poem from /proc/self/maps: too big for a poem: "
-        "more than --max-poem-size (16 bytes)"
+        "more than the largest poem allowed (16 bytes)"
     )
 
 

@@ -21,9 +21,9 @@ import pytest
 import trio
 import trio.testing
 
-from conftest import WAIT, NotifySocket
+from helpers import WAIT, NotifySocket
 from fastpoetry import report
-from fastpoetry.fetch import fetch_poem
+from fastpoetry.fetch import Transfer, fetch_poem
 from fastpoetry.poetry import PoetryService
 from fastpoetry.proxy import ProxyService
 from fastpoetry.stream import StreamServer
@@ -272,7 +272,7 @@ def test_proxy_among_several_sources_gets_the_plain_line() -> None:
     assert reporter.status() == f"Serving 2 poems ({len(LANTERN)} bytes) on 1 socket; 0 poems served"
 
 
-# -- WorkersReporter ---------------------------------------------------------------
+# -- TeamReporter ---------------------------------------------------------------
 
 
 def serving_line() -> str:
@@ -284,23 +284,23 @@ def test_workers_status_says_how_many_workers_and_adds_their_poems() -> None:
         report.WorkerReport(serving=serving_line(), poems_served=3, bytes_served=30, poems_in_flight=1),
         report.WorkerReport(serving=serving_line(), poems_served=4, bytes_served=40, poems_in_flight=2),
     ]
-    reporter = report.WorkersReporter(reports)
+    reporter = report.TeamReporter(reports)
     assert reporter.status() == f"{serving_line()} with 2 workers; 7 poems served"
     assert (reporter.poems_served, reporter.bytes_served, reporter.poems_in_flight) == (7, 70, 3)
 
 
 def test_workers_status_with_one_worker_and_one_poem() -> None:
-    reporter = report.WorkersReporter([report.WorkerReport(serving=serving_line(), poems_served=1)])
+    reporter = report.TeamReporter([report.WorkerReport(serving=serving_line(), poems_served=1)])
     assert reporter.status() == f"{serving_line()} with 1 worker; 1 poem served"
 
 
 def test_workers_status_takes_the_first_workers_serving_line() -> None:
     reports = [report.WorkerReport(serving="Serving a"), report.WorkerReport(serving="Serving b")]
-    assert report.WorkersReporter(reports).status() == "Serving a with 2 workers; 0 poems served"
+    assert report.TeamReporter(reports).status() == "Serving a with 2 workers; 0 poems served"
 
 
 def test_workers_reload_failure_is_none_while_no_worker_failed() -> None:
-    reporter = report.WorkersReporter([report.WorkerReport(serving="S"), report.WorkerReport(serving="S")])
+    reporter = report.TeamReporter([report.WorkerReport(serving="S"), report.WorkerReport(serving="S")])
     assert reporter.reload_failure is None
     assert "last reload failed" not in reporter.status()
 
@@ -310,7 +310,7 @@ def test_workers_reload_failure_in_every_worker_is_said_plainly() -> None:
         report.WorkerReport(serving="S", reload_failure="the file is empty"),
         report.WorkerReport(serving="S", reload_failure="the file is empty"),
     ]
-    reporter = report.WorkersReporter(reports)
+    reporter = report.TeamReporter(reports)
     assert reporter.reload_failure == "the file is empty"
     assert reporter.status() == "S with 2 workers; 0 poems served; last reload failed: the file is empty"
 
@@ -321,7 +321,7 @@ def test_workers_reload_failure_in_some_workers_says_in_how_many() -> None:
         report.WorkerReport(serving="S", reload_failure="not UTF-8 text"),
         report.WorkerReport(serving="S", reload_failure="the file is empty"),
     ]
-    reporter = report.WorkersReporter(reports)
+    reporter = report.TeamReporter(reports)
     # The first failure's words, and how many of the workers had one.
     assert reporter.reload_failure == "not UTF-8 text (in 2 of 3 workers)"
     assert reporter.status() == (
@@ -335,7 +335,7 @@ def test_workers_reload_failure_in_some_workers_says_in_how_many() -> None:
 
 def test_workers_reload_failure_in_one_of_two_workers() -> None:
     reports = [report.WorkerReport(serving="S", reload_failure="gone"), report.WorkerReport(serving="S")]
-    assert report.WorkersReporter(reports).reload_failure == "gone (in 1 of 2 workers)"
+    assert report.TeamReporter(reports).reload_failure == "gone (in 1 of 2 workers)"
 
 
 # -- what systemd hears: a real NOTIFY_SOCKET --------------------------------------
@@ -409,7 +409,7 @@ def test_ready_again_after_a_reload_sends_ready_even_if_unchanged(notified: Noti
 
 def test_workers_reporter_announces_the_same_way(notified: NotifySocket) -> None:
     reports = [report.WorkerReport(serving="Serving x (3 bytes) on 1 socket")]
-    reporter = report.WorkersReporter(reports)
+    reporter = report.TeamReporter(reports)
     assert sent_by(notified, reporter.update_status) == []
     assert sent_by(notified, reporter.ready) == [
         {"READY": "1", "STATUS": "Serving x (3 bytes) on 1 socket with 1 worker; 0 poems served"}
@@ -449,7 +449,7 @@ async def test_a_real_server_counts_what_the_reporter_reports(
         async with trio.open_nursery() as nursery:
             await server.start(nursery)
             for _ in range(3):
-                assert await fetch_poem("127.0.0.1", port, len(LANTERN)) == LANTERN
+                assert await fetch_poem("127.0.0.1", port, len(LANTERN), Transfer()) == LANTERN
             await trio.testing.wait_all_tasks_blocked()
             assert reporter.status() == (
                 f"Serving lantern.txt ({len(LANTERN)} bytes) on 1 socket; 3 poems served"
