@@ -37,6 +37,7 @@ class FakeServer:
     """What a Reporter reads of a StreamServer."""
 
     listeners: list[Any] = field(default_factory=lambda: [object()])
+    clients_lingering: int = 0
     poems_served: int = 0
     bytes_served: int = 0
     poems_in_flight: int = 0
@@ -155,11 +156,13 @@ def test_log_summary_logs_what_is_new_with_fields(records: list[logging.LogRecor
         f"served 2 poems ({2 * len(LANTERN)} bytes) since the last summary; 2 poems in total"
     )
     assert (first.POEMS, first.BYTES, first.POEMS_TOTAL) == (2, 2 * len(LANTERN), 2)  # type: ignore[attr-defined]
+    assert first.CLIENTS_LINGERING == 0  # type: ignore[attr-defined]
 
     reporter.log_summary()  # nothing new since
     assert len(records) == 1
 
     servers[1].poems_served, servers[1].bytes_served = 1, len(LANTERN)
+    servers[0].clients_lingering, servers[1].clients_lingering = 2, 1
     reporter.log_summary()
     second = records[-1]
     assert len(records) == 2
@@ -167,6 +170,7 @@ def test_log_summary_logs_what_is_new_with_fields(records: list[logging.LogRecor
         f"served 1 poem ({len(LANTERN)} bytes) since the last summary; 3 poems in total"
     )
     assert (second.POEMS, second.BYTES, second.POEMS_TOTAL) == (1, len(LANTERN), 3)  # type: ignore[attr-defined]
+    assert second.CLIENTS_LINGERING == 3  # type: ignore[attr-defined]
 
 
 def test_log_summary_ignores_bytes_without_a_new_poem(records: list[logging.LogRecord]) -> None:

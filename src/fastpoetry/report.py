@@ -126,6 +126,11 @@ class Reporter(_Announcer):
     def poems_in_flight(self) -> int:
         return sum(server.poems_in_flight for server in self.servers)
 
+    @property
+    def clients_lingering(self) -> int:
+        """Clients that have their poem but have not closed yet: each holds a descriptor."""
+        return sum(server.clients_lingering for server in self.servers)
+
     def _sockets(self) -> str:
         return count(sum(len(server.listeners) for server in self.servers), "socket")
 
@@ -159,7 +164,12 @@ class Reporter(_Announcer):
             count(new_poems, "poem"),
             new_bytes,
             count(poems, "poem"),
-            extra={"POEMS": new_poems, "BYTES": new_bytes, "POEMS_TOTAL": poems},
+            extra={
+                "POEMS": new_poems,
+                "BYTES": new_bytes,
+                "POEMS_TOTAL": poems,
+                "CLIENTS_LINGERING": self.clients_lingering,
+            },
         )
 
 

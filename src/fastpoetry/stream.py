@@ -29,7 +29,7 @@ import trio
 
 from .linger import LingeringCloser, discard_input, nothing_at_stake
 from .listeners import CLIENT_GONE_ERRNOS, describe, format_peer, turn_away
-from .phrases import reason
+from .phrases import count, reason
 from .service import Service
 
 log = logging.getLogger(__name__)
@@ -296,9 +296,8 @@ class StreamServer(Service):
         turned = self._turned_away.add(turn_away(listener, ACCEPT_BATCH))
         if turned:
             log.warning(
-                "no poem to serve yet: closed %d connection%s on %s without one",
-                turned,
-                "" if turned == 1 else "s",
+                "no poem to serve yet: closed %s on %s without one",
+                count(turned, "connection"),
                 describe(listener),
                 extra={"POEM": self.source.label, "CLIENTS": turned},
             )
