@@ -70,6 +70,8 @@ class Prepared:
 
     #: The listening sockets with their names, as :func:`prepare` took them.
     sockets: list[NamedSocket]
+    #: The same sockets, one list per poem of ``config.poems`` (:func:`assign`).
+    assigned: list[list[socket.socket]]
     #: The poems of ``config.poems``, in that order.
     poems: list[bytes]
 
@@ -298,7 +300,7 @@ def prepare(config: ServeConfig) -> Prepared:
     """
     sockets = take_sockets(config)
     try:
-        assign(config, sockets)
+        assigned = assign(config, sockets)
         poems = []
         for spec in config.poems:
             if not isinstance(spec, PoemSpec):
@@ -307,7 +309,7 @@ def prepare(config: ServeConfig) -> Prepared:
     except BaseException as exc:
         give_up(sockets, exc)
         raise
-    return Prepared(sockets, poems)
+    return Prepared(sockets, assigned, poems)
 
 
 def give_up(sockets: list[NamedSocket], exc: BaseException) -> None:
@@ -346,8 +348,10 @@ async def _start(
     sockets = take_sockets(config) if prepared is None else prepared.sockets
     server = None
     try:
-        poems = None if prepared is None else prepared.poems
-        server = await build(config, sockets, poems=poems, reporter=reporter)
+        if prepared is None:
+            server = await build(config, assign(config, sockets), reporter=reporter)
+        else:
+            server = await build(config, prepared.assigned, poems=prepared.poems, reporter=reporter)
         await server.application.start(nursery)
     except BaseException as exc:
         if server is not None:
@@ -360,12 +364,12 @@ async def _start(
 
 async def build(
     config: ServeConfig,
-    sockets: Sequence[NamedSocket],
+    assigned: Sequence[list[socket.socket]],
     *,
     poems: Sequence[bytes] | None = None,
     reporter: ReporterFactory = Reporter,
 ) -> Server:
-    """The tree for ``config`` on ``sockets``, not started yet.
+    """The tree for ``config``, each poem served on its sockets of ``assigned``, not started yet.
 
     With ``poems`` (a worker's), those are the poems it starts with, and no
     watchdog is pinged: only the main process may, and does.
@@ -377,14 +381,14 @@ async def build(
         await app.add(TimerService(interval, systemd.notify_watchdog, name="watchdog"))
     sources: list[PoetryService | ProxyService] = []
     servers: list[StreamServer] = []
-    for index, (spec, assigned) in enumerate(zip(config.poems, assign(config, sockets), strict=True)):
+    for index, (spec, its_sockets) in enumerate(zip(config.poems, assigned, strict=True)):
         source = _source(config, spec, None if poems is None else poems[index])
         sources.append(source)
         group = MultiService(f"poem:{source.label}")
         await group.add(source)
-        if assigned:
+        if its_sockets:
             server = StreamServer(
-                source, assigned, send_timeout=config.send_timeout, always_linger=config.always_linger
+                source, its_sockets, send_timeout=config.send_timeout, always_linger=config.always_linger
             )
             await group.add(server)
             servers.append(server)
