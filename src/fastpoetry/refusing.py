@@ -105,7 +105,13 @@ def take_waiting() -> list[socket.socket]:
     :func:`hold`; otherwise closes them and returns none.  Takes nothing
     without socket activation or when the passed descriptors are unusable
     (the first failure is what to report).
+
+    SIGTERM, SIGINT and SIGHUP are blocked from here on, for :func:`hold`
+    to take: a client turned away now may be the one whose test, or whose
+    administrator, sends SIGTERM next, and the default action would kill
+    the process before the hold is there to end cleanly.
     """
+    signal.pthread_sigmask(signal.SIG_BLOCK, [*_STOP_SIGNALS, signal.SIGHUP])
     try:
         passed = systemd.listen_sockets()
     except systemd.ActivationError:
