@@ -13,6 +13,7 @@ into a failure; no test asserts how fast anything is.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import select
@@ -21,7 +22,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +51,8 @@ _SYSTEMD_VARIABLES = (
 )
 
 
-def _has_ipv6_loopback() -> bool:
+def has_ipv6_loopback() -> bool:
+    """Whether ::1 can be bound on this host."""
     """Whether this host can bind ::1 (a container may have no IPv6 at all)."""
     if not socket.has_ipv6:
         return False
@@ -63,7 +66,7 @@ def _has_ipv6_loopback() -> bool:
 
 #: Skip a test that needs ::1 on a host without IPv6.
 needs_ipv6 = pytest.mark.skipif(
-    not _has_ipv6_loopback(), reason="this host has no IPv6 loopback (::1 cannot be bound)"
+    not has_ipv6_loopback(), reason="this host has no IPv6 loopback (::1 cannot be bound)"
 )
 
 
@@ -504,3 +507,24 @@ def read_to_end(sock: socket.socket, chunks: list[bytes]) -> None:
     """Receive until the end of the stream, appending to ``chunks``."""
     while chunk := sock.recv(1 << 20):
         chunks.append(chunk)
+
+
+@contextmanager
+def catch_records(logger: logging.Logger, level: int = logging.DEBUG) -> Iterator[list[logging.LogRecord]]:
+    """The records ``logger`` logs at ``level`` and above while the block runs, whatever else configured logging."""
+    saved = logger.level, logger.disabled
+    caught: list[logging.LogRecord] = []
+
+    class Catch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            caught.append(record)
+
+    handler = Catch(level)
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.disabled = False
+    try:
+        yield caught
+    finally:
+        logger.removeHandler(handler)
+        logger.level, logger.disabled = saved

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import trio
 
-from helpers import WAIT, needs_ipv6
+from helpers import WAIT, has_ipv6_loopback, needs_ipv6
 from fastpoetry import fetch
 from fastpoetry.phrases import count
 
@@ -140,21 +140,12 @@ def _bind(family: int, host: str, port: int) -> socket.socket:
     return sock
 
 
-def _has_ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
-            probe.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
-
-
 def port_free_on_both() -> int:
     """A port free on 127.0.0.1 and, where the host has it, on ::1 (tried, not kept)."""
     for _ in range(50):
         with _bind(socket.AF_INET, "127.0.0.1", 0) as v4:
             port = v4.getsockname()[1]
-            if not _has_ipv6_loopback():
+            if not has_ipv6_loopback():
                 return port
             try:
                 _bind(socket.AF_INET6, "::1", port).close()

@@ -21,7 +21,7 @@ import pytest
 import trio
 import trio.testing
 
-from helpers import WAIT, NotifySocket
+from helpers import NotifySocket, WAIT, catch_records
 from fastpoetry import report
 from fastpoetry.fetch import Transfer, fetch_poem
 from fastpoetry.poetry import PoetryService
@@ -52,21 +52,8 @@ def poet(poem: bytes, path: str = "/srv/poems/lantern.txt", name: str | None = N
 @pytest.fixture
 def records() -> Iterator[list[logging.LogRecord]]:
     """What report's logger logs at info level and above, whatever else configured logging."""
-    logger = report.log
-    saved = logger.level, logger.disabled
-    caught: list[logging.LogRecord] = []
-
-    class Catch(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            caught.append(record)
-
-    handler = Catch(logging.INFO)
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    logger.disabled = False
-    yield caught
-    logger.removeHandler(handler)
-    logger.level, logger.disabled = saved
+    with catch_records(report.log, logging.INFO) as caught:
+        yield caught
 
 
 # -- count() -----------------------------------------------------------------------

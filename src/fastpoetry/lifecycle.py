@@ -11,7 +11,9 @@ request to stop ends the wait for poems in flight.
 The handled signals are blocked from the first moment (:func:`signals_held`)
 until an event loop's receiver takes them (:func:`signal_receiver`): a
 SIGTERM or SIGHUP that arrives while the server is still starting waits for
-it instead of killing it.
+it instead of killing it.  The mask is a thread's: it holds for the process
+because nothing starts a thread before (trio's threads come later, and
+inherit it).
 """
 
 from __future__ import annotations

@@ -109,10 +109,12 @@ class LinkReporter(Reporter):
         )
         if not sent:
             log.warning("could not tell the main process that this worker is ready")
-        log.debug("ready: told the main process")
+        else:
+            log.debug("ready: told the main process")
 
     def update_status(self) -> None:
-        # Sent from the event loop, so also a sign that the loop is alive.
+        # Sent from the event loop, also before ready(): it is the worker's
+        # heartbeat as well as its counters.
         self._link.send(link.REPORT, **self._counts())
 
     def _counts(self) -> dict[str, int]:
