@@ -80,7 +80,8 @@ def test_named_port_refuses_an_empty_name() -> None:
 
 @pytest.mark.parametrize("text, port", [("a=", ""), ("a=65536", "65536"), ("a=x", "x")])
 def test_named_port_refuses_a_bad_port_after_the_name(text: str, port: str) -> None:
-    assert refusal(options.named_port, text) == f"{port!r} is not a port number (0 to 65535)"
+    """The message names the whole option value, so the NAME= it came with shows."""
+    assert refusal(options.named_port, text) == f"{text!r}: {port!r} is not a port number (0 to 65535)"
 
 
 # -- workers ---------------------------------------------------------------------------
@@ -109,7 +110,9 @@ def test_seconds_takes_a_positive_finite_number(text: str, value: float) -> None
     assert options.seconds(text) == value
 
 
-@pytest.mark.parametrize("text", ["0", "-0", "-1", "nan", "inf", "-inf", "1e400", "abc", ""])
+@pytest.mark.parametrize(
+    "text", ["0", "-0", "-1", "nan", "inf", "-inf", "1e400", "abc", "", "1_0", " 1", "1 ", "\u0663"]
+)
 def test_seconds_refuses_zero_negative_non_finite_and_non_numbers(text: str) -> None:
     assert refusal(options.seconds, text) == f"{text!r} is not a positive number of seconds"
 
@@ -176,12 +179,13 @@ def test_poem_refuses_an_empty_file(text: str) -> None:
 
 @pytest.mark.parametrize(
     "name",
-    ["a:b", ":", "n" * 256, "a\tb", "a\x7fb", "a\x1bb"],
-    ids=["colon", "only-colon", "256-characters", "tab", "delete", "escape"],
+    ["a:b", ":", "n" * 256, "a\tb", "a\x7fb", "a\x1bb", "ballade-\u00e9"],
+    ids=["colon", "only-colon", "256-characters", "tab", "delete", "escape", "not-ascii"],
 )
 def test_poem_refuses_what_cannot_be_a_socket_name(name: str) -> None:
+    """systemd refuses these as FileDescriptorName= (fdname_is_valid): no socket could carry them."""
     assert refusal(options.poem, f"{name}=x.txt") == (
-        f"{name!r} cannot be a socket name (FileDescriptorName=: up to 255 printable characters, no ':')"
+        f"{name!r} cannot be a socket name (FileDescriptorName=: up to 255 printable ASCII characters, no ':')"
     )
 
 

@@ -71,8 +71,10 @@ MAX_WORKERS = 64
 #: The control socket's name in the unit's RuntimeDirectory=.
 CONTROL_SOCKET_NAME = "control"
 
-# systemd.socket(5): a FileDescriptorName= is at most 255 characters, with
-# no colon (it separates names in LISTEN_FDNAMES) and no control characters.
+# systemd.socket(5): a FileDescriptorName= is at most 255 characters of
+# ASCII, with no colon (it separates names in LISTEN_FDNAMES) and no
+# control characters; systemd refuses any other name, so no socket could
+# ever carry it.
 _MAX_NAME_LENGTH = 255
 
 # Binary multiples, as systemd.exec(5) reads sizes such as LimitFSIZE=.
@@ -197,7 +199,12 @@ def named_port(text: str) -> tuple[str | None, int]:
     name, sep, number = text.rpartition("=")
     if sep and not name:
         raise argparse.ArgumentTypeError(f"{text!r} has an empty NAME before '='")
-    return (name or None), port(number)
+    try:
+        return (name or None), port(number)
+    except argparse.ArgumentTypeError as exc:
+        if not name:
+            raise
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
 
 
 def workers(text: str) -> int:
@@ -209,9 +216,11 @@ def workers(text: str) -> int:
 
 
 def seconds(text: str) -> float:
-    """A positive, finite number of seconds."""
+    """A positive, finite number of seconds, written as a decimal number (``2``, ``0.5``, ``1e3``)."""
     try:
-        value = float(text)
+        # float() alone would also take "1_0", spaces around the number and
+        # digits of other scripts, as int() would.
+        value = float(text) if text.isascii() and text == text.strip() and "_" not in text else math.nan
     except ValueError:
         value = math.nan
     if not (value > 0 and math.isfinite(value)):
@@ -241,10 +250,12 @@ def poem(text: str) -> PoemSpec:
         raise argparse.ArgumentTypeError(f"{text!r} has an empty NAME before '='")
     if not path:
         raise argparse.ArgumentTypeError(f"{text!r} names no FILE")
-    if name and (len(name) > _MAX_NAME_LENGTH or ":" in name or not name.isprintable()):
+    if name and (
+        len(name) > _MAX_NAME_LENGTH or ":" in name or not (name.isascii() and name.isprintable())
+    ):
         raise argparse.ArgumentTypeError(
             f"{name!r} cannot be a socket name (FileDescriptorName=: "
-            f"up to {_MAX_NAME_LENGTH} printable characters, no ':')"
+            f"up to {_MAX_NAME_LENGTH} printable ASCII characters, no ':')"
         )
     return PoemSpec(path=path, name=name or None)
 
