@@ -153,3 +153,12 @@ def test_no_test_module_imports_conftest_or_another_test_module(path: Path) -> N
             imported.extend(alias.name.split(".")[-1] for alias in node.names)
     forbidden = [name for name in imported if name == "conftest" or name.startswith("test_")]
     assert forbidden == []
+
+
+def test_the_readme_layout_table_names_every_module() -> None:
+    """README's Layout table has a row for each module of src/fastpoetry (but __init__ and __main__)."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    layout = readme.split("\n## Layout\n", 1)[1].split("\n## ", 1)[0]
+    missing = [name for name in sorted(set(MODULES) - {"__init__", "__main__"})
+               if f"`src/fastpoetry/{name}.py`" not in layout]
+    assert missing == []

@@ -37,6 +37,7 @@ import trio.testing
 
 from fastpoetry import link
 from fastpoetry.options import ServeConfig
+from fastpoetry.service import Application, TimerService
 from fastpoetry.supervisor import Supervisor, Team, Watchdog, WorkerProcess, _how_it_ended
 from helpers import WAIT, NotifySocket, wait_until_async
 
@@ -559,3 +560,20 @@ def test_how_it_ended_says_the_status_or_the_signal(code: int, ended: str) -> No
         with pytest.raises(ValueError):
             signal.Signals(40)
     assert _how_it_ended(code) == ended
+
+
+async def test_the_supervisor_is_a_service_tree_like_a_single_server() -> None:
+    """Application > watchdog and status TimerServices around the Team, as app.py's tree has them."""
+    supervisor = Supervisor(ServeConfig(workers=2), [])
+    await supervisor.build(watchdog=1.0)
+    assert isinstance(supervisor.application, Application)
+    children = list(supervisor.application)
+    assert [child.name for child in children] == ["watchdog", "workers", "status"]
+    assert [type(child) for child in children] == [TimerService, Team, TimerService]
+    assert supervisor.application.get("workers") is supervisor.team
+
+
+async def test_the_supervisor_has_no_watchdog_timer_when_systemd_asks_for_none() -> None:
+    supervisor = Supervisor(ServeConfig(workers=2), [])
+    await supervisor.build(watchdog=None)
+    assert [child.name for child in supervisor.application] == ["workers", "status"]

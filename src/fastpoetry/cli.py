@@ -15,6 +15,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from . import __version__, exits, logs, options, refusing
 from .options import ServeConfig
@@ -377,17 +378,7 @@ def _serve_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         parser.error("--poem: only one poem can be given without a NAME=")
     port, named_ports = _ports(parser, args.ports or [], names)
     return ServeConfig(
-        poems=poems,
-        iface=args.iface,
-        port=port,
-        named_ports=named_ports,
-        shutdown_timeout=args.shutdown_timeout,
-        send_timeout=args.send_timeout,
-        always_linger=args.linger == "always",
-        max_poem_size=args.max_poem_size,
-        summary_interval=args.summary_interval,
-        workers=args.workers,
-        control=options.control_path(args.control),
+        poems=poems, port=port, named_ports=named_ports, workers=args.workers, **_server_options(args)
     )
 
 
@@ -395,17 +386,20 @@ def _proxy_config(args: argparse.Namespace) -> ServeConfig:
     """``proxy``'s configuration: one poem, the upstream's."""
     host, port = args.upstream
     upstream = options.UpstreamSpec(host, port, timeout=args.timeout, refresh=args.refresh)
-    return ServeConfig(
-        poems=[upstream],
-        iface=args.iface,
-        port=args.port,
-        shutdown_timeout=args.shutdown_timeout,
-        send_timeout=args.send_timeout,
-        always_linger=args.linger == "always",
-        max_poem_size=args.max_poem_size,
-        summary_interval=args.summary_interval,
-        control=options.control_path(args.control),
-    )
+    return ServeConfig(poems=[upstream], port=args.port, **_server_options(args))
+
+
+def _server_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The configuration of the options ``serve`` and ``proxy`` share (:func:`_add_server_options`)."""
+    return {
+        "iface": args.iface,
+        "shutdown_timeout": args.shutdown_timeout,
+        "send_timeout": args.send_timeout,
+        "always_linger": args.linger == "always",
+        "max_poem_size": args.max_poem_size,
+        "summary_interval": args.summary_interval,
+        "control": options.control_path(args.control),
+    }
 
 
 def _ports(
