@@ -134,12 +134,26 @@ def log_pids(server: Server) -> set[int]:
     return {int(pid) for pid in re.findall(r"^\S+ \S+ fastpoetry\[(\d+)\] ", server.log(), re.MULTILINE)}
 
 
+def all_threads_stopped(pid: int) -> bool:
+    """Every thread of ``pid`` is stopped (state T in /proc/PID/task/*/stat)."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        state = (task / "stat").read_text().rpartition(")")[2].split()[0]
+        if state != "T":
+            return False
+    return True
+
+
 @contextmanager
 def only_serving(workers: list[int], pid: int) -> Iterator[None]:
     """Stop every worker but ``pid`` (SIGSTOP) for a while: only ``pid`` can accept."""
     others = [other for other in workers if other != pid]
     for other in others:
         os.kill(other, signal.SIGSTOP)
+    # kill() returns before the stop takes effect: a thread stops on its way
+    # back from the kernel, so one already on its way into accept() would
+    # take the next connection and then stop with it.
+    for other in others:
+        wait_until(lambda: all_threads_stopped(other), f"worker {other} stopped")
     try:
         yield
     finally:

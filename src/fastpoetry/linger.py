@@ -31,6 +31,7 @@ fail (EPIPE, or a reset).
 from __future__ import annotations
 
 import _socket
+import collections
 import fcntl
 import logging
 import select
@@ -66,8 +67,9 @@ _TCP_INFO = struct.Struct("=120xQQ")
 class LingeringCloser:
     """Closes sockets once their clients have closed, or after ``timeout``.
 
-    :meth:`close_when_done` takes a socket whose write side is shut down;
-    :meth:`run` does the waiting and must be running for sockets to close.
+    :meth:`close_when_done` takes a socket whose write side is shut down,
+    from any thread; :meth:`run` does the waiting and must be running for
+    sockets to close.
     """
 
     def __init__(self, timeout: float) -> None:
@@ -79,12 +81,16 @@ class LingeringCloser:
         # Descriptor -> bytes sent, for the sockets that may close as soon
         # as nothing is at stake; a client's input takes its socket out.
         self._awaiting_ack: dict[int, int] = {}
+        # Sockets handed over and not yet taken in by run(), which owns the
+        # two dicts above: another thread may hand sockets over while run()
+        # walks them, and a deque's append and popleft are atomic.
+        self._arrivals: collections.deque[tuple[_socket.socket, int | None]] = collections.deque()
         self._next_ack_check = 0.0
         self._finishing = False
         self._wait = trio.CancelScope()
 
     def __len__(self) -> int:
-        return len(self._lingering)
+        return len(self._lingering) + len(self._arrivals)
 
     def close_when_done(self, sock: _socket.socket, sent: int | None = None) -> None:
         """Close ``sock`` once its client has closed or the timeout passed.
@@ -93,16 +99,17 @@ class LingeringCloser:
         soon as nothing is at stake (:func:`nothing_at_stake`), which is
         asked again at every sweep until the client sends something.
         ``None`` (the default) keeps it until its client closes.
+
+        Safe to call from any thread.  The timeout runs from when
+        :meth:`run` takes the socket in, at its next wake-up: at the latest
+        SWEEP_INTERVAL later, the granularity of the timeout anyway.
         """
-        fd = sock.fileno()
         try:
-            self._epoll.register(fd, _WATCHED)
-        except OSError:
+            self._epoll.register(sock.fileno(), _WATCHED)
+        except (OSError, ValueError):  # ValueError: run() has ended
             sock.close()
             return
-        self._lingering[fd] = (sock, trio.current_time() + self.timeout)
-        if sent is not None:
-            self._awaiting_ack[fd] = sent
+        self._arrivals.append((sock, sent))
 
     def finish(self) -> None:
         """Let :meth:`run` return as soon as no socket is left.
@@ -124,6 +131,7 @@ class LingeringCloser:
                 interval = FINISH_INTERVAL if self._finishing else SWEEP_INTERVAL
                 with trio.move_on_after(interval) as self._wait:
                     await trio.lowlevel.wait_readable(self._epoll.fileno())
+                self._take_arrivals()
                 self._close_finished()
                 self._close_expired()
                 if self._finishing:
@@ -132,11 +140,29 @@ class LingeringCloser:
                     self._next_ack_check = trio.current_time() + SWEEP_INTERVAL
                     self._close_unstaked()
         finally:
+            self._epoll.close()
+            self._take_arrivals()
             for sock, _ in self._lingering.values():
                 sock.close()
             self._lingering.clear()
             self._awaiting_ack.clear()
-            self._epoll.close()
+
+    def close_stragglers(self) -> None:
+        """Close sockets handed over too late for :meth:`run` to take them in.
+
+        For after :meth:`run` has ended and no thread hands sockets over any more.
+        """
+        while self._arrivals:
+            self._arrivals.popleft()[0].close()
+
+    def _take_arrivals(self) -> None:
+        deadline = trio.current_time() + self.timeout
+        while self._arrivals:
+            sock, sent = self._arrivals.popleft()
+            fd = sock.fileno()
+            self._lingering[fd] = (sock, deadline)
+            if sent is not None:
+                self._awaiting_ack[fd] = sent
 
     def _close(self, fd: int) -> None:
         """Stop watching ``fd`` and close its socket."""

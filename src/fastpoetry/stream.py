@@ -4,13 +4,12 @@ The protocol is the fast poetry server's: a client connects, receives the
 poem's bytes exactly, and the server closes the connection.
 
 Most poems fit in a socket's send buffer, so the common case is one
-``send()`` that takes the whole poem.  The accept loop is built for it: it
-accepts connections in batches, sends each poem straight from the loop,
-closes the connection at once when nothing is at stake (see
-:mod:`~.linger`) or hands it to a :class:`~.linger.LingeringCloser`, and
-spawns a task only for a poem the kernel did not take at once.  (The
-idiomatic ``trio.serve_tcp`` spends a task and a stream object on every
-client and serves several times fewer poems a second.)
+``send()`` that takes the whole poem, and an accepting thread serves it
+without the event loop (see :mod:`~.acceptor`).  The event loop does what
+has to wait: a task for each poem the kernel did not take at once, and the
+:class:`~.linger.LingeringCloser` for clients that may not be closed yet.
+(The idiomatic ``trio.serve_tcp`` spends a task and a stream object on
+every client and serves several times fewer poems a second.)
 
 The server takes ready-made listening sockets and does not care whether
 they were bound here or passed in by systemd.
@@ -19,49 +18,24 @@ they were bound here or passed in by systemd.
 from __future__ import annotations
 
 import _socket
-import errno
 import logging
 import socket
 import struct
-from typing import Protocol
+import threading
 
 import trio
 
+from .acceptor import ENDING, SENDING, TCP_FAMILIES, Acceptor, PoemSource, log_lost
 from .linger import LingeringCloser, discard_input, nothing_at_stake
-from .listeners import CLIENT_GONE_ERRNOS, describe, format_peer, turn_away
-from .phrases import count, reason
+from .listeners import describe
 from .service import Service
 
 log = logging.getLogger(__name__)
 
-#: Connections accepted per wake-up before other tasks get a turn.
-ACCEPT_BATCH = 64
-
-#: How long to wait before accepting again when out of descriptors or memory.
-ACCEPT_RETRY = 0.1
-
-#: How often, at most, running out of descriptors or memory is logged.
-CAPACITY_LOG_INTERVAL = 10.0
-
-# accept() fails like this when the process or the system is out of a
-# resource; the connection stays queued, so wait and try again.
-_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
-
-# The families whose connections have a struct tcp_info to ask.
-_TCP_FAMILIES = frozenset({socket.AF_INET, socket.AF_INET6})
-
 # SO_LINGER on, with a zero timeout: close() resets the connection.
 _RESET_ON_CLOSE = struct.pack("ii", 1, 0)
 
-
-class PoemSource(Protocol):
-    """Where a server gets the poem it sends: a :class:`~.poetry.PoetryService`."""
-
-    @property
-    def poem(self) -> bytes: ...
-
-    @property
-    def label(self) -> str: ...
+__all__ = ["PoemSource", "StreamServer"]
 
 
 class StreamServer(Service):
@@ -95,22 +69,48 @@ class StreamServer(Service):
         self.listeners = listeners
         self.send_timeout = send_timeout
         self.always_linger = always_linger
-        #: Poems handed whole to the kernel, and their bytes.
-        self.poems_served = 0
-        self.bytes_served = 0
-        #: Poems being sent by a task of their own right now.
-        self.poems_in_flight = 0
+        self._acceptor: Acceptor | None = None
+        # Poems the accepting thread handed over whose task has started, the
+        # tasks sending right now, and the poems they finished (and their
+        # bytes); the thread counts its own.
+        self._tasks_started = 0
+        self._tasks_sending = 0
+        self._finished = 0
+        self._finished_bytes = 0
         self._closer = LingeringCloser(send_timeout)
         self._accepting = trio.CancelScope()
         self._everything = trio.CancelScope()
         self._stopped = trio.Event()
-        self._failed_accepts = _Tally(CAPACITY_LOG_INTERVAL)
-        self._turned_away = _Tally(CAPACITY_LOG_INTERVAL)
+
+    @property
+    def poems_served(self) -> int:
+        """Poems handed whole to the kernel."""
+        return self._finished + (self._acceptor.poems_served if self._acceptor else 0)
+
+    @property
+    def bytes_served(self) -> int:
+        """The bytes of :attr:`poems_served`."""
+        return self._finished_bytes + (self._acceptor.bytes_served if self._acceptor else 0)
+
+    @property
+    def poems_in_flight(self) -> int:
+        """Poems begun and not yet handed whole to the kernel."""
+        acceptor = self._acceptor
+        if acceptor is None:
+            return self._tasks_sending
+        # The stage first: the thread counts a poem as handed over before it
+        # leaves SENDING, so that a poem is never missed (only, for an
+        # instant, counted twice).
+        sending = acceptor.stage == SENDING
+        waiting = acceptor.poems_handed_over - self._tasks_started
+        return sending + waiting + self._tasks_sending
 
     @property
     def clients_lingering(self) -> int:
         """Clients that have their poem, but have not closed yet."""
-        return len(self._closer)
+        acceptor = self._acceptor
+        ending = acceptor is not None and acceptor.stage == ENDING
+        return ending + len(self._closer)
 
     async def start(self, nursery: trio.Nursery) -> None:
         await super().start(nursery)
@@ -145,12 +145,11 @@ class StreamServer(Service):
                     lingering.start_soon(self._closer.run)
                     async with trio.open_nursery() as senders:
                         with self._accepting:
-                            async with trio.open_nursery() as acceptors:
-                                for sock in self.listeners:
-                                    acceptors.start_soon(self._accept_loop, sock, senders)
+                            await self._accept_in_thread(senders)
                         self._close_listeners()
                     self._closer.finish()
         finally:
+            self._closer.close_stragglers()
             self._close_listeners()
             self._stopped.set()
 
@@ -160,61 +159,55 @@ class StreamServer(Service):
         for sock in self.listeners:
             sock.close()
 
-    async def _accept_loop(self, listener: socket.socket, senders: trio.Nursery) -> None:
-        # listener.accept() wraps each connection in a socket.socket and reads
-        # the listener's family and type through properties that build enum
-        # members: a tenth of the CPU time of a poem.  The C-level accept and
-        # socket type underneath do the same without that.
-        accept = listener._accept  # type: ignore[attr-defined]
-        family, kind, proto = int(listener.family), int(listener.type), listener.proto
-        # Only TCP says, through struct tcp_info, when nothing is at stake.
-        quick = family in _TCP_FAMILIES and not self.always_linger
-        finish = self._finish
-        while True:
-            await trio.lowlevel.wait_readable(listener)
-            poem = self.source.poem
-            size = len(poem)
-            if not size:
-                self._turn_away(listener)
-                continue
-            debug = log.isEnabledFor(logging.DEBUG)
-            served = 0
-            exhausted = False
-            for _ in range(ACCEPT_BATCH):
-                try:
-                    fd, address = accept()
-                except BlockingIOError:
-                    break
-                except OSError as exc:
-                    if exc.errno in CLIENT_GONE_ERRNOS:
-                        continue
-                    if exc.errno not in _CAPACITY_ERRNOS:
-                        raise
-                    self._report_capacity(listener, exc)
-                    exhausted = True
-                    break
-                conn = _socket.socket(family, kind, proto, fd)
-                if debug:
-                    self._log_sending(size, format_peer(family, address))
-                try:
-                    sent = conn.send(poem, socket.MSG_DONTWAIT)
-                except BlockingIOError:
-                    sent = 0
-                except OSError as exc:
-                    _log_lost(exc)
-                    conn.close()
-                    continue
-                if sent == size:
-                    finish(conn, size, quick)
-                    served += 1
-                else:
-                    senders.start_soon(self._send_rest, conn, quick, poem, sent)
-            self.poems_served += served
-            self.bytes_served += served * size
-            if exhausted:
-                await trio.sleep(ACCEPT_RETRY)
+    async def _accept_in_thread(self, senders: trio.Nursery) -> None:
+        """Run the accepting thread until cancelled; its error, if it fails, is raised here.
 
-    async def _send_rest(self, conn: _socket.socket, quick: bool, poem: bytes, sent: int) -> None:
+        The thread is always stopped and waited for before this returns, so
+        that nothing is handed over once the senders' nursery closes.
+        """
+        token = trio.lowlevel.current_trio_token()
+        ended = trio.Event()
+        failure: list[BaseException] = []
+
+        def send_rest(conn: _socket.socket, poem: bytes, sent: int) -> None:
+            # Called in the thread: the task is started in the event loop's.
+            def start() -> None:
+                try:
+                    senders.start_soon(self._send_rest, conn, poem, sent)
+                except RuntimeError:  # the nursery is closed: shutting down
+                    _abort(conn)
+
+            token.run_sync_soon(start)
+
+        def body() -> None:
+            try:
+                acceptor.run()
+            except BaseException as exc:  # raised in the event loop's thread
+                failure.append(exc)
+            finally:
+                token.run_sync_soon(ended.set)
+
+        acceptor = self._acceptor = Acceptor(
+            self.source,
+            self.listeners,
+            send_rest=send_rest,
+            linger=self._closer.close_when_done,
+            always_linger=self.always_linger,
+        )
+        try:
+            threading.Thread(target=body, name=f"fastpoetry {self.name}", daemon=True).start()
+            try:
+                await ended.wait()
+            finally:
+                acceptor.stop()
+                with trio.CancelScope(shield=True):
+                    await ended.wait()
+        finally:
+            acceptor.close()
+        if failure:
+            raise failure[0]
+
+    async def _send_rest(self, conn: _socket.socket, poem: bytes, sent: int) -> None:
         """Send what the first ``send()`` left of ``poem``, then finish.
 
         What the client sends meanwhile is read and dropped: a client that
@@ -223,7 +216,8 @@ class StreamServer(Service):
         """
         view = memoryview(poem)
         failure: OSError | None = None
-        self.poems_in_flight += 1
+        self._tasks_started += 1
+        self._tasks_sending += 1
         try:
             with trio.move_on_after(self.send_timeout) as timeout:
                 async with trio.open_nursery() as nursery:
@@ -244,9 +238,9 @@ class StreamServer(Service):
             _abort(conn)
             raise
         finally:
-            self.poems_in_flight -= 1
+            self._tasks_sending -= 1
         if failure is not None:
-            _log_lost(failure)
+            log_lost(failure)
             conn.close()
             return
         if timeout.cancelled_caught:
@@ -259,79 +253,27 @@ class StreamServer(Service):
             )
             _abort(conn)
             return
-        self._finish(conn, len(view), quick)
-        self.poems_served += 1
-        self.bytes_served += len(view)
+        self._finish(conn, len(view))
+        self._finished += 1
+        self._finished_bytes += len(view)
 
-    def _finish(self, conn: _socket.socket, size: int, quick: bool) -> None:
+    def _finish(self, conn: _socket.socket, size: int) -> None:
         """The whole poem is with the kernel: close, or end the stream and linger.
 
-        ``size``: the bytes sent; ``quick``: close at once if nothing is at stake.
+        As the accepting thread does (:meth:`.Acceptor._finish`), for a poem
+        that took more than one ``send()``.
         """
         try:
             conn.shutdown(socket.SHUT_WR)
         except OSError:  # the client is already gone
             conn.close()
             return
-        # The end of the poem is on its way before the question is asked:
-        # input arriving between the question and close() then makes the
-        # close a reset after the end of the poem, not instead of it.
-        if not quick:
+        if self.always_linger or conn.family not in TCP_FAMILIES:
             self._closer.close_when_done(conn)
         elif nothing_at_stake(conn, size):
             conn.close()
         else:  # not acknowledged yet, or the client has spoken
             self._closer.close_when_done(conn, size)
-
-    def _log_sending(self, size: int, peer: str) -> None:
-        log.debug(
-            "sending %d bytes of poetry to %s",
-            size,
-            peer,
-            extra={"POEM": self.source.label, "PEER": peer, "BYTES": size},
-        )
-
-    def _turn_away(self, listener: socket.socket) -> None:
-        """No poem yet (a proxy whose upstream never answered): close at once."""
-        turned = self._turned_away.add(turn_away(listener, ACCEPT_BATCH))
-        if turned:
-            log.warning(
-                "no poem to serve yet: closed %s on %s without one",
-                count(turned, "connection"),
-                describe(listener),
-                extra={"POEM": self.source.label, "CLIENTS": turned},
-            )
-
-    def _report_capacity(self, listener: socket.socket, exc: OSError) -> None:
-        # Every queued connection fails the same way until a descriptor is
-        # free again: say so once in a while, with how often it happened.
-        failures = self._failed_accepts.add(1)
-        if failures:
-            log.warning(
-                "cannot accept connections on %s: %s; retrying (%d failed accepts since the last report)",
-                describe(listener),
-                reason(exc),
-                failures,
-                extra={"POEM": self.source.label, "ERRNO": exc.errno},
-            )
-
-
-class _Tally:
-    """Counts what happens too often to log each time, for a report now and then."""
-
-    def __init__(self, interval: float) -> None:
-        self.interval = interval
-        self._count = 0
-        self._reported_at = -interval
-
-    def add(self, number: int) -> int:
-        """Count ``number`` more; the count to report now (then start again), or 0 if too soon."""
-        self._count += number
-        now = trio.current_time()
-        if not self._count or now - self._reported_at < self.interval:
-            return 0
-        count, self._count, self._reported_at = self._count, 0, now
-        return count
 
 
 async def _discard_input(conn: _socket.socket) -> None:
@@ -348,7 +290,3 @@ def _abort(conn: _socket.socket) -> None:
     """
     conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET_ON_CLOSE)
     conn.close()
-
-
-def _log_lost(exc: OSError) -> None:
-    log.debug("a client went away before it had its poem: %s", reason(exc))

@@ -1,0 +1,339 @@
+"""The accepting thread: the common case of the serving path, outside the event loop.
+
+Nearly every poem fits in a new connection's send buffer, so serving a
+client is a handful of system calls and no waiting: accept, one ``send()``,
+end the stream, close.  Going through an event loop for that costs more
+than the calls themselves.  Each wake-up of a trio task is a turn of the
+scheduler and a re-arm of trio's one-shot epoll registration; with one
+client at a time that was a third of a poem's CPU time (bench/README.md,
+"Where the time goes").  So the listening sockets are watched by a thread
+of their own, blocked in a level-triggered epoll that is set up once, and
+the thread serves every client whose poem the kernel takes whole.  What
+has to wait is handed to the event loop: the rest of a poem the kernel did
+not take at once, and a client that must linger before it is closed.
+
+The thread holds the GIL only while it runs Python code; every system call
+releases it, so the event loop's thread (signals, reloads, lingering
+clients) is never kept waiting for long.
+"""
+
+from __future__ import annotations
+
+import _socket
+import errno
+import logging
+import os
+import select
+import socket
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+from .linger import nothing_at_stake
+from .listeners import CLIENT_GONE_ERRNOS, describe, format_peer, turn_away
+from .phrases import count, reason
+
+log = logging.getLogger(__name__)
+
+#: Connections accepted per wake-up before the stop request is looked at again.
+ACCEPT_BATCH = 64
+
+#: How long to wait before accepting again when out of descriptors or memory.
+ACCEPT_RETRY = 0.1
+
+#: How often, at most, running out of descriptors or memory is logged.
+CAPACITY_LOG_INTERVAL = 10.0
+
+# accept() fails like this when the process or the system is out of a
+# resource; the connection stays queued, so wait and try again.
+_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+
+#: The families whose connections have a struct tcp_info to ask.
+TCP_FAMILIES = frozenset({socket.AF_INET, socket.AF_INET6})
+
+# Level-triggered, so a batch cut short is picked up at the next poll.  With
+# EPOLLEXCLUSIVE (Linux 4.5), a connection wakes one of the processes
+# waiting on a shared listening socket (serve --workers), not all of them.
+_LISTENING = select.EPOLLIN | getattr(select, "EPOLLEXCLUSIVE", 0)
+
+
+class PoemSource(Protocol):
+    """Where a server gets the poem it sends: a :class:`~.poetry.PoetryService`."""
+
+    @property
+    def poem(self) -> bytes: ...
+
+    @property
+    def label(self) -> str: ...
+
+
+#: :attr:`Acceptor.stage`: between connections, sending a poem, ending a stream.
+IDLE, SENDING, ENDING = 0, 1, 2
+
+#: Takes a connection whose poem is not all sent: (connection, poem, bytes sent).
+SendRest = Callable[[_socket.socket, bytes, int], None]
+
+#: Takes a connection that has its whole poem, to close later: (connection,
+#: bytes sent if it may close once nothing is at stake, else None).
+Linger = Callable[[_socket.socket, "int | None"], None]
+
+
+class Acceptor:
+    """Accepts connections on ``listeners`` and serves them the poem of ``source``.
+
+    :meth:`run` is the thread's body and returns after :meth:`stop`, which
+    any thread may call.  A poem the kernel does not take whole goes to
+    ``send_rest``; a client that has its whole poem but may not be closed
+    yet goes to ``linger``; both are called in this thread and must return
+    at once.  ``always_linger`` hands every client to ``linger`` (TCP or
+    not); otherwise a TCP client is closed here when nothing is at stake
+    (:func:`~.linger.nothing_at_stake`).  The listening sockets stay open:
+    they are their owner's to close, after :meth:`run` has returned.
+    """
+
+    def __init__(
+        self,
+        source: PoemSource,
+        listeners: list[socket.socket],
+        *,
+        send_rest: SendRest,
+        linger: Linger,
+        always_linger: bool = False,
+    ) -> None:
+        self.source = source
+        self.listeners = listeners
+        self.send_rest = send_rest
+        self.linger = linger
+        self.always_linger = always_linger
+        # Only this thread writes the counts below; the event loop's thread
+        # reads them, and each write is one store, which it sees whole.
+        #: Poems handed whole to the kernel by this thread, and their bytes.
+        self.poems_served = 0
+        self.bytes_served = 0
+        #: Poems handed to ``send_rest`` so far.
+        self.poems_handed_over = 0
+        #: Where the connection being served is: SENDING its poem, or ENDING
+        #: its stream and closing it (or handing it on); IDLE between
+        #: connections.  A client that has seen the end of its poem finds its
+        #: connection counted as lingering until the closer has it.
+        self.stage = IDLE
+        # What stop() writes to; run() watches it with the listening sockets.
+        self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._failed_accepts = Tally(CAPACITY_LOG_INTERVAL)
+        self._turned_away = Tally(CAPACITY_LOG_INTERVAL)
+
+    def stop(self) -> None:
+        """Make :meth:`run` return before its next batch (from any thread)."""
+        os.eventfd_write(self._wake, 1)
+
+    def close(self) -> None:
+        """Release what the acceptor holds, once :meth:`run` has returned (or never ran)."""
+        os.close(self._wake)
+
+    def run(self) -> None:
+        """Serve until :meth:`stop`; the thread's body.
+
+        An unexpected error from ``accept()`` ends it with that error.
+        """
+        epoll = select.epoll()
+        served = {sock.fileno(): _Listening(sock, not self.always_linger) for sock in self.listeners}
+        try:
+            epoll.register(self._wake, select.EPOLLIN)
+            for fd in served:
+                epoll.register(fd, _LISTENING)
+            while True:
+                for fd, _ in epoll.poll():
+                    if fd == self._wake:
+                        return
+                    if not self._accept_batch(served[fd]):
+                        self._pause()
+        finally:
+            epoll.close()
+            for listening in served.values():
+                listening.sockets.forget()
+
+    def _accept_batch(self, listening: _Listening) -> bool:
+        """Serve up to ACCEPT_BATCH clients; False if out of descriptors or memory."""
+        listener = listening.listener
+        poem = self.source.poem
+        size = len(poem)
+        if not size:
+            self._turn_away(listener)
+            return True
+        accept, family, sockets = listening.accept, listening.family, listening.sockets
+        debug = log.isEnabledFor(logging.DEBUG)
+        for _ in range(ACCEPT_BATCH):
+            try:
+                fd, address = accept()
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if exc.errno in CLIENT_GONE_ERRNOS:
+                    continue
+                if exc.errno not in _CAPACITY_ERRNOS:
+                    raise
+                self._report_capacity(listener, exc)
+                return False
+            conn = sockets.get(fd)
+            if debug:
+                self._log_sending(size, format_peer(family, address))
+            self.stage = SENDING
+            try:
+                sent = conn.send(poem, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                self.stage = IDLE
+                log_lost(exc)
+                os.close(fd)
+                continue
+            if sent == size:
+                # Counted before the end of the stream goes out: a client
+                # that has it finds its poem counted.
+                self.stage = ENDING
+                self.poems_served += 1
+                self.bytes_served += size
+                self._finish(listening, conn, fd, size)
+            else:
+                self.poems_handed_over += 1
+                self.send_rest(sockets.take(fd), poem, sent)
+            self.stage = IDLE
+        return True
+
+    def _finish(self, listening: _Listening, conn: _socket.socket, fd: int, size: int) -> None:
+        """The whole poem is with the kernel: close, or end the stream and linger."""
+        try:
+            conn.shutdown(socket.SHUT_WR)
+        except OSError:  # the client is already gone
+            os.close(fd)
+            return
+        # The end of the poem is on its way before the question is asked:
+        # input arriving between the question and close() then makes the
+        # close a reset after the end of the poem, not instead of it.
+        if not listening.quick:
+            self.linger(listening.sockets.take(fd), None)
+        elif nothing_at_stake(conn, size):
+            os.close(fd)
+        else:  # not acknowledged yet, or the client has spoken
+            self.linger(listening.sockets.take(fd), size)
+
+    def _pause(self) -> None:
+        """Wait ACCEPT_RETRY seconds before accepting again, or until :meth:`stop`."""
+        poll = select.poll()
+        poll.register(self._wake, select.POLLIN)
+        poll.poll(ACCEPT_RETRY * 1000)
+
+    def _log_sending(self, size: int, peer: str) -> None:
+        log.debug(
+            "sending %d bytes of poetry to %s",
+            size,
+            peer,
+            extra={"POEM": self.source.label, "PEER": peer, "BYTES": size},
+        )
+
+    def _turn_away(self, listener: socket.socket) -> None:
+        """No poem yet (a proxy whose upstream never answered): close at once."""
+        turned = self._turned_away.add(turn_away(listener, ACCEPT_BATCH))
+        if turned:
+            log.warning(
+                "no poem to serve yet: closed %s on %s without one",
+                count(turned, "connection"),
+                describe(listener),
+                extra={"POEM": self.source.label, "CLIENTS": turned},
+            )
+
+    def _report_capacity(self, listener: socket.socket, exc: OSError) -> None:
+        # Every queued connection fails the same way until a descriptor is
+        # free again: say so once in a while, with how often it happened.
+        failures = self._failed_accepts.add(1)
+        if failures:
+            log.warning(
+                "cannot accept connections on %s: %s; retrying (%d failed accepts since the last report)",
+                describe(listener),
+                reason(exc),
+                failures,
+                extra={"POEM": self.source.label, "ERRNO": exc.errno},
+            )
+
+
+class _Listening:
+    """One listening socket as the accepting thread uses it."""
+
+    def __init__(self, listener: socket.socket, may_close_early: bool) -> None:
+        self.listener = listener
+        # listener.accept() wraps each connection in a socket.socket and reads
+        # the listener's family and type through properties that build enum
+        # members: a tenth of the CPU time of a poem.  The C-level accept and
+        # socket type underneath do the same without that.
+        self.accept = listener._accept  # type: ignore[attr-defined]
+        self.family = int(listener.family)
+        # Only TCP says, through struct tcp_info, when nothing is at stake.
+        self.quick = may_close_early and self.family in TCP_FAMILIES
+        self.sockets = SocketsByNumber(self.family, int(listener.type), listener.proto)
+
+
+class SocketsByNumber:
+    """Socket objects for accepted descriptors, kept for the next connection with the same number.
+
+    CPython's socket constructor checks that a descriptor is a socket by
+    asking for its address (``getsockname()``), one system call in seven of
+    a poem.  The kernel gives each new connection the lowest free number,
+    so the same few numbers come back all the time, and an object made for
+    one number serves every later connection with that number.
+
+    The rule that makes it safe: a kept object never closes its descriptor
+    itself.  The thread closes the descriptor with ``os.close()`` and keeps
+    the object, whose number then belongs to no one until ``accept()``
+    returns it again; :meth:`take` hands an object on for good (it leaves
+    the cache, and its new owner closes it), and :meth:`forget` detaches
+    every kept object, so that none can close a number that is someone
+    else's by then when it is collected.
+    """
+
+    def __init__(self, family: int, kind: int, proto: int) -> None:
+        self._make = lambda fd: _socket.socket(family, kind, proto, fd)
+        self._kept: dict[int, _socket.socket] = {}
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+    def get(self, fd: int) -> _socket.socket:
+        """The object for the connection just accepted as ``fd``; it stays here."""
+        sock = self._kept.get(fd)
+        if sock is None:
+            sock = self._kept[fd] = self._make(fd)
+        return sock
+
+    def take(self, fd: int) -> _socket.socket:
+        """The object for ``fd``, no longer kept: the caller owns the connection now."""
+        sock = self._kept.pop(fd, None)
+        return sock if sock is not None else self._make(fd)
+
+    def forget(self) -> None:
+        """Detach every kept object without closing anything."""
+        for sock in self._kept.values():
+            sock.detach()
+        self._kept.clear()
+
+
+class Tally:
+    """Counts what happens too often to log each time, for a report now and then."""
+
+    def __init__(self, interval: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval = interval
+        self._clock = clock
+        self._count = 0
+        self._reported_at = -interval
+
+    def add(self, number: int) -> int:
+        """Count ``number`` more; the count to report now (then start again), or 0 if too soon."""
+        self._count += number
+        now = self._clock()
+        if not self._count or now - self._reported_at < self.interval:
+            return 0
+        count, self._count, self._reported_at = self._count, 0, now
+        return count
+
+
+def log_lost(exc: OSError) -> None:
+    log.debug("a client went away before it had its poem: %s", reason(exc))
