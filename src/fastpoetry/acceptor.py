@@ -35,8 +35,9 @@ from .phrases import count, reason
 
 log = logging.getLogger(__name__)
 
-#: Connections accepted per wake-up before the stop request is looked at again.
-ACCEPT_BATCH = 64
+#: Connections closed at a time, while there is no poem, before the stop
+#: request is looked at again.
+TURN_AWAY_BATCH = 64
 
 #: How long to wait before accepting again when out of descriptors or memory.
 ACCEPT_RETRY = 0.1
@@ -51,9 +52,13 @@ _CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EN
 #: The families whose connections have a struct tcp_info to ask.
 TCP_FAMILIES = frozenset({socket.AF_INET, socket.AF_INET6})
 
-# Level-triggered, so a batch cut short is picked up at the next poll.  With
-# EPOLLEXCLUSIVE (Linux 4.5), a connection wakes one of the processes
-# waiting on a shared listening socket (serve --workers), not all of them.
+# Level-triggered: while connections wait, every poll reports the socket,
+# so one accept() per report takes them all, as nginx does by default
+# (multi_accept off).  Accepting until accept() fails would cost a system
+# call and a Python exception for every batch, more than the polls saved:
+# at 64 clients a batch was under two connections.  With EPOLLEXCLUSIVE
+# (Linux 4.5), a connection wakes one of the processes waiting on a shared
+# listening socket (serve --workers), not all of them.
 _LISTENING = select.EPOLLIN | getattr(select, "EPOLLEXCLUSIVE", 0)
 
 
@@ -123,7 +128,7 @@ class Acceptor:
         self._turned_away = Tally(CAPACITY_LOG_INTERVAL)
 
     def stop(self) -> None:
-        """Make :meth:`run` return before its next batch (from any thread)."""
+        """Make :meth:`run` return before it accepts another client (from any thread)."""
         os.eventfd_write(self._wake, 1)
 
     def close(self) -> None:
@@ -141,63 +146,60 @@ class Acceptor:
             epoll.register(self._wake, select.EPOLLIN)
             for fd in served:
                 epoll.register(fd, _LISTENING)
+            poll = epoll.poll
             while True:
-                for fd, _ in epoll.poll():
+                for fd, _ in poll():
                     if fd == self._wake:
                         return
-                    if not self._accept_batch(served[fd]):
+                    if not self._serve_one(served[fd]):
                         self._pause()
         finally:
             epoll.close()
             for listening in served.values():
                 listening.sockets.forget()
 
-    def _accept_batch(self, listening: _Listening) -> bool:
-        """Serve up to ACCEPT_BATCH clients; False if out of descriptors or memory."""
-        listener = listening.listener
+    def _serve_one(self, listening: _Listening) -> bool:
+        """Accept a client and send it the poem; False if out of descriptors or memory."""
         poem = self.source.poem
         size = len(poem)
         if not size:
-            self._turn_away(listener)
+            self._turn_away(listening.listener)
             return True
-        accept, family, sockets = listening.accept, listening.family, listening.sockets
-        debug = log.isEnabledFor(logging.DEBUG)
-        for _ in range(ACCEPT_BATCH):
-            try:
-                fd, address = accept()
-            except BlockingIOError:
-                break
-            except OSError as exc:
-                if exc.errno in CLIENT_GONE_ERRNOS:
-                    continue
-                if exc.errno not in _CAPACITY_ERRNOS:
-                    raise
-                self._report_capacity(listener, exc)
-                return False
-            conn = sockets.get(fd)
-            if debug:
-                self._log_sending(size, format_peer(family, address))
-            self.stage = SENDING
-            try:
-                sent = conn.send(poem, socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                sent = 0
-            except OSError as exc:
-                self.stage = IDLE
-                log_lost(exc)
-                os.close(fd)
-                continue
-            if sent == size:
-                # Counted before the end of the stream goes out: a client
-                # that has it finds its poem counted.
-                self.stage = ENDING
-                self.poems_served += 1
-                self.bytes_served += size
-                self._finish(listening, conn, fd, size)
-            else:
-                self.poems_handed_over += 1
-                self.send_rest(sockets.take(fd), poem, sent)
+        try:
+            fd, address = listening.accept()
+        except BlockingIOError:  # another process took it (serve --workers)
+            return True
+        except OSError as exc:
+            if exc.errno in CLIENT_GONE_ERRNOS:
+                return True
+            if exc.errno not in _CAPACITY_ERRNOS:
+                raise
+            self._report_capacity(listening.listener, exc)
+            return False
+        conn = listening.sockets.get(fd)
+        if log.isEnabledFor(logging.DEBUG):
+            self._log_sending(size, format_peer(listening.family, address))
+        self.stage = SENDING
+        try:
+            sent = conn.send(poem, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
             self.stage = IDLE
+            log_lost(exc)
+            os.close(fd)
+            return True
+        if sent == size:
+            # Counted before the end of the stream goes out: a client that
+            # has it finds its poem counted.
+            self.stage = ENDING
+            self.poems_served += 1
+            self.bytes_served += size
+            self._finish(listening, conn, fd, size)
+        else:
+            self.poems_handed_over += 1
+            self.send_rest(listening.sockets.take(fd), poem, sent)
+        self.stage = IDLE
         return True
 
     def _finish(self, listening: _Listening, conn: _socket.socket, fd: int, size: int) -> None:
@@ -233,7 +235,7 @@ class Acceptor:
 
     def _turn_away(self, listener: socket.socket) -> None:
         """No poem yet (a proxy whose upstream never answered): close at once."""
-        turned = self._turned_away.add(turn_away(listener, ACCEPT_BATCH))
+        turned = self._turned_away.add(turn_away(listener, TURN_AWAY_BATCH))
         if turned:
             log.warning(
                 "no poem to serve yet: closed %s on %s without one",
