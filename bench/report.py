@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from results import Baseline, Cell, ColdStart, Round, Run, Target
+import syscalls
+from results import Baseline, Cell, ColdStart, Round, Run, SyscallCount, Target
 from servers import NGINX, TWISTED
 
 FASTPOETRY_ROWS = ("fastpoetry", "fastpoetry (activated)")
@@ -55,6 +56,10 @@ def _limit(cell: Cell) -> str:
     server = cell.server_core_busy_pct >= SATURATED_PCT
     loadgen = cell.loadgen_core_busy_pct >= SATURATED_PCT
     return "both" if server and loadgen else "server" if server else "loadgen" if loadgen else "neither"
+
+
+def _per_poem(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def _failures(cell: Cell) -> str:
@@ -179,6 +184,30 @@ def _steal_note() -> str:
     )
 
 
+def _not_counted(cells: Sequence[Cell]) -> list[str]:
+    """Why some cells have no system call count although perf could count here."""
+    missing = [f"{c.server} with {c.concurrency} clients ({c.syscalls_error})" for c in cells if c.syscalls_error]
+    return [f"System calls not counted for {'; '.join(missing)}."] if missing else []
+
+
+def _syscalls_note(run: Run, cells: Sequence[Cell]) -> list[str]:
+    """What syscalls/poem counts, and where: a slice of its own, since counting costs CPU; or why it is '-'."""
+    if run.perf_unavailable:
+        return [f"syscalls/poem: not counted: {run.perf_unavailable}."]
+    if not any(c.syscalls_per_poem is not None or c.syscalls_error for c in cells):
+        return []
+    return [
+        (
+            "syscalls/poem: every system call of the server's process tree (perf stat, tracepoint "
+            "raw_syscalls:sys_enter) over the poems served meanwhile, added up over the rounds. Counted in a "
+            f"slice of its own right after each measured slice (same server, clients and round; "
+            f"{run.settings.get('syscall_count_load', '?')}), not in the slice the CPU comes from: counting "
+            "slows every call it counts, which showed as a few % more CPU µs/poem."
+        ),
+        *_not_counted(cells),
+    ]
+
+
 def _same_code_note(cells: Sequence[Cell]) -> list[str]:
     """fastpoetry against itself (foreground and socket-activated): the machine's noise, measured."""
     found = []
@@ -275,8 +304,8 @@ def _peer_value(cells: Sequence[Cell], server: str, concurrency: int, field: Cal
 def small_poem_table(run: Run) -> Table:
     header = [
         "server", "clients", "poems/s", "vs nginx", "vs twisted", "p50 ms", "p99 ms", "failed",
-        "CPU µs/poem", "vs nginx", "by round", "server core", "loadgen core", "limit", "others", "steal",
-        "RSS MiB",
+        "CPU µs/poem", "vs nginx", "by round", "syscalls/poem", "server core", "loadgen core", "limit", "others",
+        "steal", "RSS MiB",
     ]  # fmt: skip
     rows: list[list[str]] = []
     cells = run.cells
@@ -296,6 +325,7 @@ def small_poem_table(run: Run) -> Table:
                 f"{cell.cpu_us_per_poem:.1f}",
                 _ratio(cell.cpu_us_per_poem, _peer_value(cells, NGINX, concurrency, _cpu)),
                 _spread(_round_ratios(cell, _peer(cells, NGINX, concurrency), _cpu)),
+                _per_poem(cell.syscalls_per_poem),
                 f"{cell.server_core_busy_pct:.0f}%",
                 f"{cell.loadgen_core_busy_pct:.0f}%",
                 _limit(cell),
@@ -337,6 +367,7 @@ def small_poem_table(run: Run) -> Table:
         "how far the ratio moved while the machine's speed drifted."
     )
     notes.append(_steal_note())
+    notes += _syscalls_note(run, cells)
     notes += _same_code_note(cells)
     notes += _baseline_note(run)
     notes += _retried(cells)
@@ -451,9 +482,34 @@ def logging_table(run: Run) -> Table:
     return Table("Logging cost (fastpoetry, logs to a file)", header, rows, notes)
 
 
+def _calls_per_poem(cell: Cell, name: str) -> str:
+    """One call's count over the poems of the cell's counting slices, or "-"."""
+    if name not in cell.syscalls or not cell.syscall_poems:
+        return "-"
+    return f"{cell.syscalls[name] / cell.syscall_poems:.2f}"
+
+
+def _workers_calls_note(run: Run) -> list[str]:
+    if run.perf_unavailable:
+        return [f"accept4/poem, epoll_wait/poem: not counted: {run.perf_unavailable}."]
+    if not any(c.syscalls or c.syscalls_error for c in run.workers):
+        return []
+    return [
+        (
+            "accept4/poem, epoll_wait/poem: those calls over the whole process tree (perf stat, tracepoints "
+            "syscalls:sys_enter_accept4 and _epoll_wait), counted as syscalls/poem is, in a slice of their own "
+            "after each slice. Each poem takes one accept4 that succeeds; the calls beyond 1.00 a poem found "
+            "no connection (EAGAIN): each accept loop's last call and, with more workers, workers woken for a "
+            "connection another one took."
+        ),
+        *_not_counted(run.workers),
+    ]
+
+
 def workers_table(run: Run) -> Table:
-    header = ["fastpoetry", "clients", "poems/s", "vs 1 worker", "by round", "CPU µs/poem", "p99 ms", "failed",
-              "server cores", "loadgen core", "others", "steal", "processes"]  # fmt: skip
+    header = ["fastpoetry", "clients", "poems/s", "vs 1 worker", "by round", "CPU µs/poem", "accept4/poem",
+              "epoll_wait/poem", "p99 ms", "failed", "server cores", "loadgen core", "others", "steal",
+              "processes"]  # fmt: skip
     one = run.workers[0] if run.workers else None
     first = one.poems_per_s if one else None
     rows = [
@@ -464,6 +520,8 @@ def workers_table(run: Run) -> Table:
             _ratio(cell.poems_per_s, first),
             _spread(_round_ratios(cell, one, _rate)),
             f"{cell.cpu_us_per_poem:.1f}",
+            _calls_per_poem(cell, "accept4"),
+            _calls_per_poem(cell, "epoll_wait"),
             _ms(cell.p99_us),
             _failures(cell),
             f"{cell.server_core_busy_pct:.0f}%",
@@ -477,8 +535,51 @@ def workers_table(run: Run) -> Table:
     notes = [run.workers_note] if run.workers_note else []
     if len(run.workers) > 1:
         notes.append("by round: the lowest and highest of the row's poems/s over one worker's in the same round.")
+    notes += _workers_calls_note(run)
     notes += _retried(run.workers)
     return Table("Workers (serve --workers N)", header, rows, notes)
+
+
+# --------------------------------------------------------------------------
+# System calls, call by call.
+
+#: The breakdown's rows: every call, then each call named, then the rest.
+_OTHER = "other"
+
+
+def _breakdown_value(count: SyscallCount, name: str) -> str:
+    if name == _OTHER:
+        if syscalls.ALL not in count.counts or not count.poems:
+            return "-"
+        named = sum(count.counts.get(call, 0) for call in syscalls.BREAKDOWN)
+        return f"{(count.counts[syscalls.ALL] - named) / count.poems:.2f}"
+    return _per_poem(count.per_poem(name))
+
+
+def breakdown_table(run: Run) -> Table:
+    """System calls per poem, call by call, a column per server (it has a dozen rows and few servers)."""
+    counts = run.breakdown
+    header = ["call", *(count.server for count in counts)]
+    rows = [
+        [name, *(_breakdown_value(count, name) for count in counts)]
+        for name in (syscalls.ALL, *syscalls.BREAKDOWN, _OTHER)
+    ]
+    rows.append(["poems counted", *(_count(count.poems) for count in counts)])
+    rows.append(["failed", *(str(count.failures) for count in counts)])
+    notes = []
+    if run.perf_unavailable:
+        notes.append(f"Not counted: {run.perf_unavailable}.")
+    else:
+        notes.append(
+            f"Each server once, after its rounds at {TARGET_CONCURRENCY} clients, "
+            f"{run.settings.get('syscall_breakdown_load', '?')}, in a slice of its own: perf stat counting "
+            "every call (all: raw_syscalls:sys_enter) and each call named (syscalls:sys_enter_NAME) over the "
+            "server's process tree, over the poems of that slice; other: the calls not named."
+        )
+        failed = [f"{count.server} ({count.error})" for count in counts if count.error]
+        if failed:
+            notes.append(f"Not counted: {'; '.join(failed)}.")
+    return Table(f"System calls per poem, by call ({TARGET_CONCURRENCY} clients)", header, rows, notes)
 
 
 # --------------------------------------------------------------------------
@@ -581,6 +682,8 @@ def _header(run: Run) -> list[str]:
 
 def tables(run: Run) -> list[Table]:
     found = [small_poem_table(run)]
+    if run.breakdown or run.perf_unavailable:
+        found.append(breakdown_table(run))
     if run.big_poem:
         found.append(big_poem_table(run))
     if run.cold_start:
