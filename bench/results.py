@@ -142,7 +142,9 @@ class Target:
     server: str
     goal: str
     figure: str
-    passed: bool | None  # None: a peer's figure is missing
+    passed: bool | None  # None: not measured (a figure is missing)
+    #: The clients of the cells it judges; None: all of the row's cells.
+    concurrency: int | None = None
 
 
 @dataclass
