@@ -560,12 +560,14 @@ def breakdown_table(run: Run) -> Table:
     """System calls per poem, call by call, a column per server (it has a dozen rows and few servers)."""
     counts = run.breakdown
     header = ["call", *(count.server for count in counts)]
-    rows = [
-        [name, *(_breakdown_value(count, name) for count in counts)]
-        for name in (syscalls.ALL, *syscalls.BREAKDOWN, _OTHER)
-    ]
-    rows.append(["poems counted", *(_count(count.poems) for count in counts)])
-    rows.append(["failed", *(str(count.failures) for count in counts)])
+    rows = []
+    if counts:
+        rows = [
+            [name, *(_breakdown_value(count, name) for count in counts)]
+            for name in (syscalls.ALL, *syscalls.BREAKDOWN, _OTHER)
+        ]
+        rows.append(["poems counted", *(_count(count.poems) for count in counts)])
+        rows.append(["failed", *(str(count.failures) for count in counts)])
     notes = []
     if run.perf_unavailable:
         notes.append(f"Not counted: {run.perf_unavailable}.")
@@ -662,8 +664,8 @@ def _syscalls_target(run: Run, server: str, ours: Cell) -> Target:
     """At most TARGET_SYSCALLS_PER_POEM system calls a poem: not measured when perf could not count."""
     goal = f"syscalls/poem <= {TARGET_SYSCALLS_PER_POEM:.1f} ({_clients(TARGET_CONCURRENCY)})"
     if ours.syscalls_per_poem is None:
-        why = run.perf_unavailable or ours.syscalls_error or "no count"
-        return Target(server, goal, f"not counted: {why}", None, TARGET_CONCURRENCY)
+        why = "perf cannot count here (see the 3 KB table)" if run.perf_unavailable else ours.syscalls_error
+        return Target(server, goal, f"not counted: {why or 'no count'}", None, TARGET_CONCURRENCY)
     rounds = [r.syscalls_per_poem for r in ours.rounds if r.syscalls_per_poem is not None]
     spread = f" (rounds {min(rounds):.2f}-{max(rounds):.2f})" if len(rounds) > 1 else ""
     figure = f"{ours.syscalls_per_poem:.2f}{spread}"
