@@ -34,6 +34,7 @@ import procfs
 import report
 import servers
 import source
+import syscalls
 from measure import Cores
 from plan import FULL, SMOKE, describe_load
 from poem_files import write_big_poem
@@ -177,9 +178,14 @@ def main(argv: list[str]) -> int:
             "quiet_pct": plan.quiet_pct,
             "retries": plan.retries,
             "workers_load": describe_load(plan.workers),
+            "syscall_count_load": describe_load(plan.count),
+            "syscall_breakdown_load": describe_load(plan.breakdown),
             "backlog": servers.BACKLOG,
         },
+        perf_unavailable=syscalls.probe((syscalls.ALL, *syscalls.BREAKDOWN)),
     )
+    if run.perf_unavailable:
+        progress(f"system calls will not be counted: {run.perf_unavailable}")
     baseline_row = _take_baseline(revision, paths, run, source_hash) if revision else None
     bench = Sections(paths, plan, cores, args.loadgen.resolve(), run)
     progress(f"results go to {out}; servers on core {cores.server}, load generator on core {cores.loadgen}")

@@ -6,6 +6,8 @@ warm-up comes once, before the first.  The server's CPU time and the
 cores' busy time are read just before and just after each slice, so the
 warm-up is not in them; nothing else the benchmark does runs in between.
 A failed connection in the warm-up still counts as a failure of the cell.
+System calls are counted in a short slice of their own, right after the
+slice that measures the CPU: perf's counting slows the calls it counts.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from pathlib import Path
 
 import load
 import procfs
+import syscalls
 from load import Histogram
-from results import Cell, Round
+from results import Cell, Round, SyscallCount
 from servers import Server
 
 
@@ -133,6 +136,58 @@ def measured(
     return Slice(cell, run.histogram)
 
 
+def counted(
+    server: Server,
+    loadgen: Path,
+    cores: Cores,
+    *,
+    label: str,
+    concurrency: int,
+    poem_bytes: int,
+    amount: Load,
+    names: tuple[str, ...],
+) -> SyscallCount:
+    """The system calls ``names`` (syscalls.ALL: every call) of ``server``'s tree under ``amount`` of load.
+
+    A slice of its own, whose time and CPU count for nothing: perf's
+    counters slow every call they count, which would show in the CPU of
+    the slice next to it.  They are on from just before the load to just
+    after it (perf answers once they are).  If perf cannot start, no load
+    is run and the count says why; its connections' failures count as the
+    cell's, as the warm-up's do.
+    """
+    counting = syscalls.Count(names, server.pids())
+    try:
+        try:
+            counting.start()
+        except syscalls.PerfFailed as exc:
+            return SyscallCount(label, concurrency, 0, 0, {}, error=str(exc))
+        run = load.steady(
+            loadgen, cores.loadgen, server.port, poem_bytes, concurrency,
+            poems=amount.poems, seconds=amount.seconds,
+        )  # fmt: skip
+        reasons = run.failure_reasons()
+        try:
+            counts, error = counting.stop(), ""
+        except syscalls.PerfFailed as exc:
+            counts, error = {}, str(exc)
+        return SyscallCount(label, concurrency, int(run["poems"]), sum(reasons.values()), reasons, counts, error)
+    finally:
+        counting.close()
+
+
+def with_count(piece: Slice, count: SyscallCount) -> Slice:
+    """``piece`` with the system calls of the counting slice that followed it, and that slice's failures."""
+    reasons = dict(piece.cell.failure_reasons)
+    _add_reasons(reasons, count.failure_reasons)
+    cell = replace(
+        piece.cell, failures=sum(reasons.values()), failure_reasons=reasons,
+        syscalls=count.counts, syscall_poems=count.poems if count.counts else 0,
+        syscalls_per_poem=count.per_poem(syscalls.ALL), syscalls_error=count.error,
+    )  # fmt: skip
+    return replace(piece, cell=cell)
+
+
 def _add_reasons(into: dict[str, int], more: dict[str, int]) -> None:
     for reason, count in more.items():
         into[reason] = into.get(reason, 0) + count
@@ -148,9 +203,12 @@ def merge(slices: list[Slice], warm_failures: dict[str, int] | None = None) -> C
     of every poem of the cell, as one long run would have given them; the
     mean is weighted by poems, the maximum the largest.  Failures are
     every slice's, the warm-up's and every attempt's; RSS and the process
-    count are the last slice's: after the whole cell.
+    count are the last slice's: after the whole cell.  System calls, from
+    the counting slices, are added up as the CPU is, if every slice has a
+    count; otherwise the cell has none, and says why.
     """
     cells = [s.cell for s in slices]
+    counts, counted_poems, error = _add_counts(cells)
     seconds = sum(c.seconds for c in cells)
     poems = sum(c.poems for c in cells)
     cpu = sum(c.server_cpu_s for c in cells)
@@ -184,7 +242,22 @@ def merge(slices: list[Slice], warm_failures: dict[str, int] | None = None) -> C
         loadgen_cpu_s=sum(c.loadgen_cpu_s for c in cells),
         attempts=sum(c.attempts for c in cells),
         rounds=[_round(s) for s in slices],
+        syscalls=counts,
+        syscall_poems=counted_poems,
+        syscalls_per_poem=counts[syscalls.ALL] / counted_poems if syscalls.ALL in counts and counted_poems else None,
+        syscalls_error=error,
     )
+
+
+def _add_counts(cells: list[Cell]) -> tuple[dict[str, int], int, str]:
+    """The slices' system calls added up, and their poems; or none, and the first slice's reason why."""
+    for cell in cells:
+        if cell.syscalls_error:
+            return {}, 0, cell.syscalls_error
+    if not cells or any(not c.syscalls or c.syscalls.keys() != cells[0].syscalls.keys() for c in cells):
+        return {}, 0, ""
+    counts = {name: sum(c.syscalls[name] for c in cells) for name in cells[0].syscalls}
+    return counts, sum(c.syscall_poems for c in cells), ""
 
 
 def _round(piece: Slice) -> Round:
@@ -193,6 +266,7 @@ def _round(piece: Slice) -> Round:
         round=piece.round, position=piece.position, poems=c.poems, seconds=c.seconds,
         poems_per_s=c.poems_per_s, cpu_us_per_poem=c.cpu_us_per_poem, p99_us=c.p99_us,
         others_pct=c.others_pct, steal_pct=c.steal_pct, attempts=c.attempts,
+        syscalls_per_poem=c.syscalls_per_poem,
     )  # fmt: skip
 
 

@@ -25,6 +25,12 @@ class Plan:
     cold_repeats: int
     logging: Load  # each log level
     workers: Load
+    #: System calls are counted in a slice of their own after each measured
+    #: slice (perf's counting slows the calls it counts): this much load.
+    count: Load
+    #: The calls of each server one by one, once, after the rounds at
+    #: report.TARGET_CONCURRENCY.
+    breakdown: Load
     #: At least this many rounds; see rounds().
     min_rounds: int = 1
     #: A slice whose cores were busier than this with other work (others_pct)
@@ -53,6 +59,8 @@ FULL = Plan(
     cold_repeats=15,
     logging=Load(seconds=6.0, warm_up_seconds=1.0),
     workers=Load(seconds=5.0, warm_up_seconds=1.0),
+    count=Load(seconds=0.25),
+    breakdown=Load(seconds=2.0),
     min_rounds=4,
     retries=2,
 )
@@ -66,6 +74,8 @@ SMOKE = Plan(
     cold_repeats=3,
     logging=Load(poems=2000, warm_up_poems=200),
     workers=Load(poems=2000, warm_up_poems=200),
+    count=Load(poems=300),
+    breakdown=Load(poems=500),
     min_rounds=2,
 )
 

@@ -23,6 +23,36 @@ class Round:
     #: Measured this many times, other work having shared the cores; this
     #: is the quietest attempt.
     attempts: int = 1
+    #: Every system call of the server over its poems, in this round's
+    #: counting slice (see SyscallCount); None if not counted.
+    syscalls_per_poem: float | None = None
+
+
+@dataclass
+class SyscallCount:
+    """A server's system calls under load, counted by perf in a slice of their own.
+
+    perf's counting slows every system call it counts, which would show in
+    the server's CPU time; so calls are counted in a short slice of load
+    right after the slice that measures the CPU (same server, same
+    clients, same round), and that slice's time and CPU count for nothing.
+    """
+
+    server: str
+    concurrency: int
+    poems: int
+    failures: int
+    failure_reasons: dict[str, int]
+    #: By call, syscalls.ALL being every call; empty if perf gave nothing.
+    counts: dict[str, int] = field(default_factory=dict)
+    #: Why perf gave no count, if it did not.
+    error: str = ""
+
+    def per_poem(self, name: str) -> float | None:
+        """Calls of ``name`` over the poems, or None if not counted."""
+        if name not in self.counts or not self.poems:
+            return None
+        return self.counts[name] / self.poems
 
 
 @dataclass
@@ -71,6 +101,15 @@ class Cell:
     #: shared the cores (more than len(rounds) if any was).
     attempts: int = 1
     rounds: list[Round] = field(default_factory=list)
+    #: System calls of the server's process tree, by call (syscalls.ALL:
+    #: every call), added up over the rounds' counting slices, and the
+    #: poems served in those slices; empty if none were counted.
+    syscalls: dict[str, int] = field(default_factory=dict)
+    syscall_poems: int = 0
+    #: syscalls[ALL] over syscall_poems; None if not counted.
+    syscalls_per_poem: float | None = None
+    #: Why this cell has no count although one was asked for.
+    syscalls_error: str = ""
 
 
 @dataclass
@@ -103,7 +142,9 @@ class Target:
     server: str
     goal: str
     figure: str
-    passed: bool | None  # None: a peer's figure is missing
+    passed: bool | None  # None: not measured (a figure is missing)
+    #: The clients of the cells it judges; None: all of the row's cells.
+    concurrency: int | None = None
 
 
 @dataclass
@@ -147,6 +188,11 @@ class Run:
     #: fastpoetry --workers 1 and 2, or why not.
     workers: list[Cell] = field(default_factory=list)
     workers_note: str = ""
+    #: Why perf cannot count system calls on this machine ("" if it can).
+    perf_unavailable: str = ""
+    #: System calls by call at report.TARGET_CONCURRENCY, one slice per
+    #: server after that concurrency's rounds.
+    breakdown: list[SyscallCount] = field(default_factory=list)
     targets: list[Target] = field(default_factory=list)
     baseline: Baseline | None = None
     seconds: float = 0.0
@@ -162,4 +208,6 @@ class Run:
         for cold, record in zip(self.cold_start, data["cold_start"]):
             record["median_ms"] = cold.median_ms
             record["p90_ms"] = cold.p90_ms
+        for count, record in zip(self.breakdown, data["breakdown"]):
+            record["per_poem"] = {name: count.per_poem(name) for name in count.counts}
         return data

@@ -29,11 +29,12 @@ from pathlib import Path
 import load
 import measure
 import servers
+import syscalls
 from measure import Cores, Load, Slice
 from plan import Plan, describe_rounds, split
 from poem_files import SMALL_POEM
 from report import TARGET_CONCURRENCY
-from results import Cell, ColdStart, Run
+from results import Cell, ColdStart, Run, SyscallCount
 from servers import NGINX, Contender, Launch, Paths, Server, ServerFailed, twistd_log
 
 
@@ -105,13 +106,18 @@ class Sections:
 
     def _section(
         self, entries: list[Entry], poem: bytes, loads: list[tuple[int, Load]], cores: Cores | None = None,
-        settle: float = 0.0,
+        settle: float = 0.0, count: tuple[str, ...] = (),
+        after: Callable[[dict[str, Server], int], None] | None = None,
     ) -> Outcome:  # fmt: skip
         """Start every server at once, then measure each (concurrency, load) in rounds.
 
         ``settle``: seconds to wait once all have started (every worker up,
-        not only the first).  A server that fails to start or fails on the
-        way is stopped and left out from then on; the others go on.
+        not only the first).  ``count``: the system calls to count after
+        each slice, in a counting slice of its own (see _count).
+        ``after``: called with the servers still running and the
+        concurrency, once that concurrency's rounds are done.  A server
+        that fails to start or fails on the way is stopped and left out
+        from then on; the others go on.
         """
         cores = cores or self.cores
         outcome = Outcome()
@@ -127,12 +133,14 @@ class Sections:
             for concurrency, amount in loads:
                 if not started:
                     break
-                cells, failed = self._take_turns(started, concurrency, len(poem), amount, cores)
+                cells, failed = self._take_turns(started, concurrency, len(poem), amount, cores, count)
                 outcome.cells += cells
                 outcome.rounds[concurrency] = self.plan.rounds(len(started))
                 outcome.failed.update(failed)
                 for label in failed:
                     del started[label]
+                if after is not None and started:
+                    after(started, concurrency)
         return outcome
 
     def _start(self, running: ExitStack, entry: Entry, poem: bytes, cores: str) -> Server:
@@ -150,11 +158,14 @@ class Sections:
         return server
 
     def _take_turns(
-        self, started: dict[str, Server], concurrency: int, poem_bytes: int, amount: Load, cores: Cores
-    ) -> tuple[list[Cell], dict[str, str]]:
+        self, started: dict[str, Server], concurrency: int, poem_bytes: int, amount: Load, cores: Cores,
+        count: tuple[str, ...] = (),
+    ) -> tuple[list[Cell], dict[str, str]]:  # fmt: skip
         """Each server's cell at ``concurrency``: ``amount`` each, in rounds, the order rotated every round.
 
-        A server's warm-up comes once, just before its first slice.
+        A server's warm-up comes once, just before its first slice; its
+        system calls, if ``count`` names some, in a counting slice right
+        after each of its slices.
         """
         labels = list(started)
         rounds = self.plan.rounds(len(labels))
@@ -173,6 +184,9 @@ class Sections:
                             server, self.loadgen, cores, concurrency=concurrency, poem_bytes=poem_bytes, amount=amount
                         )  # fmt: skip
                     piece = self._slice(server, label, concurrency, poem_bytes, slices[turn], cores)
+                    if count and not self.run.perf_unavailable:
+                        piece = measure.with_count(piece, self._count(server, label, concurrency, poem_bytes,
+                                                                      self.plan.count, cores, count))  # fmt: skip
                 except (ServerFailed, load.LoadgenError) as exc:
                     failed[label] = str(exc)
                     progress(f"ERROR: {exc} (going on with the others)")
@@ -203,6 +217,21 @@ class Sections:
             raise ServerFailed(f"{server.label}: died during a slice with {concurrency} clients")
         return measure.quietest(attempts)
 
+    def _count(
+        self, server: Server, label: str, concurrency: int, poem_bytes: int, amount: Load, cores: Cores,
+        names: tuple[str, ...],
+    ) -> SyscallCount:  # fmt: skip
+        """``names``' system calls in a counting slice of ``amount``; a perf that fails says so on standard error."""
+        count = measure.counted(
+            server, self.loadgen, cores,
+            label=label, concurrency=concurrency, poem_bytes=poem_bytes, amount=amount, names=names,
+        )  # fmt: skip
+        if count.error:
+            progress(f"[{label}] {concurrency} clients: system calls not counted: {count.error}")
+        if not server.alive():
+            raise ServerFailed(f"{server.label}: died while its system calls were counted with {concurrency} clients")
+        return count
+
     def _report(self, cell: Cell, when: str) -> None:
         label, concurrency = cell.server, cell.concurrency
         failed = f"{cell.failures} FAILED {cell.failure_reasons}" if cell.failures else "0 failed"
@@ -212,7 +241,7 @@ class Sections:
             f"p50 {cell.p50_us / 1000:.3f} ms, p99 {cell.p99_us / 1000:.3f} ms, {failed}; server CPU "
             f"{cell.cpu_us_per_poem:.1f} µs/poem, cores busy {cell.server_core_busy_pct:.0f}% (server) "
             f"{cell.loadgen_core_busy_pct:.0f}% (loadgen), others {cell.others_pct:.0f}%, "
-            f"steal {cell.steal_pct:.1f}%, RSS {cell.rss_kib / 1024:.1f} MiB"
+            f"steal {cell.steal_pct:.1f}%, RSS {cell.rss_kib / 1024:.1f} MiB{_calls(cell)}"
         )
 
     def _entries(self, contenders: list[Contender], poem: Path, what: str) -> list[Entry]:
@@ -232,10 +261,35 @@ class Sections:
         loads = [
             (c, self.plan.target if c == TARGET_CONCURRENCY else self.plan.other) for c in self.plan.concurrencies
         ]  # fmt: skip
-        outcome = self._section(self._entries(contenders, SMALL_POEM, "small"), SMALL_POEM.read_bytes(), loads)
+        outcome = self._section(
+            self._entries(contenders, SMALL_POEM, "small"), SMALL_POEM.read_bytes(), loads,
+            count=(syscalls.ALL,), after=self._breakdown,
+        )  # fmt: skip
         self.run.cells += outcome.cells
         for contender in contenders:
             self.run.servers[contender.label] = outcome.failed.get(contender.label, "ok")
+
+    def _breakdown(self, started: dict[str, Server], concurrency: int) -> None:
+        """After the rounds at TARGET_CONCURRENCY: each server's system calls call by call, in one slice each.
+
+        Once, not in every round: the rounds' counting slices give the
+        total, round by round; this shows which calls make it up.
+        """
+        if concurrency != TARGET_CONCURRENCY or self.run.perf_unavailable:
+            return
+        names = (syscalls.ALL, *syscalls.BREAKDOWN)
+        for label, server in started.items():
+            try:
+                count = self._count(server, label, concurrency, len(SMALL_POEM.read_bytes()), self.plan.breakdown,
+                                    self.cores, names)  # fmt: skip
+            except (ServerFailed, load.LoadgenError) as exc:
+                progress(f"ERROR: system calls by call: {exc}")
+                count = SyscallCount(label, concurrency, 0, 0, {}, error=str(exc))
+            self.run.breakdown.append(count)
+            per_poem = count.per_poem(syscalls.ALL)
+            if per_poem is not None:
+                progress(f"[{label}] {concurrency} clients: system calls by call over {count.poems:,} poems: "
+                         + ", ".join(f"{name} {count.per_poem(name):.2f}" for name in names) + " a poem")  # fmt: skip
 
     # ---- the 1 MiB poem
 
@@ -332,7 +386,9 @@ class Sections:
             entries.append(Entry(label, self._fastpoetry_on(("--workers", str(count))), log, title=f"fastpoetry {label}"))
         loads = [(TARGET_CONCURRENCY, self.plan.workers)]
         # settle: every worker up, not only the first.
-        outcome = self._section(entries, SMALL_POEM.read_bytes(), loads, cores=shared, settle=0.5)
+        outcome = self._section(
+            entries, SMALL_POEM.read_bytes(), loads, cores=shared, settle=0.5, count=(syscalls.ALL, *syscalls.WORKERS)
+        )  # fmt: skip
         self.run.workers = outcome.cells
         rounds = outcome.rounds.get(TARGET_CONCURRENCY, 0)
         self.run.workers_note = (
@@ -342,6 +398,13 @@ class Sections:
         )
         for label, why in outcome.failed.items():
             progress(f"ERROR: workers: {label}: {why}")
+
+
+def _calls(cell: Cell) -> str:
+    """", 6.02 system calls/poem" for a progress line, if they were counted."""
+    if cell.syscalls_per_poem is None:
+        return ""
+    return f", {cell.syscalls_per_poem:.2f} system calls/poem"
 
 
 def _ordinal(n: int) -> str:
