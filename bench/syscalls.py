@@ -32,6 +32,12 @@ from pathlib import Path
 ALL = "all"
 _RAW = "raw_syscalls:sys_enter"
 
+#: Not a system call: the times a thread of the tree was switched out, a
+#: wake-up each (perf's software event).  Idle workers woken for nothing
+#: show here, not in their system calls: a level-triggered epoll_wait that
+#: finds the connection taken goes back to sleep inside the kernel.
+SWITCHES = "context-switches"
+
 #: The calls the per-call breakdown names, in its columns' order.
 BREAKDOWN = (
     "accept4", "recvfrom", "sendto", "writev", "shutdown", "close",
@@ -39,8 +45,9 @@ BREAKDOWN = (
 )  # fmt: skip
 
 #: What the Workers section counts: an idle worker woken for a connection
-#: another took calls accept4 for nothing.
-WORKERS = ("accept4", "epoll_wait")
+#: another took is switched in and out for nothing, and may call accept4
+#: for nothing.
+WORKERS = ("accept4", "epoll_wait", SWITCHES)
 
 #: How long perf may take to start, to answer on its pipe, or to exit.
 PERF_TIMEOUT = 15.0
@@ -51,8 +58,10 @@ class PerfFailed(Exception):
 
 
 def tracepoint(name: str) -> str:
-    """perf's event for ``name``: ALL, or a system call's name."""
-    return _RAW if name == ALL else f"syscalls:sys_enter_{name}"
+    """perf's event for ``name``: ALL, SWITCHES, or a system call's name."""
+    if name == ALL:
+        return _RAW
+    return name if name == SWITCHES else f"syscalls:sys_enter_{name}"
 
 
 def _why(said: str, returncode: int) -> str:

@@ -280,18 +280,19 @@ def test_the_by_call_table_counts_each_call_for_every_server(smoke: Smoke) -> No
         assert float(rows["all"][server]) > 0, rows["all"]
 
 
-def test_the_workers_table_counts_accept4_and_epoll_wait(smoke: Smoke) -> None:
+def test_the_workers_table_counts_accept4_epoll_wait_and_switches(smoke: Smoke) -> None:
     results = smoke.results()
     if not results["workers"]:
         pytest.skip(results["workers_note"])
     _require_perf(results)
     for cell in results["workers"]:
         assert cell["syscalls"]["accept4"] >= cell["syscall_poems"] > 0, cell
-        assert "epoll_wait" in cell["syscalls"], cell
+        assert "epoll_wait" in cell["syscalls"] and "context-switches" in cell["syscalls"], cell
     rows = _table(smoke.markdown(), "Workers")
     assert len(rows) == len(results["workers"]), rows
     for row in rows:
         assert float(row["accept4/poem"]) >= 1 and float(row["epoll_wait/poem"]) >= 0, row
+        assert float(row["switches/poem"]) >= 0, row
 
 
 def test_without_perf_the_run_goes_on_and_says_why(tmp_path: Path) -> None:
