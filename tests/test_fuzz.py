@@ -289,7 +289,7 @@ def run_round(
     """Run every script at once, one thread each; return their outcomes in order."""
     outcomes: list[Outcome | None] = [None] * len(scripts)
     crashes: list[BaseException] = []  # a bug in the client code, not a socket error
-    # Released together, so connections arrive in one batch for the accept loop.
+    # Released together, so connections arrive at once, queued for the accepting thread.
     start = threading.Barrier(len(scripts))
 
     def client(index: int, script: Script) -> None:

@@ -110,9 +110,9 @@ class Acceptor:
         self.send_rest = send_rest
         self.linger = linger
         self.always_linger = always_linger
-        # Only this thread writes the counts below; the event loop's thread
-        # reads them, and each write is one store, which it sees whole.
-        #: Poems handed whole to the kernel by this thread, and their bytes.
+        # Only the accepting thread writes the figures below; the event
+        # loop's thread reads them, and each write is one store, seen whole.
+        #: Poems handed whole to the kernel by the accepting thread, and their bytes.
         self.poems_served = 0
         self.bytes_served = 0
         #: Poems handed to ``send_rest`` so far.
@@ -196,10 +196,14 @@ class Acceptor:
             self.poems_served += 1
             self.bytes_served += size
             self._finish(listening, conn, fd, size)
+            self.stage = IDLE
         else:
+            # Counted as handed over and no longer as sending in one go (no
+            # thread switch between two stores): send_rest() wakes the event
+            # loop, which may count at once.
             self.poems_handed_over += 1
+            self.stage = IDLE
             self.send_rest(listening.sockets.take(fd), poem, sent)
-        self.stage = IDLE
         return True
 
     def _finish(self, listening: _Listening, conn: _socket.socket, fd: int, size: int) -> None:

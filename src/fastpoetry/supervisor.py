@@ -7,10 +7,11 @@ exit status 1, before anything is forked.  Then it forks N workers
 (:mod:`.worker`), before any event loop runs, and closes its copies of the
 listening sockets: only the workers accept.
 
-Every idle worker waits on the shared listening sockets with epoll, so a new
-connection wakes them all; one wins ``accept()``, and the others get EAGAIN,
-which the accept loop takes as "nothing to do".  That costs a few system
-calls per connection and buys a kernel that balances the load by itself.
+Every idle worker waits on the shared listening sockets with epoll,
+registered with EPOLLEXCLUSIVE (:mod:`.acceptor`), so a new connection
+wakes one of them, not all; should two race for it anyway, the loser's
+``accept()`` finds nothing and it waits again.  The kernel balances the
+load by itself.
 
 The main process alone talks to systemd (the unit's ``NotifyAccess=main``
 would refuse a worker): READY=1 once every worker serves, a STATUS= line
