@@ -98,9 +98,9 @@ class StreamServer(Service):
         acceptor = self._acceptor
         if acceptor is None:
             return self._tasks_sending
-        # The stage first: the thread counts a poem as handed over before it
-        # leaves SENDING, so that a poem is never missed (only, for an
-        # instant, counted twice).
+        # The thread counts a poem as handed over and leaves SENDING in two
+        # stores with nothing between them where CPython switches threads,
+        # and these reads are the same: a poem is counted once.
         sending = acceptor.stage == SENDING
         waiting = acceptor.poems_handed_over - self._tasks_started
         return sending + waiting + self._tasks_sending
