@@ -5,12 +5,13 @@ client is a handful of system calls and no waiting: accept, one ``send()``,
 end the stream, close.  Going through an event loop for that costs more
 than the calls themselves.  Each wake-up of a trio task is a turn of the
 scheduler and a re-arm of trio's one-shot epoll registration; with one
-client at a time that was a third of a poem's CPU time (bench/README.md,
-"Where the time goes").  So the listening sockets are watched by a thread
-of their own, blocked in a level-triggered epoll that is set up once, and
-the thread serves every client whose poem the kernel takes whole.  What
-has to wait is handed to the event loop: the rest of a poem the kernel did
-not take at once, and a client that must linger before it is closed.
+client at a time that was over a quarter of a poem's CPU time
+(bench/README.md, "Where the time goes").  So the listening sockets are
+watched by a thread of their own, blocked in a level-triggered epoll that
+is set up once, and the thread serves every client whose poem the kernel
+takes whole.  What has to wait is handed to the event loop: the rest of a
+poem the kernel did not take at once, and a client that must linger
+before it is closed.
 
 The thread holds the GIL only while it runs Python code; every system call
 releases it, so the event loop's thread (signals, reloads, lingering
