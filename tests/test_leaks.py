@@ -108,6 +108,19 @@ def snapshot(pid: int) -> Snapshot:
     return Snapshot(fds, int(match.group(1)))
 
 
+def client_connections(pid: int) -> int:
+    """How many TCP connections (not listening sockets) the process ``pid`` holds."""
+    targets = (entry.split(" -> ", 1)[1] for entry in open_fds(pid))
+    inodes = {target[len("socket:[") : -1] for target in targets if target.startswith("socket:[")}
+    held = 0
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[9] in inodes and fields[3] != "0A":  # 0A: TCP_LISTEN
+                held += 1
+    return held
+
+
 def settle(pid: int, fd_count: int) -> Snapshot:
     """Wait until the server has ``fd_count`` descriptors open (or WAIT passed).
 
@@ -282,6 +295,11 @@ def test_a_million_connections_leak_no_descriptor_and_no_memory(
     small, big = poems[0].read_bytes(), poems[1].read_bytes()
     assert fetch(("127.0.0.1", ports[0])) == small
     assert fetch(("127.0.0.1", ports[1])) == big
+    # The server closes its end of those two a moment after the clients
+    # have: the baseline is the server holding no client at all.
+    deadline = time.monotonic() + WAIT
+    while client_connections(server.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
     idle = snapshot(server.pid)
 
     warm_up = scaled(WARM_UP)
