@@ -807,6 +807,19 @@ class Container:
         """Whether the container's systemd (its PID 1) still runs."""
         return bool(self.leader) and self._leader_started is not None and _start_time(self.leader) == self._leader_started
 
+    def unplug(self) -> None:
+        """Cut the container's link to the host (``host0``, from ``--network-bridge=``), as a pulled cable.
+
+        The host's end of the veth pair is deleted, which takes the
+        container's end with it: from then on nothing it sends or would
+        answer gets out, not even a reset.
+        """
+        peer = int(self.text("cat", "/sys/class/net/host0/iflink"))
+        names = [path.parent.name for path in Path("/sys/class/net").glob("*/ifindex")
+                 if path.read_text().strip() == str(peer)]
+        assert len(names) == 1, f"{self.machine}'s host0 has no peer on the host (ifindex {peer}): {names}"
+        _ip("link", "del", names[0])
+
     def kill(self) -> None:
         """Kill the whole container at once, as a machine dies: SIGKILL to systemd-nspawn and to its PID 1.
 
