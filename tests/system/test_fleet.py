@@ -21,12 +21,13 @@ anything took; every wait is for a state (HAProxy's, systemd's, dpkg's).
     code, and put back.  No fetch fails.
 (c) Each host's journal names the clients' true addresses (PEER=), over
     IPv4 and IPv6, and HAProxy's apart (BALANCER=).
-(b) A host dies: its systemd-nspawn and the box's PID 1 are killed with
-    SIGKILL (:meth:`~.helpers.Container.kill`; SIGKILL to systemd-nspawn
-    alone leaves the box running).  The fetches it had in hand fail, at
-    most one per client thread; those sent to it after are refused or go
-    unanswered, and HAProxy tries them on another host; none fails that
-    started after HAProxy marked it DOWN.  Then another host is powered
+(b) A host dies as a machine does: its link is cut, then its
+    systemd-nspawn and the box's PID 1 are killed with SIGKILL
+    (:meth:`~.helpers.Container.kill`; SIGKILL to systemd-nspawn alone
+    leaves the box running).  The fetches it had in hand fail, at most one
+    per client thread; those sent to it after go unanswered, and HAProxy
+    tries them on another host; none fails that started after HAProxy
+    marked it DOWN.  Then another host is powered
     off: no fetch fails.  That takes fastpoetry-leave.service: without
     it, the connections queued in the host's socket when it closes are
     reset, and HAProxy, which had them made, cannot try them elsewhere
@@ -406,14 +407,16 @@ def test_c_each_host_journal_names_the_clients_true_addresses(request: pytest.Fi
 def test_b_a_dead_host_costs_at_most_a_fetch_per_client_and_a_powered_off_one_none(
     request: pytest.FixtureRequest, fleet: Fleet
 ) -> None:
-    """host1 is killed (SIGKILL to its systemd-nspawn and PID 1); then host2 is powered off.
+    """host1 dies (its link cut, then SIGKILL to its systemd-nspawn and PID 1); then host2 is powered off.
 
-    Killed, host1 takes with it the fetches it had in hand: at most one
-    per client thread, since each has one fetch at a time.  Fetches sent
-    to it after that, before HAProxy marks it DOWN, are refused while its
-    network namespace lingers, or go unanswered once it has gone: either
-    way HAProxy tries them on another host (retries, option redispatch),
-    and once it is DOWN, sends none there.  Powered off (systemctl
+    host1 takes with it the fetches it had in hand: at most one per client
+    thread, since each has one fetch at a time, and HAProxy ends them at
+    "timeout server".  Nothing reaches it after the cut: the connections
+    HAProxy tries to make to it before it marks it DOWN go unanswered, and
+    are made on another host (retries, option redispatch); once it is
+    DOWN, HAProxy sends it none.  Killed without the cut, a dying host
+    would still take connections into its socket for a moment and reset
+    them as it goes: a thread could lose two fetches.  Powered off (systemctl
     poweroff), host2 first stops fastpoetry-leave.service, which refuses
     new connections and waits until the server has taken those already
     made; HAProxy tries the refused ones elsewhere and marks the host
@@ -424,6 +427,7 @@ def test_b_a_dead_host_costs_at_most_a_fetch_per_client_and_a_powered_off_one_no
     with fleet.load() as loop:
         loop.more(STEP)
         loop.phase("host1 killed")
+        dead.unplug()
         dead.kill()
         fleet.balancer.wait_for("host1", lambda row: row["status"].startswith("DOWN"), "marked DOWN")
         loop.phase("host1 down")
