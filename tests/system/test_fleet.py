@@ -77,15 +77,16 @@ pytestmark = pytest.mark.system
 #: The fleet runs Debian 13 only.
 SUITE = "trixie"
 
-#: The balancer's configuration, and the hosts' unit that leaves the fleet
-#: at a poweroff, which the test uses as they are.
+#: The balancer's configuration, which the test uses as it is; its
+#: backend, and its admin socket.
 HAPROXY_CFG = REPO / "docs/examples/haproxy.cfg"
-LEAVE_UNIT = REPO / "docs/examples/fastpoetry-leave.service"
-#: What the hosts need besides the package, for LEAVE_UNIT.
-HOST_PACKAGES = ("iproute2", "nftables")
-#: Its backend, and where its admin socket is.
 BACKEND = "poets"
 ADMIN_SOCKET = "/run/haproxy/admin.sock"
+
+#: The hosts' unit that leaves the fleet at a poweroff, as it is, and what
+#: it needs besides the package.
+LEAVE_UNIT = REPO / "docs/examples/fastpoetry-leave.service"
+HOST_PACKAGES = ("iproute2", "nftables")
 
 #: The addresses of the boxes on the bridge (see the module's docstring).
 BALANCER = ("10.77.0.10", "fd77::10")
@@ -162,10 +163,6 @@ class Balancer:
         return {row["svname"]: row for row in rows
                 if row["pxname"] == BACKEND and row["svname"] not in ("FRONTEND", "BACKEND")}
 
-    def status(self, server: str) -> str:
-        """``UP``, ``DOWN``, ``DRAIN``, ``MAINT``, and ``UP 1/2`` on the way between two."""
-        return self.servers()[server]["status"]
-
     def set_state(self, server: str, state: str) -> None:
         """``set server poets/SERVER state STATE``: ready, drain or maint."""
         answer = self.admin(f"set server {BACKEND}/{server} state {state}")
@@ -187,7 +184,11 @@ class Balancer:
             raise AssertionError(f"{exc}; HAProxy's last word on it: {last}") from None
 
     def wait_marked(self, server: str, status: str) -> None:
-        """Wait until HAProxy has marked ``server`` ``status`` (UP, DOWN, DRAIN), transitions aside."""
+        """Wait until ``server``'s status is ``status``: UP, DOWN, DRAIN (up and drained), MAINT.
+
+        ``UP 1/2`` and the like, a server on its way from one to the other
+        after a check, do not count.
+        """
         self.wait_for(server, lambda row: row["status"] == status, f"marked {status}")
 
 
