@@ -323,6 +323,28 @@ def base_image(config: pytest.Config, suite: str) -> Path:
     return _cached_tree(config, f"base-{suite}", _key(recipe), make)
 
 
+def image_with(config: pytest.Config, suite: str, packages: Iterable[str]) -> Path:
+    """The cached base image of ``suite`` with ``packages`` installed from the suite's archive.
+
+    For boxes that need more than the package (HAProxy in front of a
+    fleet): apt runs in a chroot of a copy of the base image once, with
+    the host's network; a booted box has none.  Keyed by the base image
+    and the packages, so a new base image makes a new one.
+    """
+    wanted = sorted(packages)
+    base = base_image(config, suite)
+    recipe = {"base": base.name, "packages": wanted, "recipe": 1}
+
+    def make(target: Path, log: Path) -> None:
+        subprocess.run(["cp", "-a", str(base), str(target)], env=HOST_ENV, check=True)
+        run_logged(config, ["chroot", str(target), "apt-get", "update", "-qq"], log,
+                   f"Reading {suite}'s package lists into a copy of the base image", timeout=1800)
+        run_logged(config, ["chroot", str(target), "apt-get", "install", "-y", "--no-install-recommends", *wanted],
+                   log, f"Installing {' '.join(wanted)} into it", timeout=1800)
+
+    return _cached_tree(config, f"image-{suite}-{'-'.join(wanted)}", _key(recipe), make)
+
+
 def build_root(config: pytest.Config, suite: str) -> Path:
     """The cached build root of ``suite``: debootstrap's minbase and nothing else.
 
@@ -550,6 +572,16 @@ def _children(pid: int) -> list[tuple[int, str]]:
     return children
 
 
+def _start_time(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks since boot); None once it is gone or a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return None if fields[0] in ("Z", "X") else int(fields[19])
+
+
 def _terminate_with_parent() -> None:
     """In a child before exec: get SIGTERM when the parent dies.
 
@@ -574,6 +606,8 @@ class Container:
         #: What ``systemctl is-system-running --wait`` said after boot.
         self.boot_state = ""
         self._log: IO[bytes] | None = None
+        #: The leader's start time: a PID used again later is not the leader.
+        self._leader_started: int | None = None
 
     # -- running things inside
 
@@ -700,13 +734,19 @@ class Container:
 
     # -- life cycle
 
-    def boot(self) -> None:
-        """Boot the tree; return once systemd says the boot is over."""
+    def boot(self, network: Iterable[str] = ("--private-network",)) -> None:
+        """Boot the tree; return once systemd says the boot is over.
+
+        ``network`` are systemd-nspawn's network options: by default a
+        network namespace with only ``lo``; ``--network-bridge=BRIDGE``
+        adds a link ``host0`` to a bridge of the host's (see
+        :meth:`use_addresses` and :func:`host_bridge`).
+        """
         self._log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
             [
                 "systemd-nspawn", "--quiet", "--directory", str(self.root), "--machine", self.machine,
-                "--boot", "--register=no", *self.unit_option(), "--private-network", "--link-journal=no",
+                "--boot", "--register=no", *self.unit_option(), *network, "--link-journal=no",
             ],
             stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, env=HOST_ENV,
             start_new_session=True,  # a ^C to pytest must not hit the container first
@@ -719,6 +759,7 @@ class Container:
             return next((pid for pid, name in _children(self.process.pid) if name in ("systemd", "init")), 0)
 
         self.leader = wait_until(leader, "the container's systemd (PID 1)", timeout=60, interval=0.05)
+        self._leader_started = _start_time(self.leader)
 
         def booted() -> str:
             done = self.run("systemctl", "is-system-running", "--wait", check=False, timeout=WAIT)
@@ -726,6 +767,33 @@ class Container:
             return state if state in ("running", "degraded", "maintenance", "stopping") else ""
 
         self.boot_state = wait_until(booted, "the end of the boot", interval=0.2)
+
+    def use_addresses(self, *addresses: str) -> None:
+        """Before :meth:`boot`: systemd-networkd gives ``host0`` these addresses (``10.1.2.3/24``).
+
+        Static, nothing else: no DHCP (the file comes before systemd's own
+        for containers, which asks for it), no router advertisements, no
+        route beyond the addresses' own subnets, and no duplicate address
+        detection, so that an IPv6 address is usable at once.
+        """
+        lines = ["[Match]", "Name=host0", "", "[Network]", "DHCP=no", "IPv6AcceptRA=no", "LLMNR=no", "MulticastDNS=no"]
+        for address in addresses:
+            lines += ["", "[Address]", f"Address={address}", "DuplicateAddressDetection=none"]
+        network = self.root / "etc/systemd/network/10-host0.network"
+        network.parent.mkdir(parents=True, exist_ok=True)
+        network.write_text("\n".join(lines) + "\n")
+        enable = subprocess.run(["chroot", str(self.root), "systemctl", "enable", "systemd-networkd.service"],
+                                env=HOST_ENV, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+        assert enable.returncode == 0, f"enabling systemd-networkd failed:\n{enable.stdout}{enable.stderr}"
+
+    def wait_online(self) -> None:
+        """After :meth:`boot` with :meth:`use_addresses`: wait until ``host0`` has them."""
+
+        def online() -> bool:
+            return self.run("/usr/lib/systemd/systemd-networkd-wait-online", "--interface=host0:routable",
+                            "--timeout=10", check=False, timeout=30).returncode == 0
+
+        wait_until(online, f"{self.machine}'s host0 to be up with its addresses", interval=0.2)
 
     @staticmethod
     def unit_option() -> list[str]:
@@ -735,9 +803,46 @@ class Container:
         host_systemd = Path("/run/systemd/system").is_dir() and Path("/run/dbus/system_bus_socket").exists()
         return [] if host_systemd else ["--keep-unit"]
 
+    def leader_alive(self) -> bool:
+        """Whether the container's systemd (its PID 1) still runs."""
+        return bool(self.leader) and self._leader_started is not None and _start_time(self.leader) == self._leader_started
+
+    def unplug(self) -> None:
+        """Cut the container's link to the host (``host0``, from ``--network-bridge=``), as a pulled cable.
+
+        The host's end of the veth pair is deleted, which takes the
+        container's end with it: from then on nothing it sends or would
+        answer gets out, not even a reset.
+        """
+        peer = int(self.text("cat", "/sys/class/net/host0/iflink"))
+        names = [path.parent.name for path in Path("/sys/class/net").glob("*/ifindex")
+                 if path.read_text().strip() == str(peer)]
+        assert len(names) == 1, f"{self.machine}'s host0 has no peer on the host (ifindex {peer}): {names}"
+        _ip("link", "del", names[0])
+
+    def kill(self) -> None:
+        """Kill the whole container at once, as a machine dies: SIGKILL to systemd-nspawn and to its PID 1.
+
+        SIGKILL to systemd-nspawn alone leaves the container running,
+        orphaned: its PID 1 is not killed with it.  Once its PID 1 is gone,
+        the kernel kills every other process in it, and its network
+        namespace, with the link to the host, goes with the last of them.
+        """
+        assert self.process is not None and self.process.poll() is None, "the container is not running"
+        os.kill(self.process.pid, signal.SIGKILL)
+        if self.leader_alive():
+            os.kill(self.leader, signal.SIGKILL)
+        self.process.wait(timeout=WAIT)
+        wait_until(lambda: not self.leader_alive(), f"the end of {self.machine}'s PID 1 ({self.leader})")
+
     def destroy(self) -> None:
         """Power off (or kill) the container and remove every trace of it."""
         problems = []
+        if self.process is not None and self.process.poll() is not None and self.leader_alive():
+            # systemd-nspawn was killed, and the container runs on without it.
+            problems.append(f"{self.machine} outlived its systemd-nspawn: killed its PID 1 ({self.leader})")
+            os.kill(self.leader, signal.SIGKILL)
+            wait_until(lambda: not self.leader_alive(), f"the end of {self.machine}'s PID 1 ({self.leader})")
         if self.process is not None and self.process.poll() is None:
             if self.leader:
                 with contextlib.suppress(Exception):
@@ -762,8 +867,9 @@ class Container:
             raise AssertionError("; ".join(problems))
 
 
-def installed_box(config: pytest.Config, suite: str, packages: Iterable[Package], name: str = "fastpoetry") -> Container:
-    """A copy of ``suite``'s base image with ``packages`` installed, not booted yet.
+def installed_box(config: pytest.Config, suite: str, packages: Iterable[Package], name: str = "fastpoetry",
+                  image: Path | None = None) -> Container:
+    """A copy of ``suite``'s base image (or of ``image``) with ``packages`` installed, not booted yet.
 
     The caller boots it and must :meth:`Container.destroy` it.
     """
@@ -771,7 +877,8 @@ def installed_box(config: pytest.Config, suite: str, packages: Iterable[Package]
     box = Container(RUNS / f"{name}-{os.getpid()}-{secrets.token_hex(3)}")
     box.directory.mkdir()
     try:
-        subprocess.run(["cp", "-a", str(base_image(config, suite)), str(box.root)], env=HOST_ENV, check=True)
+        source = image if image is not None else base_image(config, suite)
+        subprocess.run(["cp", "-a", str(source), str(box.root)], env=HOST_ENV, check=True)
         scratch = box.root / SCRATCH.lstrip("/")
         scratch.mkdir(parents=True)
         debs = []
@@ -788,6 +895,51 @@ def installed_box(config: pytest.Config, suite: str, packages: Iterable[Package]
         box.destroy()
         raise
     return box
+
+
+# ----------------------------------------------------------------------------
+# Links between boxes
+
+
+#: The bridges :func:`host_bridge` makes: the session's PID and a number.
+BRIDGE_NAME = re.compile(r"fpbr(\d+)-(\d+)")
+
+
+def _ip(*argv: str) -> None:
+    """Run the host's ``ip`` command; fail with its message."""
+    done = subprocess.run(["ip", *argv], env=HOST_ENV, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise AssertionError(f"ip {' '.join(argv)} failed ({done.returncode}): {done.stderr.strip()}")
+
+
+@contextlib.contextmanager
+def host_bridge() -> Iterator[str]:
+    """A bridge on the host, up, named ``fpbr<PID>-<N>``: a switch between boxes, nothing more.
+
+    Boxes booted with ``--network-bridge=NAME`` each get a link to it (a
+    veth pair that systemd-nspawn makes, and that goes with the box).  The
+    host has no address on it, IPv6 is off on it, and nothing is routed or
+    forwarded: traffic on it stays between the boxes on it.  Removed
+    afterwards; one that a killed session left behind is removed by the
+    next.
+    """
+    links = os.listdir("/sys/class/net")
+    for link in links:
+        match = BRIDGE_NAME.fullmatch(link)
+        if match and int(match.group(1)) != os.getpid() and not Path(f"/proc/{match.group(1)}").exists():
+            with contextlib.suppress(AssertionError):
+                _ip("link", "del", link)
+    number = 0
+    while f"fpbr{os.getpid()}-{number}" in links:
+        number += 1
+    name = f"fpbr{os.getpid()}-{number}"
+    _ip("link", "add", name, "type", "bridge")
+    try:
+        Path(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6").write_text("1\n")
+        _ip("link", "set", name, "up")
+        yield name
+    finally:
+        _ip("link", "del", name)
 
 
 # ----------------------------------------------------------------------------
@@ -824,7 +976,9 @@ print(json.dumps(found))
 
 #: argv: JSON config.  Fetches poems in threads until standard input closes;
 #: prints "progress N" every 10 fetches, then a JSON summary.  Each fetch is
-#: sorted into one of KINDS.
+#: sorted into one of KINDS, and counted again in the phase it started in: a
+#: line "phase NAME" on standard input starts phase NAME (the first is
+#: "start").
 CLIENT_LOOP = r"""
 import hashlib, json, socket, sys, threading, time
 config = json.loads(sys.argv[1])
@@ -836,7 +990,8 @@ for path in config["poem_files"]:
 lock = threading.Lock()
 stop = threading.Event()
 summary = {"ok": 0, "failed": 0, "empty": 0, "errors": [], "digests": {},
-           "kinds": dict.fromkeys(config["kinds"], 0)}
+           "kinds": dict.fromkeys(config["kinds"], 0), "phases": {}}
+phase = ["start"]
 
 def kind_of(error, data):
     if isinstance(error, ConnectionRefusedError):
@@ -865,6 +1020,7 @@ def fetch(address):
 
 def worker(address):
     while not stop.is_set():
+        started_in = phase[0]
         error = digest = None
         data = b""
         try:
@@ -879,6 +1035,11 @@ def worker(address):
                 error = f"unexpected reply: {len(data)} bytes, sha256 {digest[:16]}"
         with lock:
             summary["kinds"][kind] += 1
+            counts = summary["phases"].setdefault(started_in, {"ok": 0, "failed": 0, "kinds": {}, "errors": []})
+            counts["kinds"][kind] = counts["kinds"].get(kind, 0) + 1
+            counts["ok" if error is None else "failed"] += 1
+            if error is not None and len(counts["errors"]) < 5:
+                counts["errors"].append(f"{time.strftime('%H:%M:%S')} {address}: {error}")
             if error is None:
                 summary["ok"] += 1
                 summary["digests"][digest] = summary["digests"].get(digest, 0) + 1
@@ -898,7 +1059,9 @@ threads = [threading.Thread(target=worker, args=(config["addresses"][i % len(con
            for i in range(config["threads"])]
 for thread in threads:
     thread.start()
-sys.stdin.read()
+while line := sys.stdin.readline():
+    if line.startswith("phase "):
+        phase[0] = line[6:].strip()
 stop.set()
 for thread in threads:
     thread.join()
@@ -917,10 +1080,14 @@ class ClientLoop:
     Every reply must be one of the ``expected`` poems, whole.  Used as a
     context manager; :meth:`stop` ends it and returns the summary:
     ``{"ok": N, "failed": N, "empty": N, "errors": [...], "digests": {sha256: N},
-    "kinds": {kind: N}}``, where ``empty`` counts the failed fetches that
+    "kinds": {kind: N}, "phases": {name: {"ok": N, "failed": N, "kinds": {kind: N},
+    "errors": [...]}}}``, where ``empty`` counts the failed fetches that
     ended cleanly with no byte, and ``kinds`` sorts every fetch into one of
     :data:`KINDS` (``truncated``: the start of one of ``poem_files``, paths
-    inside the container).  Each client gives up after ``timeout`` seconds.
+    inside the container).  ``phases`` counts them again by the phase each
+    started in (see :meth:`phase`; the first is ``start``, and a phase in
+    which no fetch started is left out).  Each client gives up after
+    ``timeout`` seconds.
     """
 
     def __init__(self, container: Container, expected: Iterable[bytes], threads: int = 1,
@@ -966,6 +1133,16 @@ class ClientLoop:
     def more(self, count: int) -> None:
         """Wait until ``count`` more fetches have finished."""
         self.wait_for(self.done + count)
+
+    def phase(self, name: str) -> None:
+        """Start phase ``name``: every fetch that starts from now on counts in it.
+
+        The clients see it a moment after this returns, never before: a
+        fetch counted in ``name`` started after the call.
+        """
+        assert self.process.stdin is not None and "\n" not in name
+        self.process.stdin.write(f"phase {name}\n".encode())
+        self.process.stdin.flush()
 
     def stop(self) -> dict[str, Any]:
         """End the loop (each client finishes its fetch) and return the summary."""
