@@ -147,12 +147,15 @@ def test_client_gets_packaged_poem_from_unprivileged_service(container: Containe
 
 
 def test_package_installs_docs_and_an_account_without_home_or_shell(container: Container) -> None:
-    """README, changelog, man page and poems are installed; the account cannot log in."""
+    """README, changelog, examples, man page and poems are installed; the account cannot log in."""
     listing = container.text("dpkg", "-L", "fastpoetry").splitlines()
     for path in (
         "/usr/share/doc/fastpoetry/README.md.gz",
         "/usr/share/doc/fastpoetry/changelog.gz",
         "/usr/share/doc/fastpoetry/copyright",
+        # For several hosts behind HAProxy (README, "Several hosts").
+        "/usr/share/doc/fastpoetry/examples/haproxy.cfg",
+        "/usr/share/doc/fastpoetry/examples/fastpoetry-leave.service",
         "/usr/share/man/man8/fastpoetry.8.gz",
         INSTALLED_POEM,
         "/usr/lib/sysusers.d/fastpoetry.conf",
