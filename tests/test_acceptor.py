@@ -14,6 +14,8 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import pytest
+
 from helpers import POEMS, WAIT
 from fastpoetry.acceptor import IDLE, Acceptor, SocketsByNumber
 from fastpoetry.listeners import bind
@@ -31,18 +33,24 @@ class HandedOver:
     """Records what the thread hands on, and owns those connections."""
 
     def __init__(self) -> None:
-        self.rest: list[tuple[socket.socket, bytes, int]] = []
-        self.lingering: list[tuple[socket.socket, int | None]] = []
+        self.rest: list[tuple[socket.socket, bytes, int, int]] = []
+        self.lingering: list[tuple[socket.socket, int | None, int]] = []
+        self.awaiting: list[tuple[socket.socket, bytes, str]] = []
         self.changed = threading.Condition()
 
-    def send_rest(self, conn: socket.socket, poem: bytes, sent: int) -> None:
+    def send_rest(self, conn: socket.socket, poem: bytes, sent: int, header: int) -> None:
         with self.changed:
-            self.rest.append((conn, poem, sent))
+            self.rest.append((conn, poem, sent, header))
             self.changed.notify_all()
 
-    def linger(self, conn: socket.socket, sent: int | None) -> None:
+    def linger(self, conn: socket.socket, sent: int | None, header: int) -> None:
         with self.changed:
-            self.lingering.append((conn, sent))
+            self.lingering.append((conn, sent, header))
+            self.changed.notify_all()
+
+    def await_header(self, conn: socket.socket, data: bytes, balancer: str) -> None:
+        with self.changed:
+            self.awaiting.append((conn, data, balancer))
             self.changed.notify_all()
 
     def wait_for(self, predicate: object) -> None:
@@ -50,18 +58,21 @@ class HandedOver:
             assert self.changed.wait_for(predicate, timeout=WAIT)  # type: ignore[arg-type]
 
     def close(self) -> None:
-        for conn, *_ in self.rest + self.lingering:
+        for conn, *_ in self.rest + self.lingering + self.awaiting:
             conn.close()
 
 
 @contextmanager
 def accepting(
-    poem: bytes, listeners: list[socket.socket] | None = None, **options: bool
+    poem: bytes, listeners: list[socket.socket] | None = None, *, proxy_protocol: bool = False, **options: bool
 ) -> Iterator[tuple[Acceptor, HandedOver, list[socket.socket]]]:
     """An Acceptor running in a thread; stopped, joined and closed on the way out."""
     listeners = listeners if listeners is not None else bind("127.0.0.1", 0)
     handed = HandedOver()
-    acceptor = Acceptor(Source(poem), listeners, send_rest=handed.send_rest, linger=handed.linger, **options)
+    acceptor = Acceptor(
+        Source(poem), listeners, send_rest=handed.send_rest, linger=handed.linger,
+        await_header=handed.await_header if proxy_protocol else None, **options,
+    )
     failure: list[BaseException] = []
 
     def body() -> None:
@@ -130,8 +141,8 @@ def test_a_poem_the_kernel_does_not_take_at_once_is_handed_over_with_what_was_se
     with accepting(poem, [listener]) as (acceptor, handed, _):
         with socket.create_connection(listener.getsockname(), timeout=WAIT) as client:
             handed.wait_for(lambda: handed.rest)
-            [(conn, given, sent)] = handed.rest
-            assert given is poem
+            [(conn, given, sent, header)] = handed.rest
+            assert given is poem and header == 0
             assert 0 <= sent < len(poem)
             assert acceptor.poems_handed_over == 1
             assert acceptor.poems_served == 0
@@ -149,8 +160,8 @@ def test_always_linger_hands_every_client_to_the_closer_with_its_stream_ended() 
     with accepting(poem, always_linger=True) as (acceptor, handed, [listener]):
         with socket.create_connection(listener.getsockname(), timeout=WAIT) as client:
             handed.wait_for(lambda: handed.lingering)
-            [(conn, sent)] = handed.lingering
-            assert sent is None  # kept until the client closes, whatever TCP says
+            [(conn, sent, header)] = handed.lingering
+            assert sent is None and header == 0  # kept until the client closes, whatever TCP says
             data = bytearray()
             while piece := client.recv(65536):  # the end of the stream has come
                 data += piece
@@ -163,6 +174,51 @@ def test_an_empty_poem_turns_clients_away_without_a_byte() -> None:
     with accepting(b"") as (acceptor, _, [listener]):
         assert fetch_all(listener.getsockname()) == b""
         assert acceptor.poems_served == 0
+
+
+V2_HEADER = b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\x00\x0c" + bytes([198, 51, 100, 7, 192, 0, 2, 1]) + b"\x9c\xbb\x27\x10"
+
+
+def test_a_header_already_there_is_read_here_and_the_poem_sent_here() -> None:
+    """Behind a balancer, the common case stays in the thread: no hand-over, the header's bytes counted."""
+    poem = LEDGER.read_bytes()
+    [listener] = bind("127.0.0.1", 0)
+    with socket.create_connection(listener.getsockname(), timeout=WAIT) as client:
+        client.sendall(V2_HEADER + b"hello?\n")  # there before the thread runs
+        with accepting(poem, [listener], proxy_protocol=True) as (acceptor, handed, _):
+            handed.wait_for(lambda: handed.lingering)
+            data = bytearray()
+            while piece := client.recv(65536):
+                data += piece
+            assert data == poem
+            [(conn, sent, header)] = handed.lingering
+            # The words after the header were input: it may not be closed yet.
+            assert (sent, header) == (len(poem), len(V2_HEADER))
+            assert acceptor.poems_served == 1 and not handed.awaiting and not handed.rest
+
+
+def test_a_header_not_yet_whole_is_handed_over_with_what_came_of_it() -> None:
+    [listener] = bind("127.0.0.1", 0)
+    with socket.create_connection(listener.getsockname(), timeout=WAIT) as client:
+        client.sendall(V2_HEADER[:9])
+        with accepting(b"poem\n", [listener], proxy_protocol=True) as (acceptor, handed, _):
+            handed.wait_for(lambda: handed.awaiting)
+            [(conn, data, balancer)] = handed.awaiting
+            assert data == V2_HEADER[:9]
+            assert balancer == "%s:%d" % client.getsockname()
+            assert conn.getpeername() == client.getsockname()
+            assert acceptor.poems_served == 0 and acceptor.refused.total == 0
+
+
+def test_a_header_that_cannot_be_valid_is_refused_with_a_reset() -> None:
+    [listener] = bind("127.0.0.1", 0)
+    with socket.create_connection(listener.getsockname(), timeout=WAIT) as client:
+        client.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        with accepting(b"poem\n", [listener], proxy_protocol=True) as (acceptor, handed, _):
+            with pytest.raises(ConnectionResetError):
+                assert client.recv(65536) == b"", "no poem byte, and no clean end either"
+            assert acceptor.refused.total == 1 and acceptor.poems_served == 0
+            assert not handed.awaiting and not handed.lingering
 
 
 def test_two_threads_on_one_listening_socket_serve_each_client_once() -> None:

@@ -27,6 +27,8 @@ from helpers import (
     Server,
     clean_env,
     fetch,
+    listening_socket,
+    start_activated,
     terminate,
 )
 
@@ -48,7 +50,7 @@ SERVER_OPTIONS = (
     "--log-target",
 )
 
-SERVE_OPTIONS = ("--poem", "--workers", *SERVER_OPTIONS)
+SERVE_OPTIONS = ("--poem", "--workers", "--proxy-protocol", "--proxy-protocol-timeout", *SERVER_OPTIONS)
 
 LANTERN = POEMS / "lantern.txt"
 LEDGER = POEMS / "harbour-ledger.txt"
@@ -180,6 +182,11 @@ USAGE_ERRORS = {
     "max-poem-size -5K": (["serve", "--max-poem-size=-5K"], ["--max-poem-size", "'-5K'"]),
     "port for no poem": (["serve", "--port", "ballad=7000"], ["--port ballad=7000", "no --poem is named 'ballad'"]),
     "two unnamed ports": (["serve", "--port", "7000", "--port", "7001"], ["--port", "without a NAME"]),
+    "proxy protocol for no poem": (
+        ["serve", "--poem", f"a={LANTERN}", "--proxy-protocol", "ballad"],
+        ["--proxy-protocol ballad", "no --poem is named 'ballad'"],
+    ),
+    "proxy protocol timeout 0": (["serve", "--proxy-protocol-timeout", "0"], ["--proxy-protocol-timeout", "'0'"]),
     "port with empty name": (["serve", "--port", "=7000"], ["--port", "empty NAME"]),
     "same port name twice": (
         ["serve", "--poem", f"a={LANTERN}", "--port", "a=7000", "--port", "a=7001"],
@@ -377,6 +384,42 @@ def test_console_script_passes_on_the_exit_status(args: list[str], status: int) 
     """The installed ``fastpoetry`` script exits as ``python -m fastpoetry`` does."""
     assert run(*args, entry=SCRIPT).returncode == status
     assert run(*args, entry=PYTHON_M).returncode == status
+
+
+# -- behind a balancer ------------------------------------------------------------
+
+
+def _fetch_after(address: tuple[str, int], header: bytes) -> bytes:
+    """Send ``header``, then read to the end; a reset reads as b'RESET'."""
+    with socket.create_connection(address, timeout=WAIT) as sock:
+        sock.sendall(header)
+        chunks = []
+        try:
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+        except ConnectionResetError:
+            return b"RESET"
+        return b"".join(chunks)
+
+
+def test_proxy_protocol_named_expects_the_header_on_that_poems_sockets_only(
+    start_server: Callable[..., Server],
+) -> None:
+    """--proxy-protocol NAME: the sockets of the poem NAME want a header, the others serve as ever."""
+    header = b"PROXY TCP4 198.51.100.7 192.0.2.1 40123 10000\r\n"
+    with listening_socket() as behind, listening_socket() as direct:
+        server = start_activated(
+            start_server, [behind, direct], "serve", "--poem", f"behind={LANTERN}", "--poem", str(LEDGER),
+            "--proxy-protocol", "behind", "--log-level", "debug", "--log-target", "stderr",
+            names=["behind", "direct"],
+        )
+        server.wait_ready()
+        assert _fetch_after(behind.getsockname(), header) == LANTERN.read_bytes()
+        assert _fetch_after(behind.getsockname(), b"no header\r\n") == b"RESET"
+        assert fetch(direct.getsockname()) == LEDGER.read_bytes()
+        server.wait_for_log(r"sending \d+ bytes of poetry to 198\.51\.100\.7:40123 via 127\.0\.0\.1:\d+")
+        server.wait_for_log(r"reset a connection from 127\.0\.0\.1:\d+: malformed PROXY protocol header")
+        assert terminate(server) == 0
 
 
 # -- the default poem ------------------------------------------------------------

@@ -284,6 +284,14 @@ def test_the_proxys_upstream_is_served_on_every_socket() -> None:
     assert ServeConfig(poems=[UpstreamSpec("example.org", 70)]).socket_names == [None]
 
 
+def test_expects_header_is_off_by_default_and_for_all_or_named_poems() -> None:
+    named, unnamed = PoemSpec("a.txt", "behind"), PoemSpec("b.txt")
+    assert not ServeConfig().expects_header(named)
+    assert ServeConfig(proxy_protocol=True).expects_header(unnamed)
+    only = ServeConfig(poems=[named, unnamed], proxy_protocol=frozenset({"behind"}))
+    assert only.expects_header(named) and not only.expects_header(unnamed)
+
+
 def test_the_default_configuration_serves_the_bundled_poem_on_every_socket() -> None:
     config = ServeConfig()
     assert config.poems == [PoemSpec(DEFAULT_POEM_PATH)]

@@ -342,8 +342,13 @@ needs_root = pytest.mark.skipif(
 
 
 @needs_root
-def test_server_logs_to_the_journal_with_fields(tmp_path: Path) -> None:
-    """Under systemd, records reach journald with priority and POEM/PEER/BYTES."""
+@pytest.mark.parametrize("behind", [False, True], ids=["direct", "behind a balancer"])
+def test_server_logs_to_the_journal_with_fields(tmp_path: Path, behind: bool) -> None:
+    """Under systemd, records reach journald with priority and POEM/PEER/BYTES.
+
+    Behind a balancer (--proxy-protocol), PEER= is the client its header
+    names and BALANCER= the connection's own peer.
+    """
     run = tmp_path / "run"
     (run / "journal").mkdir(parents=True)
     journal = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -362,6 +367,7 @@ def test_server_logs_to_the_journal_with_fields(tmp_path: Path) -> None:
                 'mount --bind "$0" /run/systemd && exec "$@"', str(run),
                 sys.executable, "-c", ACTIVATE,
                 "serve", "--log-level", "debug", "--poem", f"ledger={LEDGER}",
+                *(["--proxy-protocol"] if behind else []),
             ],
             env=env, pass_fds=[sock.fileno()], stdout=stderr, stderr=stderr,
         )
@@ -369,8 +375,14 @@ def test_server_logs_to_the_journal_with_fields(tmp_path: Path) -> None:
             records = []
             while not any(r["MESSAGE"].startswith("ready:") for r in records):
                 records.append(_parse_journal_datagram(journal.recv(65536)))
-            peer = fetch(sock.getsockname())
-            assert peer == LEDGER.read_bytes()
+            if behind:
+                with socket.create_connection(sock.getsockname(), timeout=WAIT) as client:
+                    balancer = "%s:%d" % client.getsockname()
+                    client.sendall(b"PROXY TCP4 198.51.100.7 192.0.2.1 40123 10000\r\n")
+                    poem = b"".join(iter(lambda: client.recv(65536), b""))
+            else:
+                poem = fetch(sock.getsockname())
+            assert poem == LEDGER.read_bytes()
             while not any(r["MESSAGE"].startswith("sending") for r in records):
                 records.append(_parse_journal_datagram(journal.recv(65536)))
         finally:
@@ -384,7 +396,11 @@ def test_server_logs_to_the_journal_with_fields(tmp_path: Path) -> None:
     assert loaded["BYTES"] == str(LEDGER.stat().st_size)
     assert loaded["PRIORITY"] == "6" and loaded["SYSLOG_IDENTIFIER"] == "fastpoetry"
     sending = next(r for r in records if r["MESSAGE"].startswith("sending"))
-    assert sending["PRIORITY"] == "7" and sending["PEER"].startswith("127.0.0.1:")
+    assert sending["PRIORITY"] == "7"
+    if behind:
+        assert sending["PEER"] == "198.51.100.7:40123" and sending["BALANCER"] == balancer
+    else:
+        assert sending["PEER"].startswith("127.0.0.1:") and "BALANCER" not in sending
     assert sending["BYTES"] == str(LEDGER.stat().st_size)
     assert (tmp_path / "stderr").read_bytes() == b""  # nothing went to plain stderr
 

@@ -26,13 +26,17 @@ import logging
 import os
 import select
 import socket
+import struct
+import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Protocol
 
 from .linger import nothing_at_stake
 from .listeners import CLIENT_GONE_ERRNOS, describe, format_peer, turn_away
 from .phrases import count, reason
+from .proxy_protocol import CUT_SHORT, MAX_LENGTH, Header, HeaderError, parse
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +53,13 @@ CAPACITY_LOG_INTERVAL = 10.0
 # accept() fails like this when the process or the system is out of a
 # resource; the connection stays queued, so wait and try again.
 _CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+
+#: How often, at most, connections refused for want of a valid PROXY
+#: protocol header are logged as a warning (each one is, at debug level).
+REFUSED_LOG_INTERVAL = 10.0
+
+#: SO_LINGER on, with a zero timeout: close() resets the connection.
+RESET_ON_CLOSE = struct.pack("ii", 1, 0)
 
 #: The families whose connections have a struct tcp_info to ask.
 TCP_FAMILIES = frozenset({socket.AF_INET, socket.AF_INET6})
@@ -76,12 +87,18 @@ class PoemSource(Protocol):
 #: :attr:`Acceptor.stage`: between connections, sending a poem, ending a stream.
 IDLE, SENDING, ENDING = 0, 1, 2
 
-#: Takes a connection whose poem is not all sent: (connection, poem, bytes sent).
-SendRest = Callable[[_socket.socket, bytes, int], None]
+#: Takes a connection whose poem is not all sent: (connection, poem, bytes
+#: sent, bytes of its input read: its PROXY protocol header).
+SendRest = Callable[[_socket.socket, bytes, int, int], None]
 
 #: Takes a connection that has its whole poem, to close later: (connection,
-#: bytes sent if it may close once nothing is at stake, else None).
-Linger = Callable[[_socket.socket, "int | None"], None]
+#: bytes sent if it may close once nothing is at stake, else None, bytes of
+#: its input read: its PROXY protocol header).
+Linger = Callable[[_socket.socket, "int | None", int], None]
+
+#: Takes a connection whose PROXY protocol header has not all arrived:
+#: (connection, the bytes of it received so far, the balancer's address).
+AwaitHeader = Callable[[_socket.socket, bytes, str], None]
 
 
 class Acceptor:
@@ -95,6 +112,11 @@ class Acceptor:
     not); otherwise a TCP client is closed here when nothing is at stake
     (:func:`~.linger.nothing_at_stake`).  The listening sockets stay open:
     they are their owner's to close, after :meth:`run` has returned.
+
+    With ``await_header``, every client must send a PROXY protocol header
+    first (:mod:`~.proxy_protocol`).  One already there is read here; one
+    still on its way goes to ``await_header`` with what came of it; one
+    that can never be valid is reset and counted in ``refused``.
     """
 
     def __init__(
@@ -105,12 +127,18 @@ class Acceptor:
         send_rest: SendRest,
         linger: Linger,
         always_linger: bool = False,
+        await_header: AwaitHeader | None = None,
     ) -> None:
         self.source = source
         self.listeners = listeners
         self.send_rest = send_rest
         self.linger = linger
         self.always_linger = always_linger
+        self.await_header = await_header
+        #: Connections refused for want of a valid header, shared with ``await_header``'s side.
+        self.refused = RefusedHeaders(source)
+        # Where a header is received: only this thread uses it.
+        self._header = bytearray(MAX_LENGTH)
         # Only the accepting thread writes the figures below; the event
         # loop's thread reads them, and each write is one store, seen whole.
         #: Poems handed whole to the kernel by the accepting thread, and their bytes.
@@ -178,8 +206,17 @@ class Acceptor:
             self._report_capacity(listening.listener, exc)
             return False
         conn = listening.sockets.get(fd)
+        if self.await_header is not None:
+            self._read_header(listening, conn, fd, address, poem)
+            return True
         if log.isEnabledFor(logging.DEBUG):
             self._log_sending(size, format_peer(listening.family, address))
+        self._send(listening, conn, fd, poem, 0)
+        return True
+
+    def _send(self, listening: _Listening, conn: _socket.socket, fd: int, poem: bytes, header: int) -> None:
+        """Send the poem to the client just accepted; ``header``: the bytes of its header read."""
+        size = len(poem)
         self.stage = SENDING
         try:
             sent = conn.send(poem, socket.MSG_DONTWAIT)
@@ -189,14 +226,14 @@ class Acceptor:
             self.stage = IDLE
             log_lost(exc)
             os.close(fd)
-            return True
+            return
         if sent == size:
             # Counted before the end of the stream goes out: a client that
             # has it finds its poem counted.
             self.stage = ENDING
             self.poems_served += 1
             self.bytes_served += size
-            self._finish(listening, conn, fd, size)
+            self._finish(listening, conn, fd, size, header)
             self.stage = IDLE
         else:
             # Counted as handed over and no longer as sending in one go (no
@@ -204,10 +241,43 @@ class Acceptor:
             # loop, which may count at once.
             self.poems_handed_over += 1
             self.stage = IDLE
-            self.send_rest(listening.sockets.take(fd), poem, sent)
-        return True
+            self.send_rest(listening.sockets.take(fd), poem, sent, header)
 
-    def _finish(self, listening: _Listening, conn: _socket.socket, fd: int, size: int) -> None:
+    def _read_header(
+        self, listening: _Listening, conn: _socket.socket, fd: int, address: object, poem: bytes
+    ) -> None:
+        """Read the client's PROXY protocol header, then send the poem, as far as it arrived."""
+        try:
+            received = conn.recv_into(self._header, MAX_LENGTH, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            received = -1
+        except OSError as exc:
+            log_lost(exc)
+            os.close(fd)
+            return
+        balancer = format_peer(listening.family, address)
+        if not received:
+            self.refused.add(CUT_SHORT, balancer, "closed before its PROXY protocol header was whole")
+            reset(conn)
+            os.close(fd)
+            return
+        data = memoryview(self._header)[: max(received, 0)]
+        try:
+            header = parse(data)
+        except HeaderError as exc:
+            self.refused.add(exc.kind, balancer, str(exc))
+            reset(conn)
+            os.close(fd)
+            return
+        if header is None:
+            assert self.await_header is not None
+            self.await_header(listening.sockets.take(fd), bytes(data), balancer)
+            return
+        if log.isEnabledFor(logging.DEBUG):
+            log_sending_behind(self.source.label, len(poem), header, balancer)
+        self._send(listening, conn, fd, poem, header.length)
+
+    def _finish(self, listening: _Listening, conn: _socket.socket, fd: int, size: int, header: int) -> None:
         """The whole poem is with the kernel: close, or end the stream and linger."""
         try:
             conn.shutdown(socket.SHUT_WR)
@@ -218,11 +288,11 @@ class Acceptor:
         # input arriving between the question and close() then makes the
         # close a reset after the end of the poem, not instead of it.
         if not listening.quick:
-            self.linger(listening.sockets.take(fd), None)
-        elif nothing_at_stake(conn, size):
+            self.linger(listening.sockets.take(fd), None, header)
+        elif nothing_at_stake(conn, size, header):
             os.close(fd)
         else:  # not acknowledged yet, or the client has spoken
-            self.linger(listening.sockets.take(fd), size)
+            self.linger(listening.sockets.take(fd), size, header)
 
     def _pause(self) -> None:
         """Wait ACCEPT_RETRY seconds before accepting again, or until :meth:`stop`."""
@@ -231,12 +301,7 @@ class Acceptor:
         poll.poll(ACCEPT_RETRY * 1000)
 
     def _log_sending(self, size: int, peer: str) -> None:
-        log.debug(
-            "sending %d bytes of poetry to %s",
-            size,
-            peer,
-            extra={"POEM": self.source.label, "PEER": peer, "BYTES": size},
-        )
+        log_sending(self.source.label, size, peer)
 
     def _turn_away(self, listener: socket.socket) -> None:
         """No poem yet (a proxy whose upstream never answered): close at once."""
@@ -323,6 +388,53 @@ class SocketsByNumber:
         self._kept.clear()
 
 
+class RefusedHeaders:
+    """Connections refused for want of a valid PROXY protocol header, logged now and then.
+
+    Each is logged at debug level; a warning sums them up at most once per
+    REFUSED_LOG_INTERVAL, by kind.  Safe to use from any thread.
+    """
+
+    def __init__(self, source: PoemSource, interval: float | None = None) -> None:
+        self.source = source
+        #: Every connection refused so far.
+        self.total = 0
+        self._kinds: Counter[str] = Counter()
+        self._tally = Tally(REFUSED_LOG_INTERVAL if interval is None else interval)
+        self._lock = threading.Lock()
+
+    def add(self, kind: str, balancer: str, detail: str) -> None:
+        """Count a connection from ``balancer`` refused: ``kind`` is a :mod:`~.proxy_protocol` kind."""
+        log.debug(
+            "reset a connection from %s: %s",
+            balancer,
+            detail,
+            extra={"POEM": self.source.label, "BALANCER": balancer},
+        )
+        with self._lock:
+            self.total += 1
+            self._kinds[kind] += 1
+            if self._tally.add(1):
+                self._report()
+
+    def flush(self) -> None:
+        """Log the connections refused since the last warning, if any: for the end of serving."""
+        with self._lock:
+            if self._kinds:
+                self._report()
+
+    def _report(self) -> None:
+        # Called with the lock held.
+        kinds, self._kinds = self._kinds, Counter()
+        refused = sum(kinds.values())
+        log.warning(
+            "reset %s that sent no valid PROXY protocol header (%s)",
+            count(refused, "connection"),
+            ", ".join(f"{number} {kind}" for kind, number in sorted(kinds.items())),
+            extra={"POEM": self.source.label, "CLIENTS": refused},
+        )
+
+
 class Tally:
     """Counts what happens too often to log each time, for a report now and then."""
 
@@ -340,6 +452,36 @@ class Tally:
             return 0
         count, self._count, self._reported_at = self._count, 0, now
         return count
+
+
+def log_sending(label: str, size: int, peer: str) -> None:
+    """The debug line of a poem about to be sent to ``peer``."""
+    log.debug("sending %d bytes of poetry to %s", size, peer, extra={"POEM": label, "PEER": peer, "BYTES": size})
+
+
+def log_sending_behind(label: str, size: int, header: Header, balancer: str) -> None:
+    """The debug line of a poem about to be sent through ``balancer``, for the client ``header`` names.
+
+    PEER= is that client; a header that names none (a LOCAL health check,
+    or a client the balancer could not tell) leaves the balancer there.
+    """
+    if header.family:
+        peer = format_peer(header.family, header.source)
+        how = f"{peer} via {balancer}"
+    else:
+        peer = balancer
+        how = f"{balancer} (the balancer's {'health check' if header.local else 'header names no client'})"
+    log.debug(
+        "sending %d bytes of poetry to %s",
+        size,
+        how,
+        extra={"POEM": label, "PEER": peer, "BALANCER": balancer, "BYTES": size},
+    )
+
+
+def reset(conn: _socket.socket) -> None:
+    """Make closing ``conn`` a reset: for a client that must not take what it has for a whole poem."""
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET_ON_CLOSE)
 
 
 def log_lost(exc: OSError) -> None:

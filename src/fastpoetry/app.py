@@ -388,7 +388,12 @@ async def build(
         await group.add(source)
         if its_sockets:
             server = StreamServer(
-                source, its_sockets, send_timeout=config.send_timeout, always_linger=config.always_linger
+                source,
+                its_sockets,
+                send_timeout=config.send_timeout,
+                always_linger=config.always_linger,
+                proxy_protocol=config.expects_header(spec),
+                header_timeout=config.header_timeout,
             )
             await group.add(server)
             servers.append(server)

@@ -35,6 +35,15 @@ are served, or fails with the reason. SIGHUP does the same without telling
 anyone the outcome. SIGTERM and SIGINT stop accepting and let poems in
 flight finish within --shutdown-timeout.
 
+Behind a load balancer that sends the PROXY protocol (HAProxy's
+send-proxy or send-proxy-v2), --proxy-protocol makes every socket (or, with
+--proxy-protocol NAME, those of the poem named NAME) expect the header,
+version 1 or 2, before the poem; the client's address it names is the one
+logged (PEER=), the balancer's goes in BALANCER=. A v2 LOCAL header (a
+health check) is served. A connection whose header is malformed, too long,
+or not whole within --proxy-protocol-timeout is reset without a byte of
+the poem, and counted in a warning at most every 10 seconds.
+
 With --workers N, the process started takes the sockets and reads the
 poems, then starts N worker processes that serve on the same sockets. It
 passes reloads and stops on to them (signal it, the unit's main process);
@@ -160,6 +169,26 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="[NAME=]N",
         help="port to listen on without socket activation, for the poem named NAME "
         "if given; 0 picks a free one (default: 10000 for the poem without a name)",
+    )
+    serve.add_argument(
+        "--proxy-protocol",
+        dest="proxy_protocol",
+        metavar="NAME",
+        nargs="?",
+        const="",
+        action="append",
+        help="expect a PROXY protocol header (v1 or v2) from each client before its poem, "
+        "on every socket, or on those of the poem named NAME if given; repeat for several "
+        "(default: off)",
+    )
+    serve.add_argument(
+        "--proxy-protocol-timeout",
+        dest="header_timeout",
+        type=options.seconds,
+        default=options.DEFAULT_HEADER_TIMEOUT,
+        metavar="SECONDS",
+        help="reset a client whose PROXY protocol header has not all arrived "
+        "within SECONDS (default: %(default)g)",
     )
     serve.add_argument(
         "--workers",
@@ -378,8 +407,24 @@ def _serve_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         parser.error("--poem: only one poem can be given without a NAME=")
     port, named_ports = _ports(parser, args.ports or [], names)
     return ServeConfig(
-        poems=poems, port=port, named_ports=named_ports, workers=args.workers, **_server_options(args)
+        poems=poems,
+        port=port,
+        named_ports=named_ports,
+        workers=args.workers,
+        proxy_protocol=_proxied(parser, args.proxy_protocol or [], names),
+        header_timeout=args.header_timeout,
+        **_server_options(args),
     )
+
+
+def _proxied(parser: argparse.ArgumentParser, given: list[str], names: list[str]) -> bool | frozenset[str]:
+    """Which poems' sockets expect a PROXY protocol header: all (True), none (False), or these."""
+    if "" in given:
+        return True
+    for name in given:
+        if name not in names:
+            parser.error(f"--proxy-protocol {name}: no --poem is named {name!r}")
+    return frozenset(given) or False
 
 
 def _proxy_config(args: argparse.Namespace) -> ServeConfig:

@@ -78,13 +78,14 @@ class LingeringCloser:
         # Insertion order is deadline order, since every socket gets the same
         # timeout: the expired ones are always at the front.
         self._lingering: dict[int, tuple[_socket.socket, float]] = {}
-        # Descriptor -> bytes sent, for the sockets that may close as soon
-        # as nothing is at stake; a client's input takes its socket out.
-        self._awaiting_ack: dict[int, int] = {}
+        # Descriptor -> (bytes sent, bytes of input expected: a PROXY
+        # protocol header), for the sockets that may close as soon as nothing
+        # is at stake; a client's further input takes its socket out.
+        self._awaiting_ack: dict[int, tuple[int, int]] = {}
         # Sockets handed over and not yet taken in by run(), which owns the
         # two dicts above: another thread may hand sockets over while run()
         # walks them, and a deque's append and popleft are atomic.
-        self._arrivals: collections.deque[tuple[_socket.socket, int | None]] = collections.deque()
+        self._arrivals: collections.deque[tuple[_socket.socket, int | None, int]] = collections.deque()
         self._next_ack_check = 0.0
         self._finishing = False
         self._wait = trio.CancelScope()
@@ -92,13 +93,14 @@ class LingeringCloser:
     def __len__(self) -> int:
         return len(self._lingering) + len(self._arrivals)
 
-    def close_when_done(self, sock: _socket.socket, sent: int | None = None) -> None:
+    def close_when_done(self, sock: _socket.socket, sent: int | None = None, expected_input: int = 0) -> None:
         """Close ``sock`` once its client has closed or the timeout passed.
 
         ``sent``: the bytes sent on a TCP socket that may also be closed as
-        soon as nothing is at stake (:func:`nothing_at_stake`), which is
-        asked again at every sweep until the client sends something.
-        ``None`` (the default) keeps it until its client closes.
+        soon as nothing is at stake (:func:`nothing_at_stake`, with
+        ``expected_input``), which is asked again at every sweep until the
+        client sends something more.  ``None`` (the default) keeps it until
+        its client closes.
 
         Safe to call from any thread.  The timeout runs from when
         :meth:`run` takes the socket in, at its next wake-up: at the latest
@@ -109,7 +111,7 @@ class LingeringCloser:
         except (OSError, ValueError):  # ValueError: run() has ended
             sock.close()
             return
-        self._arrivals.append((sock, sent))
+        self._arrivals.append((sock, sent, expected_input))
 
     def finish(self) -> None:
         """Let :meth:`run` return as soon as no socket is left.
@@ -158,11 +160,11 @@ class LingeringCloser:
     def _take_arrivals(self) -> None:
         deadline = trio.current_time() + self.timeout
         while self._arrivals:
-            sock, sent = self._arrivals.popleft()
+            sock, sent, expected_input = self._arrivals.popleft()
             fd = sock.fileno()
             self._lingering[fd] = (sock, deadline)
             if sent is not None:
-                self._awaiting_ack[fd] = sent
+                self._awaiting_ack[fd] = (sent, expected_input)
 
     def _close(self, fd: int) -> None:
         """Stop watching ``fd`` and close its socket."""
@@ -184,8 +186,8 @@ class LingeringCloser:
 
     def _close_unstaked(self) -> None:
         unstaked = [
-            fd for fd, sent in self._awaiting_ack.items()
-            if nothing_at_stake(self._lingering[fd][0], sent)
+            fd for fd, (sent, expected_input) in self._awaiting_ack.items()
+            if nothing_at_stake(self._lingering[fd][0], sent, expected_input)
         ]
         for fd in unstaked:
             self._close(fd)
@@ -210,14 +212,16 @@ class LingeringCloser:
             self._close(fd)
 
 
-def nothing_at_stake(sock: _socket.socket, size: int) -> bool:
+def nothing_at_stake(sock: _socket.socket, size: int, expected_input: int = 0) -> bool:
     """True if closing the TCP socket ``sock`` now cannot cost its client anything.
 
-    ``size`` is how many bytes were sent on it.  Nothing is at stake when
-    the client has sent nothing (a close with unread input would be a
-    reset) and has acknowledged every byte sent (a reset later cannot
-    destroy what the client already has).  False when the kernel cannot
-    tell, e.g. one older than Linux 4.1, whose struct tcp_info is shorter.
+    ``size`` is how many bytes were sent on it, ``expected_input`` how many
+    the client had to send first and the server has read (a PROXY protocol
+    header).  Nothing is at stake when the client has sent nothing more (a
+    close with unread input would be a reset) and has acknowledged every
+    byte sent (a reset later cannot destroy what the client already has).
+    False when the kernel cannot tell, e.g. one older than Linux 4.1, whose
+    struct tcp_info is shorter.
     """
     try:
         info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO.size)
@@ -227,7 +231,7 @@ def nothing_at_stake(sock: _socket.socket, size: int) -> bool:
         return False
     acknowledged, received = _TCP_INFO.unpack(info)
     # A FIN sent after the poem counts as one more byte once acknowledged.
-    return not received and acknowledged >= size
+    return received == expected_input and acknowledged >= size
 
 
 def _unacknowledged(sock: _socket.socket) -> int:

@@ -53,6 +53,11 @@ DEFAULT_SHUTDOWN_TIMEOUT = 5.0
 #: Seconds a client may take to receive its poem, and to close after it.
 DEFAULT_SEND_TIMEOUT = 30.0
 
+#: Seconds a client may take to send its PROXY protocol header.  A balancer
+#: sends it as it connects; nginx's proxy_protocol_timeout is 30 s, but
+#: every second allowed is a second a stranger holds a descriptor for.
+DEFAULT_HEADER_TIMEOUT = 5.0
+
 #: Seconds between two summaries of what was served.
 DEFAULT_SUMMARY_INTERVAL = 60.0
 
@@ -136,6 +141,17 @@ class ServeConfig:
     workers: int = 1
     #: The control socket to take reload requests on (:mod:`.control`), or None.
     control: str | None = None
+    #: Which sockets expect a PROXY protocol header before the poem: all of
+    #: them (True), or those of the poems named here (--proxy-protocol NAME).
+    proxy_protocol: bool | frozenset[str] = False
+    #: Seconds a client may take to send that header.
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT
+
+    def expects_header(self, spec: SourceSpec) -> bool:
+        """Whether the sockets serving ``spec``'s poem expect a PROXY protocol header first."""
+        if isinstance(self.proxy_protocol, bool):
+            return self.proxy_protocol
+        return socket_name(spec) in self.proxy_protocol
 
     @property
     def socket_names(self) -> list[str | None]:

@@ -20,20 +20,28 @@ from __future__ import annotations
 import _socket
 import logging
 import socket
-import struct
 import threading
 
 import trio
 
-from .acceptor import ENDING, SENDING, TCP_FAMILIES, Acceptor, PoemSource, log_lost
+from .acceptor import (
+    ENDING,
+    SENDING,
+    TCP_FAMILIES,
+    Acceptor,
+    PoemSource,
+    log_lost,
+    log_sending_behind,
+    reset,
+)
 from .linger import LingeringCloser, discard_input, nothing_at_stake
 from .listeners import describe
+from .options import DEFAULT_HEADER_TIMEOUT
+from .proxy_protocol import CUT_SHORT, MAX_LENGTH, TIMED_OUT, Header, HeaderError, parse
 from .service import Service
 
 log = logging.getLogger(__name__)
 
-# SO_LINGER on, with a zero timeout: close() resets the connection.
-_RESET_ON_CLOSE = struct.pack("ii", 1, 0)
 
 __all__ = ["PoemSource", "StreamServer"]
 
@@ -53,6 +61,11 @@ class StreamServer(Service):
     ``always_linger`` every client is kept until it closes, which also
     spares a client that starts writing only after it has the poem a reset
     on its writes.
+
+    With ``proxy_protocol``, every client must send a PROXY protocol
+    header first (a load balancer's, :mod:`~.proxy_protocol`), within
+    ``header_timeout`` seconds.  A connection without a valid one gets no
+    byte of the poem: it is reset, and counted in a warning now and then.
     """
 
     def __init__(
@@ -62,6 +75,8 @@ class StreamServer(Service):
         *,
         send_timeout: float,
         always_linger: bool = False,
+        proxy_protocol: bool = False,
+        header_timeout: float = DEFAULT_HEADER_TIMEOUT,
         name: str = "stream",
     ) -> None:
         super().__init__(name)
@@ -69,10 +84,14 @@ class StreamServer(Service):
         self.listeners = listeners
         self.send_timeout = send_timeout
         self.always_linger = always_linger
+        self.proxy_protocol = proxy_protocol
+        self.header_timeout = header_timeout
         self._acceptor: Acceptor | None = None
-        # Poems the accepting thread handed over whose task has started, the
-        # tasks sending right now, and the poems they finished (and their
-        # bytes); the thread counts its own.
+        # Poems handed over whose task has started (by the accepting thread,
+        # and by the tasks that waited for a header), the tasks sending right
+        # now, and the poems they finished (and their bytes); the thread
+        # counts its own.
+        self._headers_handed_over = 0
         self._tasks_started = 0
         self._tasks_sending = 0
         self._finished = 0
@@ -102,8 +121,13 @@ class StreamServer(Service):
         # stores with nothing between them where CPython switches threads,
         # and these reads are the same: a poem is counted once.
         sending = acceptor.stage == SENDING
-        waiting = acceptor.poems_handed_over - self._tasks_started
+        waiting = acceptor.poems_handed_over + self._headers_handed_over - self._tasks_started
         return sending + waiting + self._tasks_sending
+
+    @property
+    def headers_refused(self) -> int:
+        """Connections reset for want of a valid PROXY protocol header."""
+        return self._acceptor.refused.total if self._acceptor else 0
 
     @property
     def clients_lingering(self) -> int:
@@ -145,7 +169,10 @@ class StreamServer(Service):
                     lingering.start_soon(self._closer.run)
                     async with trio.open_nursery() as senders:
                         with self._accepting:
-                            await self._accept_in_thread(senders)
+                            # Clients whose header is still on its way have
+                            # begun no poem: stopping drops them.
+                            async with trio.open_nursery() as awaiting_headers:
+                                await self._accept_in_thread(senders, awaiting_headers)
                         self._close_listeners()
                     self._closer.finish()
         finally:
@@ -159,22 +186,31 @@ class StreamServer(Service):
         for sock in self.listeners:
             sock.close()
 
-    async def _accept_in_thread(self, senders: trio.Nursery) -> None:
+    async def _accept_in_thread(self, senders: trio.Nursery, awaiting_headers: trio.Nursery) -> None:
         """Run the accepting thread until cancelled; its error, if it fails, is raised here.
 
         The thread is always stopped and waited for before this returns, so
-        that nothing is handed over once the senders' nursery closes.
+        that nothing is handed over once the nurseries close.
         """
         token = trio.lowlevel.current_trio_token()
         ended = trio.Event()
         failure: list[BaseException] = []
 
-        def send_rest(conn: _socket.socket, poem: bytes, sent: int) -> None:
+        def send_rest(conn: _socket.socket, poem: bytes, sent: int, header: int) -> None:
             # Called in the thread: the task is started in the event loop's.
             def start() -> None:
                 try:
-                    senders.start_soon(self._send_rest, conn, poem, sent)
+                    senders.start_soon(self._send_rest, conn, poem, sent, header)
                 except RuntimeError:  # the nursery is closed: shutting down
+                    _abort(conn)
+
+            token.run_sync_soon(start)
+
+        def await_header(conn: _socket.socket, data: bytes, balancer: str) -> None:
+            def start() -> None:
+                try:
+                    awaiting_headers.start_soon(self._await_header, conn, data, balancer, senders)
+                except RuntimeError:
                     _abort(conn)
 
             token.run_sync_soon(start)
@@ -193,6 +229,7 @@ class StreamServer(Service):
             send_rest=send_rest,
             linger=self._closer.close_when_done,
             always_linger=self.always_linger,
+            await_header=await_header if self.proxy_protocol else None,
         )
         try:
             threading.Thread(target=body, name=f"fastpoetry {self.name}", daemon=True).start()
@@ -204,11 +241,62 @@ class StreamServer(Service):
                     await ended.wait()
         finally:
             acceptor.close()
+            acceptor.refused.flush()
         if failure:
             raise failure[0]
 
-    async def _send_rest(self, conn: _socket.socket, poem: bytes, sent: int) -> None:
-        """Send what the first ``send()`` left of ``poem``, then finish.
+    async def _await_header(
+        self, conn: _socket.socket, data: bytes, balancer: str, senders: trio.Nursery
+    ) -> None:
+        """Wait for the rest of a PROXY protocol header, then send the poem in ``senders``.
+
+        ``data`` is what arrived of the header so far.  A header that is not
+        whole within the header timeout, or can never be valid, costs the
+        client a reset, before any byte of the poem.
+        """
+        assert self._acceptor is not None
+        refused = self._acceptor.refused
+        header: Header | None = None
+        handed_over = False
+        try:
+            with trio.move_on_after(self.header_timeout):
+                while header is None:
+                    await trio.lowlevel.wait_readable(conn)
+                    try:
+                        more = conn.recv(MAX_LENGTH - len(data), socket.MSG_DONTWAIT)
+                    except BlockingIOError:
+                        continue
+                    except OSError as exc:
+                        log_lost(exc)
+                        return
+                    if not more:
+                        refused.add(CUT_SHORT, balancer, "closed before its PROXY protocol header was whole")
+                        return
+                    data += more
+                    try:
+                        header = parse(data)
+                    except HeaderError as exc:
+                        refused.add(exc.kind, balancer, str(exc))
+                        return
+            if header is None:
+                refused.add(
+                    TIMED_OUT, balancer, f"no whole PROXY protocol header within {self.header_timeout:g} s"
+                )
+                return
+            poem = self.source.poem
+            if not poem:  # a proxy that has lost its poem meanwhile: nothing to send
+                return
+            if log.isEnabledFor(logging.DEBUG):
+                log_sending_behind(self.source.label, len(poem), header, balancer)
+            self._headers_handed_over += 1
+            senders.start_soon(self._send_rest, conn, poem, 0, header.length)
+            handed_over = True
+        finally:
+            if not handed_over:
+                _abort(conn)
+
+    async def _send_rest(self, conn: _socket.socket, poem: bytes, sent: int, header: int) -> None:
+        """Send what the first ``send()`` left of ``poem``, then finish; ``header``: the bytes of it read.
 
         What the client sends meanwhile is read and dropped: a client that
         writes more than the socket buffers hold before it reads would
@@ -253,11 +341,11 @@ class StreamServer(Service):
             )
             _abort(conn)
             return
-        self._finish(conn, len(view))
+        self._finish(conn, len(view), header)
         self._finished += 1
         self._finished_bytes += len(view)
 
-    def _finish(self, conn: _socket.socket, size: int) -> None:
+    def _finish(self, conn: _socket.socket, size: int, header: int) -> None:
         """The whole poem is with the kernel: close, or end the stream and linger.
 
         As the accepting thread does (:meth:`.Acceptor._finish`), for a poem
@@ -270,10 +358,10 @@ class StreamServer(Service):
             return
         if self.always_linger or conn.family not in TCP_FAMILIES:
             self._closer.close_when_done(conn)
-        elif nothing_at_stake(conn, size):
+        elif nothing_at_stake(conn, size, header):
             conn.close()
         else:  # not acknowledged yet, or the client has spoken
-            self._closer.close_when_done(conn, size)
+            self._closer.close_when_done(conn, size, header)
 
 
 async def _discard_input(conn: _socket.socket) -> None:
@@ -288,5 +376,5 @@ def _abort(conn: _socket.socket) -> None:
     End of stream is the only end-of-poem mark the protocol has: a plain
     close would hand the client a truncated poem that looks whole.
     """
-    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET_ON_CLOSE)
+    reset(conn)
     conn.close()
