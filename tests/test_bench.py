@@ -34,8 +34,8 @@ from helpers import REPO, WAIT, fetch
 
 BENCH = REPO / "bench"
 
-#: The rows the issue asks for; each must have served poems without failure.
-SERVERS = ("fastpoetry", "fastpoetry (activated)", "twisted", "nginx")
+#: The rows the issues ask for; each must have served poems without failure.
+SERVERS = ("fastpoetry", "fastpoetry (activated)", "fastpoetry behind PROXY v2", "twisted", "nginx")
 
 #: A hang guard for the whole smoke run, set-up included (apt, pip, gcc).
 SMOKE_TIMEOUT = 900
@@ -62,7 +62,7 @@ TARGET_SYSCALLS_PER_POEM = 6.0
 TARGET_RSS_MIB = 30.0
 #: fastpoetry behind PROXY v2 (issue 16): its one target, its CPU per poem
 #: at most this factor times plain fastpoetry's at TARGET_CLIENTS.
-PROXY_ROW = "fastpoetry behind PROXY v2"
+PROXY_ROW = SERVERS[2]
 PROXY_TARGET = "CPU/poem behind PROXY v2 <= 1.15x fastpoetry (64 clients)"
 TARGET_PROXY_CPU = 1.15
 #: Targets retired by issue 15: none may come back by mistake.
