@@ -22,13 +22,16 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
+
+from fastpoetry.listeners import bind
+from fastpoetry.stream import StreamServer
 
 REPO = Path(__file__).resolve().parent.parent
 POEMS = REPO / "poems"
@@ -528,3 +531,22 @@ def catch_records(logger: logging.Logger, level: int = logging.DEBUG) -> Iterato
     finally:
         logger.removeHandler(handler)
         logger.level, logger.disabled = saved
+
+
+@asynccontextmanager
+async def serving_stream(
+    source: object, listeners: list[socket.socket] | None = None, **options: Any
+) -> AsyncIterator[StreamServer]:
+    """A started StreamServer (on 127.0.0.1, a free port, unless given listeners), stopped on the way out.
+
+    ``options`` are StreamServer's; ``send_timeout`` defaults to WAIT.
+    """
+    options.setdefault("send_timeout", WAIT)
+    server = StreamServer(source, listeners if listeners is not None else bind("127.0.0.1", 0), **options)  # type: ignore[arg-type]
+    async with trio.open_nursery() as nursery:
+        await server.start(nursery)
+        try:
+            yield server
+        finally:
+            with trio.fail_after(WAIT):
+                await server.stop()

@@ -15,8 +15,8 @@ import logging
 import socket
 import struct
 import threading
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 import pytest
@@ -24,7 +24,7 @@ import trio
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from helpers import POEMS, WAIT, make_poem, needs_ipv6, wait_until_async
+from helpers import POEMS, WAIT, make_poem, needs_ipv6, serving_stream, wait_until_async
 from fastpoetry import acceptor
 from fastpoetry.listeners import bind
 from fastpoetry.proxy_protocol import V2_SIGNATURE, HeaderError, parse
@@ -72,21 +72,12 @@ def poetry_log(caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
     return caplog
 
 
-@asynccontextmanager
-async def serving(
+def serving(
     poem: bytes, listeners: list[socket.socket] | None = None, **options: object
-) -> AsyncIterator[StreamServer]:
+) -> AbstractAsyncContextManager[StreamServer]:
     """A started StreamServer expecting PROXY protocol headers (unless told otherwise)."""
     options.setdefault("proxy_protocol", True)
-    options.setdefault("send_timeout", WAIT)
-    server = StreamServer(Source(poem), listeners or bind("127.0.0.1", 0), **options)  # type: ignore[arg-type]
-    async with trio.open_nursery() as nursery:
-        await server.start(nursery)
-        try:
-            yield server
-        finally:
-            with trio.fail_after(WAIT):
-                await server.stop()
+    return serving_stream(Source(poem), listeners, **options)
 
 
 async def connect(server: StreamServer) -> trio.socket.SocketType:

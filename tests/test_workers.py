@@ -226,6 +226,21 @@ def test_two_workers_share_the_socket_and_each_serves(start_server: StartServer)
     assert f"fastpoetry[{server.pid}] INFO: shut down after serving 2 poems ({2 * len(LANTERN.read_bytes())} bytes) with 2 workers\n" in log
 
 
+def test_every_worker_reads_the_proxy_protocol_header(start_server: StartServer) -> None:
+    """--proxy-protocol reaches each worker: each serves behind a balancer and logs the header's client."""
+    server = serve_workers(start_server, "--poem", str(LANTERN), "--log-level", "debug", "--proxy-protocol")
+    workers = worker_pids(server)
+    address = server.address()
+    for number, pid in enumerate(workers, start=1):
+        with only_serving(workers, pid), socket.create_connection(address, timeout=WAIT) as sock:
+            sock.sendall(f"PROXY TCP4 198.51.100.{number} 192.0.2.1 4000{number} 10000\r\n".encode())
+            assert b"".join(iter(lambda: sock.recv(65536), b"")) == LANTERN.read_bytes()
+        server.wait_for_log(
+            rf"fastpoetry\[{pid}\] DEBUG: sending \d+ bytes of poetry to 198\.51\.100\.{number}:4000{number} via 127\.0\.0\.1:\d+"
+        )
+    assert terminate(server) == 0
+
+
 def test_workers_1_is_the_single_process_server(start_server: StartServer) -> None:
     """--workers 1 is the server as it always was: one process, no children."""
     server = start_server("serve", *LOCAL, "--workers", "1", "--poem", str(LANTERN))

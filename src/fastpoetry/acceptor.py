@@ -249,33 +249,35 @@ class Acceptor:
         """Read the client's PROXY protocol header, then send the poem, as far as it arrived."""
         try:
             received = conn.recv_into(self._header, MAX_LENGTH, socket.MSG_DONTWAIT)
-        except BlockingIOError:
+        except BlockingIOError:  # nothing yet
             received = -1
         except OSError as exc:
             log_lost(exc)
             os.close(fd)
             return
-        balancer = format_peer(listening.family, address)
-        if not received:
-            self.refused.add(CUT_SHORT, balancer, "closed before its PROXY protocol header was whole")
-            reset(conn)
-            os.close(fd)
-            return
-        data = memoryview(self._header)[: max(received, 0)]
+        data = self._header[:received] if received > 0 else b""
         try:
             header = parse(data)
         except HeaderError as exc:
-            self.refused.add(exc.kind, balancer, str(exc))
-            reset(conn)
-            os.close(fd)
+            self._refuse(listening, conn, fd, address, exc.kind, str(exc))
             return
-        if header is None:
+        if not received:
+            self._refuse(listening, conn, fd, address, CUT_SHORT, "closed before its PROXY protocol header was whole")
+        elif header is None:
             assert self.await_header is not None
-            self.await_header(listening.sockets.take(fd), bytes(data), balancer)
-            return
-        if log.isEnabledFor(logging.DEBUG):
-            log_sending_behind(self.source.label, len(poem), header, balancer)
-        self._send(listening, conn, fd, poem, header.length)
+            self.await_header(listening.sockets.take(fd), bytes(data), format_peer(listening.family, address))
+        else:
+            if log.isEnabledFor(logging.DEBUG):
+                log_sending_behind(self.source.label, len(poem), header, format_peer(listening.family, address))
+            self._send(listening, conn, fd, poem, header.length)
+
+    def _refuse(
+        self, listening: _Listening, conn: _socket.socket, fd: int, address: object, kind: str, detail: str
+    ) -> None:
+        """Reset a connection that brought no valid header, and count it."""
+        self.refused.add(kind, format_peer(listening.family, address), detail)
+        reset(conn)
+        os.close(fd)
 
     def _finish(self, listening: _Listening, conn: _socket.socket, fd: int, size: int, header: int) -> None:
         """The whole poem is with the kernel: close, or end the stream and linger."""
