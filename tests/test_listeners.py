@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from helpers import WAIT, needs_ipv6
-from fastpoetry.listeners import ListenerError, adopt, bind, describe, format_peer, turn_away
+from fastpoetry.listeners import ListenerError, acquire, adopt, bind, describe, format_peer, turn_away
 
 
 @pytest.fixture
@@ -79,6 +79,31 @@ def test_bind_ipv4_gives_a_non_blocking_listening_socket(
     assert sock.getblocking() is False
     assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1
     assert_serves(sock)
+
+
+def test_bind_defers_accepts_only_when_asked(closing: Callable[[socket.socket], socket.socket]) -> None:
+    """For clients that speak first (a balancer's header): the kernel hands a connection over once it has."""
+    [plain] = [closing(sock) for sock in bind("127.0.0.1", 0)]
+    [deferred] = [closing(sock) for sock in bind("127.0.0.1", 0, defer_accept=True)]
+    assert plain.getsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT) == 0
+    assert deferred.getsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT) > 0
+    with socket.create_connection(deferred.getsockname(), timeout=WAIT) as client:
+        client.sendall(b"PROXY UNKNOWN\r\n")
+        conn, _ = accept_one(deferred)
+        with conn:
+            assert conn.recv(64) == b"PROXY UNKNOWN\r\n"
+
+
+def test_acquire_defers_accepts_on_the_sockets_it_binds_for_the_names_given(
+    closing: Callable[[socket.socket], socket.socket], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for variable in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"):
+        monkeypatch.delenv(variable, raising=False)
+    sockets = acquire("127.0.0.1", 0, {"behind": 0}, True, defer_accept=["behind"])
+    for _, sock in sockets:
+        closing(sock)
+    deferred = {name: bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT)) for name, sock in sockets}
+    assert deferred == {None: False, "behind": True}
 
 
 @needs_ipv6

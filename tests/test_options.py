@@ -292,6 +292,16 @@ def test_expects_header_is_off_by_default_and_for_all_or_named_poems() -> None:
     assert only.expects_header(named) and not only.expects_header(unnamed)
 
 
+def test_header_socket_names_are_those_of_the_poems_behind_a_balancer() -> None:
+    named, other, unnamed = PoemSpec("a.txt", "behind"), PoemSpec("c.txt", "direct"), PoemSpec("b.txt")
+    assert ServeConfig(poems=[named, unnamed]).header_socket_names == []
+    assert ServeConfig(poems=[named, unnamed], proxy_protocol=True).header_socket_names == ["behind", None]
+    only_named = ServeConfig(poems=[named, other, unnamed], proxy_protocol=frozenset({"behind"}))
+    assert only_named.header_socket_names == ["behind"]
+    # The unnamed sockets serve the only poem, whatever its name.
+    assert ServeConfig(poems=[named], proxy_protocol=frozenset({"behind"})).header_socket_names == ["behind", None]
+
+
 def test_the_default_configuration_serves_the_bundled_poem_on_every_socket() -> None:
     config = ServeConfig()
     assert config.poems == [PoemSpec(DEFAULT_POEM_PATH)]

@@ -36,7 +36,15 @@ from typing import Protocol
 from .linger import nothing_at_stake
 from .listeners import CLIENT_GONE_ERRNOS, describe, format_peer, turn_away
 from .phrases import count, reason
-from .proxy_protocol import CUT_SHORT, MAX_LENGTH, Header, HeaderError, parse
+from .proxy_protocol import (
+    CUT_SHORT,
+    MAX_LENGTH,
+    V2_PROXY_TCP4,
+    V2_PROXY_TCP4_LENGTH,
+    Header,
+    HeaderError,
+    parse,
+)
 
 log = logging.getLogger(__name__)
 
@@ -255,6 +263,13 @@ class Acceptor:
             log_lost(exc)
             os.close(fd)
             return
+        if received >= V2_PROXY_TCP4_LENGTH and self._header[:16] == V2_PROXY_TCP4:
+            # What a balancer nearly always sends: only its length matters,
+            # unless the line below names the client.
+            if log.isEnabledFor(logging.DEBUG):
+                self._log_behind(len(poem), parse(self._header[:received]), listening, address)
+            self._send(listening, conn, fd, poem, V2_PROXY_TCP4_LENGTH)
+            return
         data = self._header[:received] if received > 0 else b""
         try:
             header = parse(data)
@@ -268,8 +283,12 @@ class Acceptor:
             self.await_header(listening.sockets.take(fd), bytes(data), format_peer(listening.family, address))
         else:
             if log.isEnabledFor(logging.DEBUG):
-                log_sending_behind(self.source.label, len(poem), header, format_peer(listening.family, address))
+                self._log_behind(len(poem), header, listening, address)
             self._send(listening, conn, fd, poem, header.length)
+
+    def _log_behind(self, size: int, header: Header | None, listening: _Listening, address: object) -> None:
+        assert header is not None
+        log_sending_behind(self.source.label, size, header, format_peer(listening.family, address))
 
     def _refuse(
         self, listening: _Listening, conn: _socket.socket, fd: int, address: object, kind: str, detail: str

@@ -273,7 +273,9 @@ def take_sockets(config: ServeConfig) -> list[NamedSocket]:
     """The sockets to serve on, with their names (:func:`.listeners.acquire`); :exc:`StartupError` if none."""
     unnamed = None in config.socket_names
     try:
-        return listeners.acquire(config.iface, config.port, config.named_ports, unnamed)
+        return listeners.acquire(
+            config.iface, config.port, config.named_ports, unnamed, defer_accept=config.header_socket_names
+        )
     except (listeners.ListenerError, systemd.ActivationError) as exc:
         raise StartupError(str(exc)) from None
 

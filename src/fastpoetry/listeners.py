@@ -16,7 +16,7 @@ from __future__ import annotations
 import errno
 import logging
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 from . import systemd
 from .phrases import count, host_port, reason
@@ -26,6 +26,12 @@ log = logging.getLogger(__name__)
 #: The queue of connections not yet accepted; the kernel caps it at
 #: net.core.somaxconn.
 BACKLOG = socket.SOMAXCONN
+
+#: TCP_DEFER_ACCEPT, in seconds, on the sockets bound here for clients that
+#: speak first (a balancer's PROXY protocol header): the kernel hands a
+#: connection over once its first bytes are there, so they are read as it
+#: is accepted; one that has sent nothing by then is accepted all the same.
+DEFER_ACCEPT = 1
 
 _SERVED_FAMILIES = (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX)
 
@@ -86,7 +92,7 @@ def is_localhost(host: str) -> bool:
     return host.lower() in ("localhost", "localhost.")
 
 
-def bind(iface: str, port: int) -> list[socket.socket]:
+def bind(iface: str, port: int, defer_accept: bool = False) -> list[socket.socket]:
     """Listen on every address ``iface`` stands for, at ``port``.
 
     ``localhost`` is 127.0.0.1 and ::1 (:data:`LOOPBACK_ADDRESSES`), with
@@ -94,9 +100,10 @@ def bind(iface: str, port: int) -> list[socket.socket]:
     is every address it resolves to.  An IPv6 socket is made IPv6-only so
     that it does not collide with the IPv4 one.  An address of a family the
     host cannot use (::1 with IPv6 disabled) is skipped with a warning, as
-    long as another address could be bound.  Returns the listening
-    sockets, non-blocking; raises :exc:`ListenerError` when the name does
-    not resolve or no address can be bound.
+    long as another address could be bound.  With ``defer_accept`` the
+    sockets get TCP_DEFER_ACCEPT (:data:`DEFER_ACCEPT`).  Returns the
+    listening sockets, non-blocking; raises :exc:`ListenerError` when the
+    name does not resolve or no address can be bound.
     """
     addresses = _addresses(iface, port)
     listeners: list[socket.socket] = []
@@ -113,6 +120,8 @@ def bind(iface: str, port: int) -> list[socket.socket]:
                 raise ListenerError(f"cannot listen on {shown}: {reason(exc)}") from None
             sock.setblocking(False)
             listeners.append(sock)
+            if defer_accept:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, DEFER_ACCEPT)
     except BaseException:
         for sock in listeners:
             sock.close()
@@ -230,13 +239,21 @@ def _format_address(family: int, address: object, peer: bool = False) -> str:
 # -- which sockets, for which poem ---------------------------------------------
 
 
-def acquire(iface: str, port: int, named_ports: Mapping[str, int], unnamed: bool) -> list[NamedSocket]:
+def acquire(
+    iface: str,
+    port: int,
+    named_ports: Mapping[str, int],
+    unnamed: bool,
+    defer_accept: Collection[str | None] = (),
+) -> list[NamedSocket]:
     """The sockets to serve on, with their names: those systemd passed, or bound here.
 
     Under socket activation the passed sockets are adopted (:func:`adopt`)
-    and the rest of the arguments ignored.  Otherwise :func:`bind` listens
-    on ``iface`` at ``port`` for the unnamed poem (when ``unnamed`` says
-    there is one, or no port is named) and at each of ``named_ports``.
+    and the rest of the arguments ignored: the socket unit says how they
+    listen (``DeferAcceptSec=`` among the rest).  Otherwise :func:`bind`
+    listens on ``iface`` at ``port`` for the unnamed poem (when ``unnamed``
+    says there is one, or no port is named) and at each of ``named_ports``,
+    deferring accepts on the sockets whose name is in ``defer_accept``.
     Raises :exc:`ListenerError` (or :exc:`.systemd.ActivationError`); the
     sockets taken so far are closed then.
     """
@@ -249,7 +266,7 @@ def acquire(iface: str, port: int, named_ports: Mapping[str, int], unnamed: bool
     bound: list[NamedSocket] = []
     try:
         for name, number in wanted:
-            bound.extend((name, sock) for sock in bind(iface, number))
+            bound.extend((name, sock) for sock in bind(iface, number, defer_accept=name in defer_accept))
     except BaseException:
         close(bound)
         raise

@@ -154,6 +154,18 @@ class ServeConfig:
         return socket_name(spec) in self.proxy_protocol
 
     @property
+    def header_socket_names(self) -> list[str | None]:
+        """The names of the sockets whose clients send a PROXY protocol header first.
+
+        None stands for the unnamed sockets: they serve the unnamed poem,
+        or the only poem.
+        """
+        names = [socket_name(spec) for spec in self.poems if self.expects_header(spec)]
+        if len(self.poems) == 1 and names:
+            names.append(None)
+        return names
+
+    @property
     def socket_names(self) -> list[str | None]:
         """:func:`socket_name` of each poem, in the order of :attr:`poems`."""
         return [socket_name(spec) for spec in self.poems]

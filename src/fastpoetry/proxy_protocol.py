@@ -57,11 +57,14 @@ _V1_FAMILIES = {b"TCP4": (socket.AF_INET, ipaddress.IPv4Address), b"TCP6": (sock
 # An AF_UNIX address in v2: a sun_path, NUL-padded to 108 bytes.
 _UNIX_PATH = 108
 
-# What a balancer sends for nearly every client: v2, PROXY, TCP over IPv4,
-# 12 bytes of addresses.  parse() reads it first, in a few operations: it is
-# on the serving path of every poem behind a balancer.
-_V2_PROXY_TCP4 = V2_SIGNATURE + b"\x21\x11\x00\x0c"
-_V2_PROXY_TCP4_LENGTH = len(_V2_PROXY_TCP4) + 12
+#: What a balancer sends for nearly every client begins with these 16
+#: bytes: v2, PROXY, TCP over IPv4, 12 bytes of addresses.  It is on the
+#: serving path of every poem behind a balancer: a reader that only needs
+#: its length can tell it by this prefix alone, and parse() looks for it
+#: first.
+V2_PROXY_TCP4 = V2_SIGNATURE + b"\x21\x11\x00\x0c"
+#: Its length: the prefix and the addresses.
+V2_PROXY_TCP4_LENGTH = len(V2_PROXY_TCP4) + 12
 
 
 # Why a connection brought no valid header: the two kinds of HeaderError,
@@ -109,9 +112,9 @@ def parse(data: bytes | bytearray | memoryview) -> Header | None:
     Raises :exc:`HeaderError` as soon as ``data`` cannot be the start of a
     valid header: malformed, or longer than allowed.
     """
-    if data[:16] == _V2_PROXY_TCP4 and len(data) >= _V2_PROXY_TCP4_LENGTH:
+    if data[:16] == V2_PROXY_TCP4 and len(data) >= V2_PROXY_TCP4_LENGTH:
         source = socket.inet_ntop(socket.AF_INET, data[16:20]), data[24] << 8 | data[25]
-        return Header(_V2_PROXY_TCP4_LENGTH, 2, socket.AF_INET, source)
+        return Header(V2_PROXY_TCP4_LENGTH, 2, socket.AF_INET, source)
     if data[:1] == V2_SIGNATURE[:1]:
         return _parse_v2(data)
     return _parse_v1(data)
