@@ -108,11 +108,18 @@ def steady(
     poems: int | None = None,
     seconds: float | None = None,
     timeout: float = 30.0,
+    proxy_header: bool = False,
 ) -> LoadRun:
-    """A closed-loop run: ``poems`` connections, or as many as fit in ``seconds``."""
+    """A closed-loop run: ``poems`` connections, or as many as fit in ``seconds``.
+
+    ``proxy_header``: each connection sends a PROXY protocol v2 header
+    before it reads (-P), as a load balancer's does.
+    """
     assert (poems is None) != (seconds is None)
     limit = ["-n", str(poems)] if poems is not None else ["-d", f"{seconds:g}"]
     options = ["-p", str(port), "-b", str(size), "-c", str(concurrency), "-t", f"{timeout:g}", *limit]
+    if proxy_header:
+        options.append("-P")
     # A hang guard, not a speed limit: a run that is ten times slower than
     # a slow server would manage still finishes.
     expected = seconds if seconds is not None else (poems or 0) / 1000.0

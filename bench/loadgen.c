@@ -14,11 +14,25 @@
  * connection is what starts the server.
  *
  *   loadgen -p PORT -b BYTES [-a ADDR] [-c CONCURRENCY] [-n POEMS | -d SECONDS]
- *           [-t TIMEOUT_S] [-s SOURCES] [-H FILE] [-1]
+ *           [-t TIMEOUT_S] [-s SOURCES] [-H FILE] [-P] [-1]
+ *
+ * -a ADDR is the server's IPv4 or IPv6 address (default 127.0.0.1).
  *
  * -s SOURCES spreads connections over the source addresses 127.0.0.1 ...
  * 127.0.0.SOURCES (every 127/8 address is local on Linux), each with its
- * own range of ephemeral ports, for a server on a loopback address.
+ * own range of ephemeral ports, for a server on an IPv4 loopback address.
+ *
+ * -P (both modes) makes each connection speak as a load balancer's does
+ * with HAProxy's send-proxy-v2: once connected, before it reads, it sends a
+ * PROXY protocol v2 header in one send(): the 12-byte signature, 0x21
+ * (version 2, PROXY), 0x11 (TCP over IPv4) or 0x21 (TCP over IPv6), the
+ * length of the addresses (12 or 36, big-endian), then the source address,
+ * the destination address, the source port and the destination port, in
+ * network order.  The source is the connection's own local address
+ * (getsockname), the destination the server's (-a, -p), so that a server
+ * logging the client's address from the header logs a true one.  A send
+ * that fails is a failure under its errno's reason (refused, reset...), a
+ * short one under error.
  *
  * A connection fails if it ends with anything but exactly BYTES followed by
  * a clean end of stream: short, long (more bytes than the poem), reset,
@@ -44,7 +58,8 @@
  * something did, 2 for a usage or setup error.
  *
  * Nothing is allocated per connection: one slot per concurrent connection
- * and one receive buffer shared by all of them (there is one thread).
+ * and one receive buffer shared by all of them (there is one thread); a
+ * PROXY header is built on the stack.
  *
  * Build: gcc -std=c11 -O2 -Wall -Wextra -o loadgen loadgen.c
  */
@@ -72,6 +87,18 @@ enum reason { SHORT, LONG, RESET, REFUSED, PORTS, TIMEOUT, ERROR, NREASONS };
 static const char *const REASON_NAMES[NREASONS] = {
     "short", "long", "reset", "refused", "ports", "timeout", "error",
 };
+
+/* PROXY protocol v2 (HAProxy's proxy-protocol.txt, section 2.2): the
+ * signature, the version and command byte (version 2, PROXY: the addresses
+ * follow), the family and transport bytes, and the longest header -P sends
+ * (16 bytes, then two IPv6 addresses and two ports). */
+static const unsigned char PROXY_SIGNATURE[12] = {
+    0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A,
+};
+#define PROXY_V2_PROXY 0x21
+#define PROXY_TCP_OVER_IPV4 0x11
+#define PROXY_TCP_OVER_IPV6 0x21
+#define PROXY_HEADER_MAX (16 + 36)
 
 /* Only the first failures are described; the counts cover them all. */
 #define FAILURES_SHOWN 10
@@ -149,9 +176,12 @@ struct conn {
     int fd;          /* -1: the slot is free */
     uint64_t began;  /* ns, CLOCK_MONOTONIC, just before socket() */
     size_t got;      /* bytes received so far */
+    int header_due;  /* -P: still connecting, the PROXY header not sent yet */
 };
 
-static struct sockaddr_in server;
+static struct sockaddr_storage server; /* -a and -p, IPv4 or IPv6 */
+static socklen_t server_length;
+static int proxy_header;          /* -P */
 static size_t expected;           /* the poem's size */
 static unsigned long concurrency = 1;
 static uint64_t wanted;           /* -n: connections to make; 0 with -d */
@@ -217,6 +247,81 @@ static void count_failure(enum reason why, size_t got, const char *detail)
 }
 
 /* ------------------------------------------------------------------------
+ * The PROXY protocol v2 header (-P).
+ */
+
+/* Writes fd's header into out, PROXY_HEADER_MAX bytes at most: the
+ * connection's local address as the source, the server's as the
+ * destination.  Its length, or 0 if getsockname() failed (errno says why). */
+static size_t build_proxy_header(int fd, unsigned char *out)
+{
+    struct sockaddr_storage local;
+    socklen_t local_length = sizeof local;
+    if (getsockname(fd, (struct sockaddr *)&local, &local_length) < 0)
+        return 0;
+    size_t addresses;
+    memcpy(out, PROXY_SIGNATURE, sizeof PROXY_SIGNATURE);
+    out[12] = PROXY_V2_PROXY;
+    if (server.ss_family == AF_INET6) {
+        const struct sockaddr_in6 *source = (const struct sockaddr_in6 *)&local;
+        const struct sockaddr_in6 *destination = (const struct sockaddr_in6 *)&server;
+        out[13] = PROXY_TCP_OVER_IPV6;
+        memcpy(out + 16, &source->sin6_addr, 16);
+        memcpy(out + 32, &destination->sin6_addr, 16);
+        memcpy(out + 48, &source->sin6_port, 2); /* both already in network order */
+        memcpy(out + 50, &destination->sin6_port, 2);
+        addresses = 36;
+    } else {
+        const struct sockaddr_in *source = (const struct sockaddr_in *)&local;
+        const struct sockaddr_in *destination = (const struct sockaddr_in *)&server;
+        out[13] = PROXY_TCP_OVER_IPV4;
+        memcpy(out + 16, &source->sin_addr, 4);
+        memcpy(out + 20, &destination->sin_addr, 4);
+        memcpy(out + 24, &source->sin_port, 2);
+        memcpy(out + 26, &destination->sin_port, 2);
+        addresses = 12;
+    }
+    out[14] = (unsigned char)(addresses >> 8); /* the length, big-endian */
+    out[15] = (unsigned char)addresses;
+    return 16 + addresses;
+}
+
+enum header_sent { HEADER_SENT, HEADER_NOT_YET, HEADER_FAILED };
+
+/* What went wrong with the last header that failed (count_failure's detail). */
+static char header_failure[160];
+
+/* Sends fd's PROXY header in one send().  HEADER_NOT_YET: the socket is not
+ * connected yet (non-blocking) or its send timed out (blocking), EAGAIN
+ * either way; HEADER_FAILED: *why is the failure's reason, and
+ * header_failure says what happened. */
+static enum header_sent send_proxy_header(int fd, enum reason *why)
+{
+    unsigned char header[PROXY_HEADER_MAX];
+    const char *step = "getsockname";
+    size_t length = build_proxy_header(fd, header);
+    if (length) {
+        step = "send";
+        /* MSG_NOSIGNAL: a connection the server has already reset is a
+         * failure to count, not a SIGPIPE that ends the run. */
+        ssize_t n = send(fd, header, length, MSG_NOSIGNAL);
+        if (n == (ssize_t)length)
+            return HEADER_SENT;
+        if (n >= 0) {
+            *why = ERROR;
+            snprintf(header_failure, sizeof header_failure,
+                     "the PROXY header went short: %zd of %zu bytes", n, length);
+            return HEADER_FAILED;
+        }
+        if (errno == EAGAIN || errno == EWOULDBLOCK)
+            return HEADER_NOT_YET;
+    }
+    *why = reason_of(errno);
+    snprintf(header_failure, sizeof header_failure, "sending the PROXY header (%s): %s", step, strerror(errno));
+    return HEADER_FAILED;
+}
+
+/* ------------------------------------------------------------------------
  * Steady mode.
  */
 static void finish(struct conn *c)
@@ -248,6 +353,23 @@ static int may_start(uint64_t t)
     return stop_at ? t < stop_at : started < wanted;
 }
 
+/* -P: sends c's header, if it is connected; a failure ends it.  Whether the
+ * header is still due (c is still connecting). */
+static int header_still_due(struct conn *c)
+{
+    enum reason why;
+    switch (send_proxy_header(c->fd, &why)) {
+    case HEADER_SENT:
+        return 0;
+    case HEADER_NOT_YET:
+        return 1;
+    case HEADER_FAILED:
+    default:
+        fail(c, why, header_failure);
+        return 0;
+    }
+}
+
 static void bind_source(int fd, uint64_t id)
 {
     struct sockaddr_in source = {.sin_family = AF_INET};
@@ -266,13 +388,13 @@ static void start(struct conn *c, uint64_t t)
     while (c->fd < 0 && may_start(t)) {
         c->began = now_ns();
         c->got = 0;
-        c->fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+        c->fd = socket(server.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
         if (c->fd < 0)
             die("socket");
         if (sources > 1)
             bind_source(c->fd, started);
         started++;
-        if (connect(c->fd, (const struct sockaddr *)&server, sizeof server) < 0
+        if (connect(c->fd, (const struct sockaddr *)&server, server_length) < 0
             && errno != EINPROGRESS) {
             fail(c, reason_of(errno), strerror(errno));
             continue; /* the slot is free again: try the next one */
@@ -280,9 +402,30 @@ static void start(struct conn *c, uint64_t t)
         /* Only EPOLLIN: the poem's arrival shows the connect worked, and a
          * failed connect reports EPOLLERR, which is always watched. */
         struct epoll_event ev = {.events = EPOLLIN, .data.ptr = c};
+        if (proxy_header) {
+            /* At once: on loopback the handshake is over when connect()
+             * returns.  Otherwise, when the socket is writable (connected),
+             * and only then EPOLLIN: the header always goes before a read. */
+            c->header_due = header_still_due(c);
+            if (c->fd < 0)
+                continue; /* it failed: the slot is free again */
+            if (c->header_due)
+                ev.events = EPOLLOUT;
+        }
         if (epoll_ctl(epfd, EPOLL_CTL_ADD, c->fd, &ev) < 0)
             die("epoll_ctl");
     }
+}
+
+/* -P: c, connecting when it started, is writable or has failed. */
+static void send_due_header(struct conn *c)
+{
+    c->header_due = header_still_due(c);
+    if (c->fd < 0 || c->header_due)
+        return; /* failed and ended; or not yet (level-triggered: it comes back) */
+    struct epoll_event ev = {.events = EPOLLIN, .data.ptr = c};
+    if (epoll_ctl(epfd, EPOLL_CTL_MOD, c->fd, &ev) < 0)
+        die("epoll_ctl");
 }
 
 /* Reads what has arrived; ends the connection at end of stream or error. */
@@ -345,7 +488,10 @@ static int run_steady(void)
             die("epoll_wait");
         for (int i = 0; i < n; i++) {
             struct conn *c = events[i].data.ptr;
-            receive(c);
+            if (c->header_due)
+                send_due_header(c);
+            else
+                receive(c);
             if (c->fd < 0) /* ended: the slot takes the next connection */
                 start(c, now_ns());
         }
@@ -380,21 +526,43 @@ static int run_steady(void)
 /* ------------------------------------------------------------------------
  * First-byte mode: one blocking connection, timed at each step.
  */
+
+/* -P: the header on the blocking socket fd; 0 if it failed (counted). */
+static int header_sent_blocking(int fd)
+{
+    enum reason why = ERROR;
+    switch (send_proxy_header(fd, &why)) {
+    case HEADER_SENT:
+        return 1;
+    case HEADER_NOT_YET: /* blocking: SO_SNDTIMEO ran out */
+        count_failure(TIMEOUT, 0, "the PROXY header could not be sent within the timeout");
+        return 0;
+    case HEADER_FAILED:
+    default:
+        count_failure(why, 0, header_failure);
+        return 0;
+    }
+}
+
 static int run_first_byte(void)
 {
     uint64_t t0 = now_ns(), connected = 0, first = 0, eof = 0;
     size_t got = 0;
-    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    int fd = socket(server.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (fd < 0)
         die("socket");
     struct timeval tv = {.tv_sec = (time_t)(timeout_ns / 1000000000ull)};
     if (setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv) < 0
         || setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv) < 0)
         die("setsockopt SO_RCVTIMEO");
-    if (connect(fd, (const struct sockaddr *)&server, sizeof server) < 0) {
+    int reading = 0;
+    if (connect(fd, (const struct sockaddr *)&server, server_length) < 0) {
         count_failure(reason_of(errno), 0, strerror(errno));
     } else {
         connected = now_ns();
+        reading = !proxy_header || header_sent_blocking(fd);
+    }
+    if (reading) {
         for (;;) {
             ssize_t n = recv(fd, buffer, sizeof buffer, 0);
             if (n > 0) {
@@ -431,7 +599,7 @@ static int run_first_byte(void)
 static void usage(void)
 {
     fputs("usage: loadgen -p PORT -b BYTES [-a ADDR] [-c CONCURRENCY] [-n POEMS | -d SECONDS]\n"
-          "               [-t TIMEOUT_S] [-s SOURCES] [-H FILE] [-1]\n",
+          "               [-t TIMEOUT_S] [-s SOURCES] [-H FILE] [-P] [-1]\n",
           stderr);
     exit(2);
 }
@@ -461,7 +629,7 @@ int main(int argc, char **argv)
     unsigned long long port = 0, size = 0;
     int first_byte = 0;
     int opt;
-    while ((opt = getopt(argc, argv, "a:p:b:c:n:d:t:s:H:1")) != -1) {
+    while ((opt = getopt(argc, argv, "a:p:b:c:n:d:t:s:H:P1")) != -1) {
         switch (opt) {
         case 'a': address = optarg; break;
         case 'p': port = number(optarg); break;
@@ -472,6 +640,7 @@ int main(int argc, char **argv)
         case 't': timeout_ns = (uint64_t)(seconds_arg(optarg) * 1e9); break;
         case 's': sources = (unsigned)number(optarg); break;
         case 'H': histogram_path = optarg; break;
+        case 'P': proxy_header = 1; break;
         case '1': first_byte = 1; break;
         default: usage();
         }
@@ -482,10 +651,24 @@ int main(int argc, char **argv)
     if (!first_byte && (wanted == 0) == (stop_at == 0))
         usage(); /* exactly one of -n and -d */
     expected = (size_t)size;
-    server.sin_family = AF_INET;
-    server.sin_port = htons((uint16_t)port);
-    if (inet_pton(AF_INET, address, &server.sin_addr) != 1) {
-        fprintf(stderr, "loadgen: not an IPv4 address: %s\n", address);
+    struct sockaddr_in *v4 = (struct sockaddr_in *)&server;
+    struct sockaddr_in6 *v6 = (struct sockaddr_in6 *)&server;
+    if (inet_pton(AF_INET, address, &v4->sin_addr) == 1) {
+        v4->sin_family = AF_INET;
+        v4->sin_port = htons((uint16_t)port);
+        server_length = sizeof *v4;
+    } else {
+        memset(&server, 0, sizeof server); /* what the IPv4 attempt may have left */
+        if (inet_pton(AF_INET6, address, &v6->sin6_addr) != 1) {
+            fprintf(stderr, "loadgen: not an IPv4 or IPv6 address: %s\n", address);
+            return 2;
+        }
+        v6->sin6_family = AF_INET6;
+        v6->sin6_port = htons((uint16_t)port);
+        server_length = sizeof *v6;
+    }
+    if (sources > 1 && server.ss_family != AF_INET) {
+        fprintf(stderr, "loadgen: -s spreads over 127.0.0.N: it needs an IPv4 server address\n");
         return 2;
     }
     return first_byte ? run_first_byte() : run_steady();

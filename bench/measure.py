@@ -61,7 +61,7 @@ def warm_up(server: Server, loadgen: Path, cores: Cores, *, concurrency: int, po
         return {}
     warm = load.steady(
         loadgen, cores.loadgen, server.port, poem_bytes, concurrency,
-        poems=amount.warm_up_poems, seconds=amount.warm_up_seconds,
+        poems=amount.warm_up_poems, seconds=amount.warm_up_seconds, proxy_header=server.launch.proxy_header,
     )  # fmt: skip
     return warm.failure_reasons()
 
@@ -92,7 +92,7 @@ def measured(
     cores_before = procfs.core_times()
     run = load.steady(
         loadgen, cores.loadgen, server.port, poem_bytes, concurrency,
-        poems=amount.poems, seconds=amount.seconds,
+        poems=amount.poems, seconds=amount.seconds, proxy_header=server.launch.proxy_header,
     )  # fmt: skip
     cores_used = {core: after - cores_before[core] for core, after in procfs.core_times().items()}
     pids_after = server.pids()
@@ -164,7 +164,7 @@ def counted(
             return SyscallCount(label, concurrency, 0, 0, {}, error=str(exc))
         run = load.steady(
             loadgen, cores.loadgen, server.port, poem_bytes, concurrency,
-            poems=amount.poems, seconds=amount.seconds,
+            poems=amount.poems, seconds=amount.seconds, proxy_header=server.launch.proxy_header,
         )  # fmt: skip
         reasons = run.failure_reasons()
         try:

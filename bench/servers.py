@@ -5,7 +5,10 @@ default ceiling), logs at its default level to a file, and runs pinned to
 the server core with ``taskset``; its children inherit the pinning.
 A socket-activated server starts as ``systemd-socket-activate``, which
 holds the listening socket and, on the first connection, executes the
-server in the same process.
+server in the same process.  A server behind a load balancer expects a
+PROXY protocol v2 header on every connection before it sends the poem:
+its clients (the check's fetch, the load generator with ``-P``) send one
+first, as the balancer's connections would.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import struct
 import subprocess
 import time
 from collections.abc import Callable
@@ -25,6 +29,19 @@ import procfs
 #: The peers' labels, which the report compares with.
 NGINX = "nginx"
 TWISTED = "twisted"
+#: The label of fastpoetry's row behind a balancer, which the report judges
+#: against plain fastpoetry's.
+PROXY_V2 = "fastpoetry behind PROXY v2"
+
+#: fastpoetry serve's option for listening sockets that expect a PROXY
+#: protocol header (v1 or v2) before they send the poem.
+PROXY_PROTOCOL_OPTION = "--proxy-protocol"
+
+#: PROXY protocol v2: the signature, version 2 with the PROXY command, and
+#: by family the family-and-transport byte (TCP) and the addresses' length.
+PROXY_V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+PROXY_V2_PROXY = 0x21
+_PROXY_V2_FAMILIES = {socket.AF_INET: (0x11, 12), socket.AF_INET6: (0x21, 36)}
 
 #: The listen() backlog every server gets.
 BACKLOG = 4096
@@ -70,6 +87,9 @@ class Launch:
     env: dict[str, str] = field(default_factory=dict)
     #: Started by systemd-socket-activate: listening before the server runs.
     activated: bool = False
+    #: Its clients send a PROXY protocol v2 header before they read, as a
+    #: balancer's connections do (loadgen -P): it serves no poem without one.
+    proxy_header: bool = False
 
 
 def _environment(**extra: str) -> dict[str, str]:
@@ -86,20 +106,23 @@ def _socket_activate(port: int, passed: dict[str, str], argv: list[str], *option
 
 def fastpoetry(
     paths: Paths, poem: Path, port: int, *, activated: bool = False, options: tuple[str, ...] = (),
-    src: Path | None = None,
+    src: Path | None = None, behind_proxy: bool = False,
 ) -> Launch:  # fmt: skip
     """``python3 -m fastpoetry serve`` from the run's copy of the work tree, on Debian's trio.
 
     ``src``: import fastpoetry from there instead (the --baseline copy);
     everything else about the launch stays the same, so that the two rows
-    differ by their code only.
+    differ by their code only.  ``behind_proxy``: the same launch plus
+    --proxy-protocol, its clients sending a PROXY v2 header first.
     """
     pythonpath = {"PYTHONPATH": str(src or paths.fastpoetry_src)}
-    serve = [SYSTEM_PYTHON, "-m", "fastpoetry", "serve", "--poem", str(poem), *options]
+    proxy = (PROXY_PROTOCOL_OPTION,) if behind_proxy else ()
+    serve = [SYSTEM_PYTHON, "-m", "fastpoetry", "serve", "--poem", str(poem), *options, *proxy]
     if activated:
-        return Launch(_socket_activate(port, pythonpath, serve), _environment(), activated=True)
+        argv = _socket_activate(port, pythonpath, serve)
+        return Launch(argv, _environment(), activated=True, proxy_header=behind_proxy)
     argv = [*serve, "--port", str(port), "--iface", "127.0.0.1"]
-    return Launch(argv, _environment(**pythonpath))
+    return Launch(argv, _environment(**pythonpath), proxy_header=behind_proxy)
 
 
 def twisted(paths: Paths, poem: Path, port: int, *, activated: bool = False, log_file: Path) -> Launch:
@@ -147,9 +170,36 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def fetch(port: int, timeout: float = START_TIMEOUT) -> bytes:
-    """One poem from 127.0.0.1:``port``: connect, read to end of stream."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+def proxy_v2_header(sock: socket.socket) -> bytes:
+    """The PROXY v2 header a balancer would send for connected TCP ``sock``: the bytes of ``loadgen -P``.
+
+    Its own address is the source, the server's the destination, so that
+    the server logs the client's true address.
+    """
+    family_byte, length = _PROXY_V2_FAMILIES[sock.family]
+    source, destination = sock.getsockname(), sock.getpeername()
+    addresses = (
+        socket.inet_pton(sock.family, source[0]) + socket.inet_pton(sock.family, destination[0])
+        + struct.pack("!HH", source[1], destination[1])
+    )  # fmt: skip
+    return PROXY_V2_SIGNATURE + bytes([PROXY_V2_PROXY, family_byte]) + struct.pack("!H", length) + addresses
+
+
+def _connect(port: int, timeout: float, proxy_header: bool) -> socket.socket:
+    """A connection to 127.0.0.1:``port``, its PROXY v2 header sent if ``proxy_header``."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    try:
+        if proxy_header:
+            sock.sendall(proxy_v2_header(sock))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def fetch(port: int, timeout: float = START_TIMEOUT, *, proxy_header: bool = False) -> bytes:
+    """One poem from 127.0.0.1:``port``: connect (and send a PROXY v2 header), read to end of stream."""
+    with _connect(port, timeout, proxy_header) as sock:
         chunks = []
         while chunk := sock.recv(1 << 20):
             chunks.append(chunk)
@@ -196,7 +246,7 @@ class Server:
     def check_poem(self, poem: bytes) -> None:
         """One fetch must bring exactly ``poem``; an activated server must now be the server."""
         try:
-            got = fetch(self.port)
+            got = fetch(self.port, proxy_header=self.launch.proxy_header)
         except OSError as exc:
             raise ServerFailed(f"{self.label}: fetching a poem failed: {exc}{self._log_tail()}") from None
         if got != poem:
@@ -232,8 +282,10 @@ class Server:
                     pass
 
     def _connects(self) -> bool:
+        # With the header it expects: a server behind a balancer warns of a
+        # connection that closes without one, and this is no such client.
         try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=1.0):
+            with _connect(self.port, 1.0, self.launch.proxy_header):
                 return True
         except OSError:
             return False
@@ -284,6 +336,7 @@ CONTENDERS = (
         "fastpoetry (activated)",
         lambda p, poem, port, log: fastpoetry(p, poem, port, activated=True),
     ),
+    Contender("proxy", PROXY_V2, lambda p, poem, port, log: fastpoetry(p, poem, port, behind_proxy=True)),
     Contender(
         "twisted",
         TWISTED,

@@ -15,6 +15,7 @@ must run.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
@@ -33,8 +34,8 @@ from helpers import REPO, WAIT, fetch
 
 BENCH = REPO / "bench"
 
-#: The rows the issue asks for; each must have served poems without failure.
-SERVERS = ("fastpoetry", "fastpoetry (activated)", "twisted", "nginx")
+#: The rows the issues ask for; each must have served poems without failure.
+SERVERS = ("fastpoetry", "fastpoetry (activated)", "fastpoetry behind PROXY v2", "twisted", "nginx")
 
 #: A hang guard for the whole smoke run, set-up included (apt, pip, gcc).
 SMOKE_TIMEOUT = 900
@@ -59,6 +60,11 @@ SYSCALLS_TARGET = "syscalls/poem <= 6.0 (64 clients)"
 TARGET_SYSCALLS_PER_POEM = 6.0
 #: The limit of the memory target, in MiB.
 TARGET_RSS_MIB = 30.0
+#: fastpoetry behind PROXY v2 (issue 16): its one target, its CPU per poem
+#: at most this factor times plain fastpoetry's at TARGET_CLIENTS.
+PROXY_ROW = SERVERS[2]
+PROXY_TARGET = "CPU/poem behind PROXY v2 <= 1.15x fastpoetry (64 clients)"
+TARGET_PROXY_CPU = 1.15
 #: Targets retired by issue 15: none may come back by mistake.
 RETIRED_TARGETS = ("poems/s >= 1.5x Twisted", "poems/s >= nginx", "CPU/poem <= 1.3x nginx")
 
@@ -202,11 +208,14 @@ def test_results_json_records_the_machine_versions_and_every_section(smoke: Smok
         judged = [target["goal"] for target in results["targets"] if target["server"] == server]
         assert len(judged) == len(PEER_TARGETS) + 3, (server, judged)
         assert set(PEER_TARGETS) | {SYSCALLS_TARGET} <= set(judged), (server, judged)
+    # The PROXY v2 row was asked for (a smoke run has every row): its one target, for it alone.
+    judged = [(target["server"], target["goal"]) for target in results["targets"] if target["server"] == PROXY_ROW]
+    assert judged == [(PROXY_ROW, PROXY_TARGET)], judged
 
 
 def test_targets_name_the_machine_and_every_target(smoke: Smoke) -> None:
     rows = _table(smoke.markdown(), "TARGETS")
-    assert {row["target"] for row in rows} >= {*PEER_TARGETS, SYSCALLS_TARGET}, rows
+    assert {row["target"] for row in rows} >= {*PEER_TARGETS, SYSCALLS_TARGET, PROXY_TARGET}, rows
     assert all(row["result"] in ("PASS", "MISS", "not measured") for row in rows), rows
     machine = smoke.results()["machine"]
     notes = smoke.stdout.split("\nTARGETS", 1)[1]
@@ -221,12 +230,27 @@ def _cell(results: dict[str, Any], server: str, clients: int = TARGET_CLIENTS) -
     return found[0]
 
 
+def _proxy_verdict(results: dict[str, Any], target: dict[str, Any]) -> bool | None:
+    """The PROXY v2 target, worked out again: None if either row has no poems at TARGET_CLIENTS."""
+    assert target["server"] == PROXY_ROW, target
+    cells = []
+    for server in (PROXY_ROW, "fastpoetry"):
+        found = [c for c in results["cells"] if c["server"] == server and c["concurrency"] == TARGET_CLIENTS]
+        if not found or not found[0]["poems"]:
+            return None  # not measured: the row could not run, or was not asked for
+        cells.append(found[0])
+    behind, plain = cells
+    return behind["cpu_us_per_poem"] <= TARGET_PROXY_CPU * plain["cpu_us_per_poem"]
+
+
 def _verdict(results: dict[str, Any], target: dict[str, Any]) -> bool | None:
     """Whether ``target`` is met, worked out again from the cells in ``results`` (None: not measured)."""
     # Computed here on its own, not with bench/report.py: a slip there
     # (a flipped comparison, a wrong peer or factor) shows up as a mismatch.
-    ours = _cell(results, target["server"])
     goal = target["goal"]
+    if goal == PROXY_TARGET:
+        return _proxy_verdict(results, target)
+    ours = _cell(results, target["server"])
     if goal in PEER_TARGETS:
         field, clients, first, second, factor, at_most = PEER_TARGETS[goal]
         a, b = (_cell(results, target["server"] if row == "ours" else row, clients)[field] for row in (first, second))
@@ -338,13 +362,17 @@ def test_results_are_written_as_markdown_text_and_a_png(smoke: Smoke) -> None:
 # nginx's configuration carries the poem exactly.
 
 
-def _nginx_conf():  # type: ignore[no-untyped-def]
+def _bench_module(name: str):  # type: ignore[no-untyped-def]
+    """A module of bench/, imported as bench.py imports it (bench/ first on the path)."""
     sys.path.insert(0, str(BENCH))
     try:
-        import nginx_conf
+        return importlib.import_module(name)
     finally:
         sys.path.remove(str(BENCH))
-    return nginx_conf
+
+
+def _nginx_conf():  # type: ignore[no-untyped-def]
+    return _bench_module("nginx_conf")
 
 
 #: Poems that exercise each way the poem goes into nginx.conf: one plain
@@ -415,3 +443,42 @@ def test_a_bad_baseline_revision_is_one_line_and_measures_nothing(tmp_path: Path
     assert done.returncode == 2, done.stderr[-2000:]
     assert len(said) == 1 and "no-such-revision" in said[0], done.stderr[-2000:]
     assert not (tmp_path / "results.json").exists() and not (tmp_path / "logs").exists()
+
+
+# --------------------------------------------------------------------------
+# The PROXY v2 row's target, judged on made-up figures.
+
+
+def test_the_proxy_target_is_judged_against_plain_fastpoetry_and_not_measured_without_a_figure() -> None:
+    """report.targets on cells made up for the purpose: either side of 1.15x, and a row that could not run.
+
+    The smoke run can show only the verdict its machine gives; this shows
+    both, and that a fastpoetry without --proxy-protocol is "not measured"
+    (which --check counts as missed), not left out.
+    """
+    report, results = _bench_module("report"), _bench_module("results")
+
+    def cell(server: str, cpu_us_per_poem: float) -> Any:
+        poems = 1000
+        return results.Cell(
+            server=server, concurrency=TARGET_CLIENTS, poem_bytes=3117, server_cores="0", poems=poems, failures=0,
+            failure_reasons={}, seconds=1.0, poems_per_s=poems, mb_per_s=3.1, mean_us=1.0, p50_us=1.0, p90_us=1.0,
+            p99_us=1.0, max_us=1.0, server_cpu_s=cpu_us_per_poem * poems / 1e6, cpu_us_per_poem=cpu_us_per_poem,
+            server_core_busy_pct=50.0, loadgen_core_busy_pct=50.0, steal_pct=0.0, others_pct=0.0, loadgen_cpu_s=0.1,
+            rss_kib=1024, processes=1,
+        )  # fmt: skip
+
+    def judged(servers: dict[str, str], cells: list[Any]) -> list[Any]:
+        run = results.Run(started="", command="", smoke=True, machine={}, versions={}, settings={}, servers=servers,
+                          cells=cells)  # fmt: skip
+        return [target for target in report.targets(run) if target.goal == PROXY_TARGET]
+
+    both = {"fastpoetry": "ok", PROXY_ROW: "ok"}
+    for behind, passed in ((22.9, True), (23.1, False)):  # plain: 20.0 µs, the line: 23.0
+        [target] = judged(both, [cell("fastpoetry", 20.0), cell(PROXY_ROW, behind)])
+        assert (target.server, target.passed) == (PROXY_ROW, passed), target
+        assert target.figure.startswith(f"{behind:.1f} µs vs 20.0 µs: "), target
+    could_not_run = {"fastpoetry": "ok", PROXY_ROW: "exited (2) before it would accept connections"}
+    [target] = judged(could_not_run, [cell("fastpoetry", 20.0)])
+    assert target.passed is None and "no figure" in target.figure, target
+    assert judged({"fastpoetry": "ok"}, [cell("fastpoetry", 20.0)]) == []  # not asked for (--only fastpoetry)
