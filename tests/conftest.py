@@ -7,6 +7,7 @@ file).
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -85,3 +86,11 @@ def no_localhost(tmp_path: Path) -> Iterator[Callable[..., NoLocalhost]]:
     yield make
     for namespaces in made:
         namespaces.close()
+
+
+@pytest.fixture
+def poetry_log(caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> pytest.LogCaptureFixture:
+    """Capture the package's records at DEBUG, even if logs.setup cut propagation."""
+    monkeypatch.setattr(logging.getLogger("fastpoetry"), "propagate", True)
+    caplog.set_level(logging.DEBUG, logger="fastpoetry")
+    return caplog

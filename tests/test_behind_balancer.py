@@ -64,14 +64,6 @@ def v2_unix(client: bytes) -> bytes:
 V2_LOCAL = V2_SIGNATURE + b"\x20\x00\x00\x00"
 
 
-@pytest.fixture
-def poetry_log(caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> pytest.LogCaptureFixture:
-    """Capture the package's records at DEBUG, even if logs.setup cut propagation."""
-    monkeypatch.setattr(logging.getLogger("fastpoetry"), "propagate", True)
-    caplog.set_level(logging.DEBUG, logger="fastpoetry")
-    return caplog
-
-
 def serving(
     poem: bytes, listeners: list[socket.socket] | None = None, **options: object
 ) -> AbstractAsyncContextManager[StreamServer]:

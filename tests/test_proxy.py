@@ -168,11 +168,9 @@ async def upstream(nursery: trio.Nursery) -> AsyncIterator[Upstream]:
 
 
 @pytest.fixture
-def proxy_log(caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> pytest.LogCaptureFixture:
-    """Capture the package's records at DEBUG, even if logs.setup cut propagation."""
-    monkeypatch.setattr(logging.getLogger("fastpoetry"), "propagate", True)
-    caplog.set_level(logging.DEBUG, logger="fastpoetry")
-    return caplog
+def proxy_log(poetry_log: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
+    """The package's records at DEBUG (conftest's poetry_log), under this module's name for them."""
+    return poetry_log
 
 
 def records(

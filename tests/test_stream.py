@@ -69,14 +69,6 @@ def big_poem(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     return make_poem(tmp_path_factory.mktemp("big") / "big.txt", BIG)
 
 
-@pytest.fixture
-def poetry_log(caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> pytest.LogCaptureFixture:
-    """Capture the package's records at DEBUG, even if logs.setup cut propagation."""
-    monkeypatch.setattr(logging.getLogger("fastpoetry"), "propagate", True)
-    caplog.set_level(logging.DEBUG, logger="fastpoetry")
-    return caplog
-
-
 # -- helpers ----------------------------------------------------------------
 
 
