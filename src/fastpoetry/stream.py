@@ -265,7 +265,8 @@ class StreamServer(Service):
             send_rest=send_rest,
             linger=self._closer.close_when_done,
             always_linger=self.always_linger,
-            await_header=await_header if self.proxy_protocol else None,
+            # Over TLS the header is read in the event loop (_serve_tls).
+            await_header=await_header if self.proxy_protocol and self.tls is None else None,
             hand_over=hand_over if self.tls is not None else None,
         )
         try:
