@@ -433,17 +433,7 @@ class StreamServer(Service):
         finally:
             self._tasks_sending -= 1
         conn = release(tls)
-        if failure is not None:
-            log_lost(failure)
-            conn.close()
-            return
-        if timeout.cancelled_caught:
-            log.info(
-                "dropped a client that did not take its poem over TLS within %g s",
-                self.send_timeout,
-                extra={"POEM": self.source.label},
-            )
-            _abort(conn)
+        if self._given_up(conn, failure, timeout.cancelled_caught, "over TLS"):
             return
         self._finished += 1
         self._finished_bytes += len(poem)
@@ -489,23 +479,34 @@ class StreamServer(Service):
             raise
         finally:
             self._tasks_sending -= 1
-        if failure is not None:
-            log_lost(failure)
-            conn.close()
-            return
-        if timeout.cancelled_caught:
-            log.info(
-                "dropped a client that did not take its poem within %g s (%d of %d bytes sent)",
-                self.send_timeout,
-                sent,
-                len(view),
-                extra={"POEM": self.source.label, "BYTES": sent},
-            )
-            _abort(conn)
+        if self._given_up(conn, failure, timeout.cancelled_caught, f"{sent} of {len(view)} bytes sent", sent):
             return
         self._finish(conn, len(view), header)
         self._finished += 1
         self._finished_bytes += len(view)
+
+    def _given_up(
+        self, conn: _socket.socket, failure: OSError | None, timed_out: bool, how: str, sent: int | None = None
+    ) -> bool:
+        """Close ``conn`` if its poem did not all go out (``failure``, or the send timeout); whether it did not.
+
+        A client that was too slow is reset, so that it cannot take part of
+        the poem for all of it; ``how`` says how far it got, for the log.
+        """
+        if failure is not None:
+            log_lost(failure)
+            conn.close()
+            return True
+        if timed_out:
+            fields: dict[str, object] = {"POEM": self.source.label}
+            if sent is not None:
+                fields["BYTES"] = sent
+            log.info(
+                "dropped a client that did not take its poem within %g s (%s)", self.send_timeout, how, extra=fields
+            )
+            _abort(conn)
+            return True
+        return False
 
     def _finish(self, conn: _socket.socket, size: int, header: int) -> None:
         """The whole poem is with the kernel: close, or end the stream and linger.
