@@ -8,7 +8,8 @@ A test CA and its server certificates (ECDSA P-256, for ``localhost``,
 clients verify against that CA: the host's ``openssl s_client``, run in the
 container's network namespace (the container has no openssl), the
 container's own ``python3`` with ``ssl``, and the installed ``fastpoetry
-get --tls``.
+get --tls``.  An upgrade and a remove with the TLS socket enabled show
+that the maintainer scripts treat it as they treat the proxy.
 
 The tests share the session's container (see conftest.py), and leave it as
 they found it: the TLS socket disabled and stopped, no certificate, key or
@@ -39,7 +40,9 @@ from .helpers import (
     SCRATCH,
     WAIT,
     Container,
+    Package,
     journal_cursor,
+    repack,
     wait_until,
 )
 
@@ -228,6 +231,21 @@ def s_client(container: Container, ca: Path, *options: str) -> subprocess.Comple
          "-CAfile", str(ca), "-verify_return_error", "-ign_eof", "-brief", *options],
         stdin=subprocess.DEVNULL, capture_output=True, timeout=WAIT, env=HOST_ENV,
     )
+
+
+#: argv: PORT.  Exits 0 if connections to PORT are refused, on IPv4 and IPv6.
+REFUSED = r"""
+import socket, sys
+port = int(sys.argv[1])
+for family, address in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+    with socket.socket(family) as sock:
+        sock.settimeout(10)
+        try:
+            sock.connect((address, port))
+        except ConnectionRefusedError:
+            continue
+        raise SystemExit(f"{address}:{port} accepted a connection")
+"""
 
 
 def serves(container: Container, pair: Pair) -> None:
@@ -447,3 +465,43 @@ def test_without_credentials_a_reload_rotates_and_a_bad_pair_keeps_the_old(
         assert_no_key_logged(container, first, second, third)
     assert container.is_active(SOCKET) == "inactive" and container.is_active(SERVICE) == "inactive"
     assert container.run("test", "-e", KEY, check=False).returncode != 0
+
+
+def test_upgrade_keeps_an_enabled_tls_socket_and_remove_stops_it(
+    installed: Container, package: Package, authority: Authority, tmp_path: Path
+) -> None:
+    """With the TLS socket enabled and the credentials drop-in: an upgrade does not restart
+    the socket, keeps it enabled, and moves the server to the new code, which serves with
+    the credentials; ``apt-get remove`` stops both units, and installing again brings the
+    socket back, enabled and listening (the maintainer scripts treat it as the proxy).
+    """
+    container = installed
+    pair = authority.issue()
+    # Newer than what is installed, and than test_system.py's upgrades.
+    upgrade = repack(package, tmp_path, f"{package.version}+tls1")
+    deb = f"{SCRATCH}/{upgrade.path.name}"
+    container.write(deb, upgrade.path.read_bytes())
+    with tls_enabled(container, authority, pair, credentials=True):
+        serves(container, pair)
+        old = main_pid(container)
+        socket_before = {p: container.show(SOCKET, p) for p in ("ActiveEnterTimestamp", "InvocationID")}
+        container.run("apt-get", "install", "-y", deb, timeout=600)
+        assert container.text("dpkg-query", "-W", "-f", "${Version}", "fastpoetry") == upgrade.version
+        assert {p: container.show(SOCKET, p) for p in socket_before} == socket_before, f"{SOCKET} was restarted"
+        assert container.text("systemctl", "is-enabled", SOCKET) == "enabled"
+        new = main_pid(container)
+        assert new != old, "the upgrade did not restart the TLS service"
+        assert f"fastpoetry {upgrade.version} starting" in container.journal(f"_PID={new}")
+        serves(container, pair)
+        assert container.read(f"/proc/{new}/root{CREDENTIALS}/tls.crt") == pair.cert
+
+        try:
+            container.run("apt-get", "remove", "-y", "fastpoetry", timeout=600)
+            assert container.is_active(SOCKET) != "active" and container.is_active(SERVICE) != "active"
+            refused = container.python(REFUSED, str(TLS_PORT), check=False)
+            assert refused.returncode == 0, refused.stderr.decode(errors="replace")
+        finally:
+            container.run("apt-get", "install", "-y", deb, timeout=600)
+        assert container.text("systemctl", "is-enabled", SOCKET) == "enabled"
+        assert container.is_active(SOCKET) == "active"
+        serves(container, pair)
