@@ -14,56 +14,38 @@ import os
 import signal
 import socket
 import ssl
+import struct
 import subprocess
 import sys
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import trio
 import trustme
 
-from helpers import POEMS, WAIT, Server, make_poem, needs_ipv6, serving_stream, terminate, wait_until_async
+from helpers import (
+    POEMS,
+    WAIT,
+    Pair,
+    Server,
+    make_pair,
+    make_poem,
+    needs_ipv6,
+    serving_stream,
+    terminate,
+    wait_until_async,
+)
 from fastpoetry import acceptor, tls
 from fastpoetry.listeners import bind
+from fastpoetry.proxy_protocol import V2_SIGNATURE
 from fastpoetry.stream import StreamServer
 
 LEDGER = POEMS / "harbour-ledger.txt"
 
 #: A handshake or header timeout for the tests that wait for it to pass.
 SHORT = 0.3
-
-
-@dataclass
-class Pair:
-    """A certificate and key on disk, as the server is given them, and the CA that signed them."""
-
-    cert: Path
-    key: Path
-    ca: trustme.CA
-
-    @property
-    def fingerprint(self) -> str:
-        der = ssl.PEM_cert_to_DER_cert(self.cert.read_text().split("-----END CERTIFICATE-----")[0] + "-----END CERTIFICATE-----\n")
-        return hashlib.sha256(der).digest().hex(":").upper()
-
-    def key_lines(self) -> list[str]:
-        """The base64 lines of the key: none may ever appear in a log or a message."""
-        return [line for line in self.key.read_text().splitlines() if line and not line.startswith("-----")]
-
-
-def make_pair(folder: Path, name: str = "server", ca: trustme.CA | None = None, *hosts: str) -> Pair:
-    ca = ca or trustme.CA()
-    issued = ca.issue_cert(*(hosts or ("localhost", "127.0.0.1", "::1")))
-    folder.mkdir(parents=True, exist_ok=True)
-    cert, key = folder / f"{name}.crt", folder / f"{name}.key"
-    issued.cert_chain_pems[0].write_to_path(str(cert))
-    for pem in issued.cert_chain_pems[1:]:
-        pem.write_to_path(str(cert), append=True)
-    issued.private_key_pem.write_to_path(str(key))
-    return Pair(cert, key, ca)
 
 
 @pytest.fixture
@@ -73,6 +55,8 @@ def pair(tmp_path: Path) -> Pair:
 
 def client_context(pair: Pair, version: ssl.TLSVersion | None = None) -> ssl.SSLContext:
     context = ssl.create_default_context()
+    # Else (Python's default with OpenSSL 3) a ragged end reads as a clean one.
+    context.options &= ~ssl.OP_IGNORE_UNEXPECTED_EOF
     pair.ca.configure_trust(context)
     if version is not None:
         context.minimum_version = context.maximum_version = version
@@ -383,9 +367,9 @@ async def test_a_client_that_never_closes_is_closed_at_the_send_timeout(pair: Pa
 
 
 def _v2_tcp4(client: tuple[str, int]) -> bytes:
-    from test_behind_balancer import v2_tcp4
-
-    return v2_tcp4(client)
+    """A v2 PROXY header for a TCP4 ``client`` (the specification's layout)."""
+    body = socket.inet_aton(client[0]) + socket.inet_aton("192.0.2.1") + struct.pack("!HH", client[1], 10443)
+    return V2_SIGNATURE + b"\x21\x11" + struct.pack("!H", len(body)) + body
 
 
 @pytest.mark.parametrize("how", ["with the ClientHello", "alone first", "in pieces", "v1"])

@@ -118,7 +118,8 @@ class Server:
             loaded = [await pair.read() for pair in pairs]
         except _FILE_ERRORS as exc:
             failures.append(str(exc))
-            log.error("reload failed, still serving what was loaded before: %s", exc)
+            kept = "poems and TLS certificates" if pairs else "poems"
+            log.error("reload failed, still serving the %s loaded before: %s", kept, exc)
         else:
             for source, poem in zip(files, fresh, strict=True):
                 source.use(poem)

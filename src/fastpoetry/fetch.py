@@ -235,7 +235,7 @@ def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
 
 def _broken(exc: trio.BrokenResourceError) -> str:
     cause = exc.__cause__
-    if isinstance(cause, ssl.SSLEOFError):
+    if isinstance(cause, ssl.SSLEOFError) or getattr(cause, "reason", None) == "UNEXPECTED_EOF_WHILE_READING":
         return "closed without a TLS close_notify"
     if isinstance(cause, ssl.SSLError):
         return _tls_reason(cause)

@@ -265,7 +265,8 @@ class StreamServer(Service):
             send_rest=send_rest,
             linger=self._closer.close_when_done,
             always_linger=self.always_linger,
-            await_header=await_header if self.proxy_protocol else None,
+            # Over TLS the header is read in the event loop (_serve_tls).
+            await_header=await_header if self.proxy_protocol and self.tls is None else None,
             hand_over=hand_over if self.tls is not None else None,
         )
         try:
@@ -388,22 +389,22 @@ class StreamServer(Service):
                 await trio.lowlevel.wait_readable(conn)
                 try:
                     more = conn.recv(MAX_LENGTH - len(taken), socket.MSG_PEEK | socket.MSG_DONTWAIT)
+                    if not more:
+                        self._refused.add(CUT_SHORT, balancer, "closed before its PROXY protocol header was whole")
+                        return None
+                    try:
+                        header = parse(taken + more)
+                    except HeaderError as exc:
+                        self._refused.add(exc.kind, balancer, str(exc))
+                        return None
+                    # Already received, so one recv() takes all of it.
+                    rest = len(more) if header is None else header.length - len(taken)
+                    taken += conn.recv(rest, socket.MSG_DONTWAIT)
                 except BlockingIOError:
                     continue
                 except OSError as exc:
                     log_lost(exc)
                     return None
-                if not more:
-                    self._refused.add(CUT_SHORT, balancer, "closed before its PROXY protocol header was whole")
-                    return None
-                try:
-                    header = parse(taken + more)
-                except HeaderError as exc:
-                    self._refused.add(exc.kind, balancer, str(exc))
-                    return None
-                # Already received, so one recv() takes all of it.
-                rest = len(more) if header is None else header.length - len(taken)
-                taken += conn.recv(rest, socket.MSG_DONTWAIT)
                 if header is not None:
                     return header
         self._refused.add(TIMED_OUT, balancer, f"no whole PROXY protocol header within {self.header_timeout:g} s")

@@ -203,6 +203,9 @@ def client_context(ca: str | None = None, *, verify: bool = True) -> ssl.SSLCont
     """
     context = ssl.create_default_context()
     context.minimum_version = MINIMUM_VERSION
+    # Python sets this with OpenSSL 3: an end of stream without a
+    # close_notify would then read as a clean end, and a poem cut off as whole.
+    context.options &= ~getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF", 0)
     if ca is not None:
         _read(ca, "CA certificates")
         try:
