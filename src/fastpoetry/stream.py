@@ -375,9 +375,11 @@ class StreamServer(Service):
                     break
                 conn = socket.socket(family, kind, proto, fd)
                 if family in TCP_FAMILIES:
-                    # The poem and the close_notify are two writes; with
-                    # Nagle's algorithm the second waits for the client to
-                    # acknowledge the first, and its delayed ACK takes 40 ms.
+                    # The poem and the close_notify are two writes: with
+                    # Nagle's algorithm the second could wait for the
+                    # client's acknowledgement of the first, which Linux may
+                    # delay by up to 40 ms (nginx's stream module also sets
+                    # tcp_nodelay).
                     conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 senders.start_soon(self._serve_tls, conn, format_peer(family, address))
             await trio.lowlevel.checkpoint()
