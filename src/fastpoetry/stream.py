@@ -11,6 +11,9 @@ has to wait: a task for each poem the kernel did not take at once, and the
 (The idiomatic ``trio.serve_tcp`` spends a task and a stream object on
 every client and serves several times fewer poems a second.)
 
+Over TLS every client waits for a round trip of the handshake, so the
+event loop accepts and serves each itself, in a task (see :mod:`~.tls`).
+
 The server takes ready-made listening sockets and does not care whether
 they were bound here or passed in by systemd.
 """
