@@ -51,7 +51,7 @@ async def running(pair: Pair, source: Source, **options: object) -> AsyncIterato
     served: list[ssl.SSLSocket] = []
     nodelay: list[int] = []
 
-    def serve(sock: ssl.SSLSocket, poem: bytes) -> None:
+    def serve(sock: ssl.SSLSocket, poem: bytes, tcp: bool) -> None:
         served.append(sock)
         nodelay.append(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
         sock.send(poem)

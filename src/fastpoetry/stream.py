@@ -345,8 +345,8 @@ class StreamServer(Service):
         assert self.tls is not None
         tls = self.tls
 
-        def serve(client: ssl.SSLSocket, poem: bytes) -> None:
-            self._serve_over_tls(client, poem, senders)
+        def serve(client: ssl.SSLSocket, poem: bytes, tcp: bool) -> None:
+            self._serve_over_tls(client, poem, tcp, senders)
 
         clients = TlsClients(
             self.source,
@@ -361,7 +361,7 @@ class StreamServer(Service):
         )
         await clients.run()
 
-    def _serve_over_tls(self, tls: ssl.SSLSocket, poem: bytes, senders: trio.Nursery) -> None:
+    def _serve_over_tls(self, tls: ssl.SSLSocket, poem: bytes, tcp: bool, senders: trio.Nursery) -> None:
         """Send the poem and the close_notify now if the kernel takes them, else in a task of ``senders``."""
         poem_sent = False
         try:
@@ -370,21 +370,23 @@ class StreamServer(Service):
             tls.unwrap()  # the close_notify
         except ssl.SSLWantReadError:
             if not poem_sent:  # a key update from the client first: rare
-                return self._hand_over_tls(tls, poem, poem_sent, senders)
+                return self._hand_over_tls(tls, poem, poem_sent, tcp, senders)
             # The close_notify is sent; the client's is on its way, or not.
         except ssl.SSLWantWriteError:
-            return self._hand_over_tls(tls, poem, poem_sent, senders)
+            return self._hand_over_tls(tls, poem, poem_sent, tcp, senders)
         except OSError as exc:  # ssl.SSLError included: the client is gone
             log_lost(exc)
             tls.close()
             return
-        self._finish_tls(tls, len(poem))
+        self._finish_tls(tls, len(poem), tcp)
 
-    def _hand_over_tls(self, tls: ssl.SSLSocket, poem: bytes, poem_sent: bool, senders: trio.Nursery) -> None:
+    def _hand_over_tls(
+        self, tls: ssl.SSLSocket, poem: bytes, poem_sent: bool, tcp: bool, senders: trio.Nursery
+    ) -> None:
         self._handed_over_here += 1
-        senders.start_soon(self._send_over_tls, tls, poem, poem_sent)
+        senders.start_soon(self._send_over_tls, tls, poem, poem_sent, tcp)
 
-    async def _send_over_tls(self, tls: ssl.SSLSocket, poem: bytes, poem_sent: bool) -> None:
+    async def _send_over_tls(self, tls: ssl.SSLSocket, poem: bytes, poem_sent: bool, tcp: bool) -> None:
         """Send ``poem`` (unless ``poem_sent``) and a close_notify over ``tls``, then :meth:`_finish_tls`."""
         failure: OSError | None = None
         self._tasks_started += 1
@@ -404,9 +406,9 @@ class StreamServer(Service):
             self._tasks_sending -= 1
         if self._given_up(tls, failure, timeout.cancelled_caught, "over TLS"):
             return
-        self._finish_tls(tls, len(poem))
+        self._finish_tls(tls, len(poem), tcp)
 
-    def _finish_tls(self, tls: ssl.SSLSocket, size: int) -> None:
+    def _finish_tls(self, tls: ssl.SSLSocket, size: int, tcp: bool) -> None:
         """The poem and the close_notify are with the kernel: close, or end the stream and linger."""
         self._finished += 1
         self._finished_bytes += size
@@ -414,7 +416,7 @@ class StreamServer(Service):
         # OpenSSL's to count: the kernel's queues say whether any is at
         # stake.  The client's own close_notify comes after ours, so a
         # client that has everything is closed before it arrives.
-        if not self.always_linger and tls.family in TCP_FAMILIES and settled(tls):
+        if tcp and not self.always_linger and settled(tls):
             tls.close()
             return
         try:

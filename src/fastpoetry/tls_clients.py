@@ -48,19 +48,21 @@ log = logging.getLogger(__name__)
 #: clients already there are moved on again.
 ACCEPT_BATCH = 16
 
-#: Takes a client whose handshake is done, with the poem to send it.
-Serve = Callable[[ssl.SSLSocket, bytes], None]
+#: Takes a client whose handshake is done, with the poem to send it and
+#: whether it is a TCP client (not AF_UNIX).
+Serve = Callable[[ssl.SSLSocket, bytes, bool], None]
 
 
 class _Client:
     """One client before its poem."""
 
-    __slots__ = ("conn", "tls", "peer", "deadline", "taken", "header", "waiting_for")
+    __slots__ = ("conn", "tls", "family", "address", "deadline", "taken", "header", "waiting_for")
 
-    def __init__(self, conn: socket.socket, peer: str) -> None:
+    def __init__(self, conn: socket.socket, family: int, address: object) -> None:
         self.conn = conn
         self.tls: ssl.SSLSocket | None = None
-        self.peer = peer
+        self.family = family
+        self.address = address
         self.deadline = math.inf
         #: The bytes of its PROXY protocol header taken so far.
         self.taken = b""
@@ -71,6 +73,11 @@ class _Client:
     @property
     def sock(self) -> socket.socket:
         return self.tls if self.tls is not None else self.conn
+
+    @property
+    def peer(self) -> str:
+        # Only a log line needs it: made when asked for.
+        return format_peer(self.family, self.address)
 
 
 class TlsClients:
@@ -109,7 +116,9 @@ class TlsClients:
         self.header_timeout = header_timeout
         self.handshake_timeout = handshake_timeout
         self._epoll = select.epoll()
-        self._listening = {sock.fileno(): sock for sock in listeners}
+        # Each listener with what its connections are made of (its
+        # properties build enum members at every call).
+        self._listening = {sock.fileno(): (sock, int(sock.family), int(sock.type), sock.proto) for sock in listeners}
         self._paused: dict[int, float] = {}
         self._awaiting_header: dict[int, _Client] = {}
         self._handshaking: dict[int, _Client] = {}
@@ -132,7 +141,7 @@ class TlsClients:
                     if client is not None:
                         self._move_on(client)
                     elif fd in self._listening:
-                        self._accept(self._listening[fd])
+                        self._accept(*self._listening[fd])
                 self._expire(trio.current_time())
         finally:
             for clients in (self._awaiting_header, self._handshaking):
@@ -145,8 +154,9 @@ class TlsClients:
         deadlines = [clients[next(iter(clients))].deadline for clients in (self._awaiting_header, self._handshaking) if clients]
         return min([*deadlines, *self._paused.values()], default=math.inf)
 
-    def _accept(self, listener: socket.socket) -> None:
-        family = int(listener.family)
+    def _accept(self, listener: socket.socket, family: int, kind: int, proto: int) -> None:
+        tcp = family in TCP_FAMILIES
+        now = trio.current_time()
         for _ in range(ACCEPT_BATCH):
             if not self.source.poem:
                 self._trouble.turn_away(listener)
@@ -159,28 +169,28 @@ class TlsClients:
                 if not self._trouble.failed(listener, exc):
                     # Level-triggered: left registered, it would be reported at once, again and again.
                     self._epoll.unregister(listener.fileno())
-                    self._paused[listener.fileno()] = trio.current_time() + ACCEPT_RETRY
+                    self._paused[listener.fileno()] = now + ACCEPT_RETRY
                 return
-            conn = socket.socket(family, int(listener.type), listener.proto, fd)
-            if family in TCP_FAMILIES:
+            conn = socket.socket(family, kind, proto, fd)
+            if tcp:
                 # The poem and the close_notify are two writes: with
                 # Nagle's algorithm the second could wait for the client's
                 # acknowledgement of the first, which Linux may delay by up
                 # to 40 ms (nginx's stream module also sets tcp_nodelay).
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            client = _Client(conn, format_peer(family, address))
+            client = _Client(conn, family, address)
             self._epoll.register(fd, select.EPOLLIN)
             if self.proxy_protocol:
-                client.deadline = trio.current_time() + self.header_timeout
+                client.deadline = now + self.header_timeout
                 self._awaiting_header[fd] = client
             else:
-                self._begin_handshake(client)
+                self._begin_handshake(client, now)
             # A client is quick, or its bytes came before the accept
             # (TCP_DEFER_ACCEPT): try at once, as the epoll would say.
             self._move_on(client)
 
-    def _begin_handshake(self, client: _Client) -> None:
-        client.deadline = trio.current_time() + self.handshake_timeout
+    def _begin_handshake(self, client: _Client, now: float) -> None:
+        client.deadline = now + self.handshake_timeout
         self._handshaking[client.conn.fileno()] = client
 
     def _move_on(self, client: _Client) -> None:
@@ -212,7 +222,7 @@ class TlsClients:
                 log_sending(self.source.label, len(poem), client.peer)
             else:
                 log_sending_behind(self.source.label, len(poem), client.header, client.peer)
-        self.serve(tls, poem)
+        self.serve(tls, poem, client.family in TCP_FAMILIES)
         # Closed, the socket has left the epoll by itself; one still open
         # has a new owner (a task, or the lingering close), and must leave
         # it before this epoll reports it again.
@@ -251,7 +261,7 @@ class TlsClients:
             return False
         client.header = header
         del self._awaiting_header[fd]
-        self._begin_handshake(client)
+        self._begin_handshake(client, trio.current_time())
         return True
 
     def _refuse(self, client: _Client, fd: int, kind: str, detail: str) -> bool:
