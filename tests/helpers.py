@@ -556,6 +556,20 @@ async def serving_stream(
                 await server.stop()
 
 
+async def receive(sock: trio.socket.SocketType) -> tuple[bytes, str]:
+    """Everything received, and how it ended: 'eof' or 'reset'."""
+    data = bytearray()
+    with trio.fail_after(WAIT):
+        while True:
+            try:
+                piece = await sock.recv(65536)
+            except ConnectionResetError:
+                return bytes(data), "reset"
+            if not piece:
+                return bytes(data), "eof"
+            data += piece
+
+
 # -- TLS --------------------------------------------------------------------------------
 
 

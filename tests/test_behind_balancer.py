@@ -24,7 +24,7 @@ import trio
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from helpers import POEMS, WAIT, make_poem, needs_ipv6, serving_stream, wait_until_async
+from helpers import POEMS, WAIT, make_poem, needs_ipv6, receive, serving_stream, wait_until_async
 from fastpoetry import acceptor
 from fastpoetry.listeners import bind
 from fastpoetry.proxy_protocol import V2_SIGNATURE, HeaderError, parse
@@ -84,20 +84,6 @@ async def send_all(sock: trio.socket.SocketType, data: bytes) -> None:
     with trio.fail_after(WAIT):
         while view:
             view = view[await sock.send(view) :]
-
-
-async def receive(sock: trio.socket.SocketType) -> tuple[bytes, str]:
-    """Everything received, and how it ended: 'eof' or 'reset'."""
-    data = bytearray()
-    with trio.fail_after(WAIT):
-        while True:
-            try:
-                piece = await sock.recv(65536)
-            except ConnectionResetError:
-                return bytes(data), "reset"
-            if not piece:
-                return bytes(data), "eof"
-            data += piece
 
 
 async def fetch(server: StreamServer, *pieces: bytes, pause: float = 0.0) -> tuple[bytes, str]:

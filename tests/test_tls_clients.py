@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from helpers import POEMS, WAIT, Pair, make_pair, wait_until_async
+from helpers import POEMS, WAIT, Pair, make_pair, receive, wait_until_async
 from fastpoetry import tls
 from fastpoetry.acceptor import Refusals, header_refusals
 from fastpoetry.listeners import bind
@@ -102,18 +102,6 @@ async def fetch(address: tuple[str, int], pair: Pair, before: bytes = b"") -> by
     return bytes(data)
 
 
-async def receive_plain(sock: trio.socket.SocketType) -> tuple[bytes, str]:
-    data = bytearray()
-    while True:
-        try:
-            piece = await sock.recv(65536)
-        except ConnectionResetError:
-            return bytes(data), "reset"
-        if not piece:
-            return bytes(data), "eof"
-        data += piece
-
-
 async def connect(address: tuple[str, int]) -> trio.socket.SocketType:
     sock = trio.socket.socket()
     await sock.connect(address)
@@ -147,7 +135,7 @@ async def test_a_late_header_and_a_slow_handshake_each_have_their_own_timeout(pa
             await in_handshake.send(b"PROXY TCP4 198.51.100.7 192.0.2.1 40123 10443\r\n")
             await wait_until_async(lambda: len(server.clients) == 1 and server.clients.refused.total == 0)
             silent = await connect(server.address)
-            assert await receive_plain(silent) == (b"", "reset")
+            assert await receive(silent) == (b"", "reset")
         assert server.clients.refused.total == 1
         assert len(server.clients) == 1, "the client in its handshake is still there"
         assert server.clients.failed.total == 0
@@ -159,7 +147,7 @@ async def test_without_a_poem_clients_are_turned_away(pair: Pair) -> None:
     async with running(pair, Source(b"")) as server:
         with trio.fail_after(WAIT):
             sock = await connect(server.address)
-            data, _ = await receive_plain(sock)
+            data, _ = await receive(sock)
         assert data == b"" and server.served == []
         sock.close()
 
@@ -171,7 +159,7 @@ async def test_cancelling_resets_the_clients_before_their_poem(pair: Pair) -> No
             sock = await connect(server.address)
             await wait_until_async(lambda: len(server.clients) == 1)
     with trio.fail_after(WAIT):
-        assert await receive_plain(sock) == (b"", "reset")
+        assert await receive(sock) == (b"", "reset")
     sock.close()
 
 
