@@ -908,7 +908,8 @@ def _header(run: Run) -> list[str]:
 
 
 def tables(run: Run) -> list[Table]:
-    found = [small_poem_table(run)]
+    # Without a plain row (--only tls), no empty 3 KB table.
+    found = [small_poem_table(run)] if run.cells or run.servers else []
     if run.breakdown or run.perf_unavailable:
         found.append(breakdown_table(run))
     if run.big_poem:
