@@ -13,22 +13,26 @@ into a failure; no test asserts how fast anything is.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
 import select
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
+import trustme
 
 from fastpoetry.listeners import bind
 from fastpoetry.stream import StreamServer
@@ -550,3 +554,37 @@ async def serving_stream(
         finally:
             with trio.fail_after(WAIT):
                 await server.stop()
+
+
+# -- TLS --------------------------------------------------------------------------------
+
+
+@dataclass
+class Pair:
+    """A certificate and key on disk, as the server is given them, and the CA that signed them."""
+
+    cert: Path
+    key: Path
+    ca: trustme.CA
+
+    @property
+    def fingerprint(self) -> str:
+        der = ssl.PEM_cert_to_DER_cert(self.cert.read_text().split("-----END CERTIFICATE-----")[0] + "-----END CERTIFICATE-----\n")
+        return hashlib.sha256(der).digest().hex(":").upper()
+
+    def key_lines(self) -> list[str]:
+        """The base64 lines of the key: none may ever appear in a log or a message."""
+        return [line for line in self.key.read_text().splitlines() if line and not line.startswith("-----")]
+
+
+def make_pair(folder: Path, name: str = "server", ca: trustme.CA | None = None, *hosts: str) -> Pair:
+    """A certificate (for ``hosts``: localhost and its addresses by default) and key, signed by ``ca`` or a new CA."""
+    ca = ca or trustme.CA()
+    issued = ca.issue_cert(*(hosts or ("localhost", "127.0.0.1", "::1")))
+    folder.mkdir(parents=True, exist_ok=True)
+    cert, key = folder / f"{name}.crt", folder / f"{name}.key"
+    issued.cert_chain_pems[0].write_to_path(str(cert))
+    for pem in issued.cert_chain_pems[1:]:
+        pem.write_to_path(str(cert), append=True)
+    issued.private_key_pem.write_to_path(str(key))
+    return Pair(cert, key, ca)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import ssl
 import subprocess
 import sys
 from collections.abc import Callable
@@ -28,6 +29,7 @@ from helpers import (
     clean_env,
     fetch,
     listening_socket,
+    make_pair,
     start_activated,
     terminate,
 )
@@ -50,7 +52,16 @@ SERVER_OPTIONS = (
     "--log-target",
 )
 
-SERVE_OPTIONS = ("--poem", "--workers", "--proxy-protocol", "--proxy-protocol-timeout", *SERVER_OPTIONS)
+SERVE_OPTIONS = (
+    "--poem",
+    "--workers",
+    "--proxy-protocol",
+    "--proxy-protocol-timeout",
+    "--tls-cert",
+    "--tls-key",
+    "--tls-handshake-timeout",
+    *SERVER_OPTIONS,
+)
 
 LANTERN = POEMS / "lantern.txt"
 LEDGER = POEMS / "harbour-ledger.txt"
@@ -187,6 +198,21 @@ USAGE_ERRORS = {
         ["--proxy-protocol ballad", "no --poem is named 'ballad'"],
     ),
     "proxy protocol timeout 0": (["serve", "--proxy-protocol-timeout", "0"], ["--proxy-protocol-timeout", "'0'"]),
+    "tls cert without key": (["serve", "--tls-cert", "tls.crt"], ["--tls-key: none is given", "without a NAME="]),
+    "tls key without cert": (["serve", "--tls-key", "tls.key"], ["--tls-cert: none is given", "without a NAME="]),
+    "tls named key without its cert": (
+        ["serve", "--poem", f"a={LANTERN}", "--tls-cert", "tls.crt", "--tls-key", "tls.key", "--tls-key", "a=a.key"],
+        ["--tls-cert: none is given for the name 'a'"],
+    ),
+    "tls cert for no poem": (
+        ["serve", "--tls-cert", "ballad=tls.crt", "--tls-key", "ballad=tls.key"],
+        ["--tls-cert ballad=tls.crt", "no --poem is named 'ballad'"],
+    ),
+    "two unnamed tls certs": (
+        ["serve", "--tls-cert", "a.crt", "--tls-cert", "b.crt", "--tls-key", "a.key"],
+        ["--tls-cert", "without a NAME=", "more than once"],
+    ),
+    "tls handshake timeout 0": (["serve", "--tls-handshake-timeout", "0"], ["--tls-handshake-timeout", "'0'"]),
     "port with empty name": (["serve", "--port", "=7000"], ["--port", "empty NAME"]),
     "same port name twice": (
         ["serve", "--poem", f"a={LANTERN}", "--port", "a=7000", "--port", "a=7001"],
@@ -419,6 +445,33 @@ def test_proxy_protocol_named_expects_the_header_on_that_poems_sockets_only(
         assert fetch(direct.getsockname()) == LEDGER.read_bytes()
         server.wait_for_log(r"sending \d+ bytes of poetry to 198\.51\.100\.7:40123 via 127\.0\.0\.1:\d+")
         server.wait_for_log(r"reset a connection from 127\.0\.0\.1:\d+: malformed PROXY protocol header")
+        assert terminate(server) == 0
+
+
+def test_tls_named_serves_that_poems_sockets_over_tls_and_the_others_plain(
+    start_server: Callable[..., Server], tmp_path: Path
+) -> None:
+    """--tls-cert NAME=FILE --tls-key NAME=FILE: the poem NAME over TLS, the other poem over plain TCP."""
+    pair = make_pair(tmp_path / "tls")
+    with listening_socket() as secure, listening_socket() as plain:
+        server = start_activated(
+            start_server, [secure, plain], "serve", "--poem", f"secure={LANTERN}", "--poem", str(LEDGER),
+            "--tls-cert", f"secure={pair.cert}", "--tls-key", f"secure={pair.key}",
+            names=["secure", "plain"],
+        )
+        server.wait_ready()
+        context = ssl.create_default_context()
+        context.options &= ~ssl.OP_IGNORE_UNEXPECTED_EOF
+        pair.ca.configure_trust(context)
+        with socket.create_connection(secure.getsockname(), timeout=WAIT) as sock:
+            with context.wrap_socket(sock, server_hostname="localhost", suppress_ragged_eofs=False) as tls:
+                received = b""
+                while piece := tls.recv(65536):
+                    received += piece
+        assert received == LANTERN.read_bytes()
+        assert fetch(plain.getsockname()) == LEDGER.read_bytes()
+        assert re.search(r"serving secure over TLS on ", server.log())
+        assert re.search(r"serving harbour-ledger\.txt on ", server.log())
         assert terminate(server) == 0
 
 

@@ -18,6 +18,7 @@ import re
 import select
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import sys
@@ -34,9 +35,11 @@ from helpers import (
     POEMS,
     WAIT,
     NoLocalhost,
+    Pair,
     Server,
     clean_env,
     listening_socket,
+    make_pair,
     make_poem,
     needs_ipv6,
 )
@@ -672,6 +675,7 @@ USAGE_ERRORS = {
     "timeout abc": (["--timeout", "abc", "10000"], ["--timeout", "'abc'"]),
     # argparse leaves unknown options to the top parser, which reports them.
     "unknown option": (["--verbose", "10000"], ["--verbose", "unrecognized"]),
+    "ca and insecure": (["--ca", "ca.pem", "--insecure", "10000"], ["--ca and --insecure"]),
 }
 
 
@@ -936,3 +940,89 @@ def test_a_poem_of_exactly_max_poem_size_is_printed(fake_server: StartFake) -> N
     result = get("--max-poem-size", "1K", server.address)
     assert result.returncode == 0, result
     assert result.stdout == b"y" * 1023 + b"\n"
+
+
+# -- over TLS ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tls_server(serve_foreground: ServeForeground, tmp_path: Path) -> tuple[Server, Pair]:
+    pair = make_pair(tmp_path / "tls")
+    server = serve_foreground("--poem", str(LEDGER), "--tls-cert", str(pair.cert), "--tls-key", str(pair.key))
+    return server, pair
+
+
+def _ca_file(pair: Pair, folder: Path) -> str:
+    path = folder / "ca.pem"
+    pair.ca.cert_pem.write_to_path(str(path))
+    return str(path)
+
+
+def test_tls_with_the_right_ca_prints_the_exact_poem(tls_server: tuple[Server, Pair], tmp_path: Path) -> None:
+    server, pair = tls_server
+    port = str(server.address()[1])
+    # By address, and by the name localhost (both loopback addresses, one name to check).
+    for where in (address(server), port):
+        result = get("--tls", "--ca", _ca_file(pair, tmp_path), where)
+        assert (result.returncode, result.stdout, result.stderr) == (0, LEDGER.read_bytes(), b"")
+
+
+def test_tls_with_another_ca_or_the_system_cas_fails_in_one_line(
+    tls_server: tuple[Server, Pair], tmp_path: Path
+) -> None:
+    server, _ = tls_server
+    stranger = make_pair(tmp_path / "stranger", "stranger")
+    for options in (["--ca", _ca_file(stranger, tmp_path)], ["--tls"]):
+        result = get(*options, address(server))
+        assert result.returncode == 1 and result.stdout == b""
+        [line] = error_lines(result)
+        assert line.startswith(f"fastpoetry get: {address(server)}: TLS handshake failed: certificate verify failed"), line
+
+
+def test_tls_checks_the_host_name(serve_foreground: ServeForeground, tmp_path: Path) -> None:
+    """A certificate of the right CA for another name is refused."""
+    pair = make_pair(tmp_path / "tls", "elsewhere", None, "poetry.example.org")
+    server = serve_foreground("--tls-cert", str(pair.cert), "--tls-key", str(pair.key))
+    result = get("--ca", _ca_file(pair, tmp_path), address(server))
+    assert result.returncode == 1 and result.stdout == b""
+    [line] = error_lines(result)
+    assert "certificate verify failed" in line and "127.0.0.1" in line, line
+
+
+def test_insecure_checks_nothing(tls_server: tuple[Server, Pair]) -> None:
+    server, _ = tls_server
+    result = get("--insecure", address(server))
+    assert (result.returncode, result.stdout) == (0, LEDGER.read_bytes())
+
+
+def test_tls_a_poem_without_a_close_notify_is_cut_off(fake_server: StartFake, tmp_path: Path) -> None:
+    """A server that ends the TCP stream without a close_notify: the bytes are not printed."""
+    pair = make_pair(tmp_path / "tls")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(pair.cert, pair.key)
+
+    def no_close_notify(conn: socket.socket) -> None:
+        with context.wrap_socket(conn, server_side=True) as secure:
+            secure.sendall(LEDGER.read_bytes())
+            # The TCP end without TLS's: close the descriptor under OpenSSL.
+            os.close(secure.detach())
+
+    server = fake_server(no_close_notify)
+    result = get("--ca", _ca_file(pair, tmp_path), server.address)
+    assert result.returncode == 1 and result.stdout == b""
+    [line] = error_lines(result)
+    assert "closed without a TLS close_notify" in line and "(the poem is incomplete)" in line, line
+
+
+def test_a_plain_get_from_a_tls_server_gets_no_poem(serve_foreground: ServeForeground, tmp_path: Path) -> None:
+    pair = make_pair(tmp_path / "tls")
+    server = serve_foreground("--tls-cert", str(pair.cert), "--tls-key", str(pair.key), "--tls-handshake-timeout", "0.2")
+    result = get(address(server))
+    assert result.returncode == 1 and result.stdout == b""
+
+
+def test_a_ca_file_that_cannot_be_read_is_one_line_exit_1(tmp_path: Path) -> None:
+    result = get("--ca", str(tmp_path / "missing.pem"), "10000")
+    assert result.returncode == 1 and result.stdout == b""
+    [line] = error_lines(result)
+    assert line == f"fastpoetry get: cannot load the TLS CA certificates from {tmp_path / 'missing.pem'}: no such file or directory"

@@ -108,6 +108,10 @@ Linger = Callable[[_socket.socket, "int | None", int], None]
 #: (connection, the bytes of it received so far, the balancer's address).
 AwaitHeader = Callable[[_socket.socket, bytes, str], None]
 
+#: Takes a connection just accepted, to serve all of it in the event loop
+#: (over TLS): (connection, the peer's address).
+HandOver = Callable[[_socket.socket, str], None]
+
 
 class Acceptor:
     """Accepts connections on ``listeners`` and serves them the poem of ``source``.
@@ -125,6 +129,10 @@ class Acceptor:
     first (:mod:`~.proxy_protocol`).  One already there is read here; one
     still on its way goes to ``await_header`` with what came of it; one
     that can never be valid is reset and counted in ``refused``.
+
+    With ``hand_over``, every client accepted goes to ``hand_over`` at
+    once, and nothing else happens here: a TLS handshake needs a round
+    trip, and the event loop waits for it.
     """
 
     def __init__(
@@ -136,6 +144,7 @@ class Acceptor:
         linger: Linger,
         always_linger: bool = False,
         await_header: AwaitHeader | None = None,
+        hand_over: HandOver | None = None,
     ) -> None:
         self.source = source
         self.listeners = listeners
@@ -143,8 +152,11 @@ class Acceptor:
         self.linger = linger
         self.always_linger = always_linger
         self.await_header = await_header
+        self.hand_over = hand_over
+        if hand_over is not None:
+            self._serve_one = self._hand_over_one  # type: ignore[method-assign]
         #: Connections refused for want of a valid header, shared with ``await_header``'s side.
-        self.refused = RefusedHeaders(source)
+        self.refused = Refusals(source, "reset", "sent no valid PROXY protocol header", field="BALANCER")
         # Where a header is received: only this thread uses it.
         self._header = bytearray(MAX_LENGTH)
         # Only the accepting thread writes the figures below; the event
@@ -207,12 +219,7 @@ class Acceptor:
         except BlockingIOError:  # another process took it (serve --workers)
             return True
         except OSError as exc:
-            if exc.errno in CLIENT_GONE_ERRNOS:
-                return True
-            if exc.errno not in _CAPACITY_ERRNOS:
-                raise
-            self._report_capacity(listening.listener, exc)
-            return False
+            return self._accept_failed(listening, exc)
         conn = listening.sockets.get(fd)
         if self.await_header is not None:
             self._read_header(listening, conn, fd, address, poem)
@@ -221,6 +228,30 @@ class Acceptor:
             self._log_sending(size, format_peer(listening.family, address))
         self._send(listening, conn, fd, poem, 0)
         return True
+
+    def _hand_over_one(self, listening: _Listening) -> bool:
+        """Accept a client and hand it over whole; False if out of descriptors or memory."""
+        if not self.source.poem:
+            self._turn_away(listening.listener)
+            return True
+        try:
+            fd, address = listening.accept()
+        except BlockingIOError:
+            return True
+        except OSError as exc:
+            return self._accept_failed(listening, exc)
+        assert self.hand_over is not None
+        self.hand_over(listening.sockets.take(fd), format_peer(listening.family, address))
+        return True
+
+    def _accept_failed(self, listening: _Listening, exc: OSError) -> bool:
+        """After accept() failed: True to go on, False to wait (out of descriptors or memory)."""
+        if exc.errno in CLIENT_GONE_ERRNOS:
+            return True
+        if exc.errno not in _CAPACITY_ERRNOS:
+            raise exc
+        self._report_capacity(listening.listener, exc)
+        return False
 
     def _send(self, listening: _Listening, conn: _socket.socket, fd: int, poem: bytes, header: int) -> None:
         """Send the poem to the client just accepted; ``header``: the bytes of its header read."""
@@ -409,28 +440,38 @@ class SocketsByNumber:
         self._kept.clear()
 
 
-class RefusedHeaders:
-    """Connections refused for want of a valid PROXY protocol header, logged now and then.
+class Refusals:
+    """Connections refused before their poem began, logged now and then.
 
-    Each is logged at debug level; a warning sums them up at most once per
-    REFUSED_LOG_INTERVAL, by kind.  Safe to use from any thread.
+    Each is logged at debug level, as "``action`` a connection from PEER:
+    detail"; a warning sums them up at most once per REFUSED_LOG_INTERVAL,
+    by kind, as "``action`` N connections that ``what``".  Safe to use from
+    any thread.
     """
 
-    def __init__(self, source: PoemSource, interval: float | None = None) -> None:
+    def __init__(
+        self, source: PoemSource, action: str, what: str, *, field: str = "PEER", interval: float | None = None
+    ) -> None:
         self.source = source
+        self.action = action
+        self.what = what
+        # The journal field that names the peer: BALANCER= for a connection
+        # that brought no header, since no client was named.
+        self._field = field
         #: Every connection refused so far.
         self.total = 0
         self._kinds: Counter[str] = Counter()
         self._tally = Tally(REFUSED_LOG_INTERVAL if interval is None else interval)
         self._lock = threading.Lock()
 
-    def add(self, kind: str, balancer: str, detail: str) -> None:
-        """Count a connection from ``balancer`` refused: ``kind`` is a :mod:`~.proxy_protocol` kind."""
+    def add(self, kind: str, peer: str, detail: str) -> None:
+        """Count a connection from ``peer`` refused, of ``kind`` (a word or two: "timed out")."""
         log.debug(
-            "reset a connection from %s: %s",
-            balancer,
+            "%s a connection from %s: %s",
+            self.action,
+            peer,
             detail,
-            extra={"POEM": self.source.label, "BALANCER": balancer},
+            extra={"POEM": self.source.label, self._field: peer},
         )
         with self._lock:
             self.total += 1
@@ -449,8 +490,10 @@ class RefusedHeaders:
         kinds, self._kinds = self._kinds, Counter()
         refused = sum(kinds.values())
         log.warning(
-            "reset %s that sent no valid PROXY protocol header (%s)",
+            "%s %s that %s (%s)",
+            self.action,
             count(refused, "connection"),
+            self.what,
             ", ".join(f"{number} {kind}" for kind, number in sorted(kinds.items())),
             extra={"POEM": self.source.label, "CLIENTS": refused},
         )

@@ -7,6 +7,7 @@ deeper so that several poems can be served side by side::
       TimerService "watchdog"        (only when systemd asks for it)
       MultiService "poem:LABEL"      (one per --poem, or the proxy's upstream)
         PoetryService "poetry"       (or ProxyService "proxy": fetches and caches)
+        Credentials "tls"            (only over TLS: the certificate and key)
         StreamServer "stream"        (the sockets serving this poem)
       TimerService "status"
       TimerService "summary"
@@ -43,8 +44,13 @@ from .proxy import ProxyService
 from .report import Reporter, Source
 from .service import Application, MultiService, TimerService
 from .stream import StreamServer
+from .tls import Credentials, CredentialsError, Loaded, load
 
 log = logging.getLogger(__name__)
+
+#: What a bad configuration file raises: a start fails with exit status 1,
+#: a reload keeps what was loaded before.
+_FILE_ERRORS = (PoemError, CredentialsError)
 
 
 class StartupError(Exception):
@@ -74,6 +80,8 @@ class Prepared:
     assigned: list[list[socket.socket]]
     #: The poems of ``config.poems``, in that order.
     poems: list[bytes]
+    #: Their TLS certificates and keys, loaded; None for a poem served over plain TCP.
+    tls: list[Loaded | None]
 
 
 class Server:
@@ -87,27 +95,36 @@ class Server:
         self._grace = trio.CancelScope()
 
     async def reload(self, request: Request) -> str | None:
-        """Re-read every poem file, and fetch from every upstream; return why it failed, or None.
+        """Re-read every poem file and TLS pair, and fetch from every upstream; return why it failed, or None.
 
-        Poem files are replaced all or none: the new ones are served only if
-        every one could be read. An upstream that fails keeps its cached poem.
+        Poem files and TLS certificates and keys are replaced all or none:
+        the new ones are served only if every one could be read. An upstream
+        that fails keeps its cached poem.
         READY=1 is sent before this returns: whoever waits for the outcome
         hears of it only once systemd has.
         """
         services = list(self.application.walk())
         files = [service for service in services if isinstance(service, PoetryService)]
         upstreams = [service for service in services if isinstance(service, ProxyService)]
-        log.info("received %s: reloading %s", request.what, count(len(files) + len(upstreams), "poem"))
+        pairs = [service for service in services if isinstance(service, Credentials)]
+        what = count(len(files) + len(upstreams), "poem")
+        if pairs:
+            what += f" and {count(len(pairs), 'TLS certificate')}"
+        log.info("received %s: reloading %s", request.what, what)
         self.reporter.reloading()
         failures: list[str] = []
         try:
             fresh = [await source.read() for source in files]
-        except PoemError as exc:
+            loaded = [await pair.read() for pair in pairs]
+        except _FILE_ERRORS as exc:
             failures.append(str(exc))
-            log.error("reload failed, still serving the poems loaded before: %s", exc)
+            kept = "poems and TLS certificates" if pairs else "poems"
+            log.error("reload failed, still serving the %s loaded before: %s", kept, exc)
         else:
             for source, poem in zip(files, fresh, strict=True):
                 source.use(poem)
+            for pair, both in zip(pairs, loaded, strict=True):
+                pair.use(both)
         for upstream in upstreams:
             # A failed fetch is logged by the proxy, and its cached poem stays.
             if not await upstream.refresh():
@@ -304,14 +321,17 @@ def prepare(config: ServeConfig) -> Prepared:
     try:
         assigned = assign(config, sockets)
         poems = []
+        loaded: list[Loaded | None] = []
         for spec in config.poems:
             if not isinstance(spec, PoemSpec):
                 raise TypeError(f"workers serve poem files, not {spec!r}")
             poems.append(read_poem(spec.path, config.max_poem_size))
+            pair = config.tls_pair(spec)
+            loaded.append(None if pair is None else load(pair.cert, pair.key))
     except BaseException as exc:
         give_up(sockets, exc)
         raise
-    return Prepared(sockets, assigned, poems)
+    return Prepared(sockets, assigned, poems, loaded)
 
 
 def give_up(sockets: list[NamedSocket], exc: BaseException) -> None:
@@ -324,11 +344,11 @@ def give_up(sockets: list[NamedSocket], exc: BaseException) -> None:
     while (:mod:`.refusing`). After a crash systemd restarts the service,
     which serves them.
     """
-    if not isinstance(exc, (PoemError, StartupError)):
+    if not isinstance(exc, (*_FILE_ERRORS, StartupError)):
         listeners.close(sockets)
         return
     held = refusing.turn_away_waiting([sock for _, sock in sockets])
-    if held or isinstance(exc, PoemError):
+    if held or isinstance(exc, _FILE_ERRORS):
         raise StartupError(str(exc), held=held) from None
 
 
@@ -353,7 +373,9 @@ async def _start(
         if prepared is None:
             server = await build(config, assign(config, sockets), reporter=reporter)
         else:
-            server = await build(config, prepared.assigned, poems=prepared.poems, reporter=reporter)
+            server = await build(
+                config, prepared.assigned, poems=prepared.poems, tls=prepared.tls, reporter=reporter
+            )
         await server.application.start(nursery)
     except BaseException as exc:
         if server is not None:
@@ -369,12 +391,14 @@ async def build(
     assigned: Sequence[list[socket.socket]],
     *,
     poems: Sequence[bytes] | None = None,
+    tls: Sequence[Loaded | None] | None = None,
     reporter: ReporterFactory = Reporter,
 ) -> Server:
     """The tree for ``config``, each poem served on its sockets of ``assigned``, not started yet.
 
-    With ``poems`` (a worker's), those are the poems it starts with, and no
-    watchdog is pinged: only the main process may, and does.
+    With ``poems`` and ``tls`` (a worker's), those are the poems and TLS
+    pairs it starts with, and no watchdog is pinged: only the main process
+    may, and does.
     """
     app = Application("fastpoetry")
     interval = systemd.watchdog_interval() if poems is None else None
@@ -388,6 +412,11 @@ async def build(
         sources.append(source)
         group = MultiService(f"poem:{source.label}")
         await group.add(source)
+        pair = config.tls_pair(spec)
+        credentials = None
+        if pair is not None and its_sockets:
+            credentials = Credentials(pair.cert, pair.key, first=None if tls is None else tls[index])
+            await group.add(credentials)
         if its_sockets:
             server = StreamServer(
                 source,
@@ -396,6 +425,8 @@ async def build(
                 always_linger=config.always_linger,
                 proxy_protocol=config.expects_header(spec),
                 header_timeout=config.header_timeout,
+                tls=credentials,
+                handshake_timeout=config.handshake_timeout,
             )
             await group.add(server)
             servers.append(server)

@@ -30,10 +30,19 @@ the poem without a name, and on --port NAME=N for the poem named NAME. The
 default --iface, localhost, is 127.0.0.1 and ::1, never looked up.
 
 Reload: 'fastpoetry reload' (the unit's ExecReload=, so 'systemctl reload')
-re-reads every poem file, all are replaced or none, and returns once they
-are served, or fails with the reason. SIGHUP does the same without telling
-anyone the outcome. SIGTERM and SIGINT stop accepting and let poems in
-flight finish within --shutdown-timeout.
+re-reads every poem file and TLS certificate and key, all are replaced or
+none, and returns once they are served, or fails with the reason. SIGHUP
+does the same without telling anyone the outcome. SIGTERM and SIGINT stop
+accepting and let poems in flight finish within --shutdown-timeout.
+
+Over TLS: with --tls-cert FILE and --tls-key FILE every socket (with
+--tls-cert NAME=FILE and --tls-key NAME=FILE, those of the poem named NAME)
+speaks TLS 1.2 or 1.3; the poem ends with a TLS close_notify. Under systemd
+the key can be a credential (LoadCredential=, then --tls-key %d/tls.key):
+it stays readable by root alone on disk. A reload re-reads the
+certificates and keys with the poems, all or none. A client whose handshake
+fails or takes longer than --tls-handshake-timeout gets no byte of the
+poem, and is counted in a warning at most every 10 seconds.
 
 Behind a load balancer that sends the PROXY protocol (HAProxy's
 send-proxy or send-proxy-v2), --proxy-protocol makes every socket (or, with
@@ -42,7 +51,8 @@ version 1 or 2, before the poem; the client's address it names is the one
 logged (PEER=), the balancer's goes in BALANCER=. A v2 LOCAL header (a
 health check) is served. A connection whose header is malformed, too long,
 or not whole within --proxy-protocol-timeout is reset without a byte of
-the poem, and counted in a warning at most every 10 seconds.
+the poem, and counted in a warning at most every 10 seconds. With TLS as
+well, the header comes first, in plain text, as HAProxy sends it.
 
 With --workers N, the process started takes the sockets and reads the
 poems, then starts N worker processes that serve on the same sockets. It
@@ -112,10 +122,15 @@ before it have arrived. Between two poems a newline is added only when the
 first does not end with one, so with one address the output is the poem,
 byte for byte.
 
-A server that fails (refused, not found, reset part-way, closed without a
-poem, or too slow) gets one line on standard error, and none of its bytes
-are written. When standard error is a terminal, it shows how many bytes
-each server has sent so far.
+With --tls, every poem comes over TLS: the server's certificate must be
+signed by a CA the system trusts (or one in --ca FILE) and name the host
+of ADDRESS (localhost for a PORT alone), and the poem must end with a TLS
+close_notify, or it is taken for cut off. --insecure checks nothing.
+
+A server that fails (refused, not found, TLS handshake failed, reset or
+cut off part-way, closed without a poem, or too slow) gets one line on
+standard error, and none of its bytes are written. When standard error is
+a terminal, it shows how many bytes each server has sent so far.
 
 Exit status: 0 if every poem arrived, 1 if any did not, 2 for a usage
 error, 130 if interrupted, 141 if standard output was closed early (as by
@@ -189,6 +204,31 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="reset a client whose PROXY protocol header has not all arrived "
         "within SECONDS (default: %(default)g)",
+    )
+    serve.add_argument(
+        "--tls-cert",
+        dest="tls_certs",
+        metavar="[NAME=]FILE",
+        type=options.named_file,
+        action="append",
+        help="serve over TLS with the PEM certificate (and chain) in FILE: every socket, "
+        "or those of the poem named NAME if given; needs --tls-key (default: plain TCP)",
+    )
+    serve.add_argument(
+        "--tls-key",
+        dest="tls_keys",
+        metavar="[NAME=]FILE",
+        type=options.named_file,
+        action="append",
+        help="the unencrypted PEM private key of --tls-cert with the same NAME, or without one",
+    )
+    serve.add_argument(
+        "--tls-handshake-timeout",
+        dest="handshake_timeout",
+        type=options.seconds,
+        default=options.DEFAULT_HANDSHAKE_TIMEOUT,
+        metavar="SECONDS",
+        help="drop a client whose TLS handshake has not completed within SECONDS (default: %(default)g)",
     )
     serve.add_argument(
         "--workers",
@@ -286,6 +326,24 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SIZE",
         help="give up on a server that sends more than SIZE bytes; K, M and G "
         "multiply by 1024 (default: %(default)s)",
+    )
+    get.add_argument(
+        "--tls",
+        action="store_true",
+        help="fetch over TLS, checking the server's certificate against the system's "
+        "CA certificates (or --ca) and its name against the ADDRESS's host",
+    )
+    get.add_argument(
+        "--ca",
+        metavar="FILE",
+        help="check server certificates against the PEM CA certificates in FILE "
+        "instead of the system's; implies --tls",
+    )
+    get.add_argument(
+        "--insecure",
+        action="store_true",
+        help="check no certificate and no name: anyone in between can read and change "
+        "the poem; implies --tls",
     )
     get.add_argument(
         "addresses",
@@ -389,6 +447,8 @@ def _main(argv: Sequence[str] | None) -> int:
     if args.command == "reload":
         return _reload(args.control, args.timeout)
     if args.command == "get":
+        if args.ca is not None and args.insecure:
+            parser.error("--ca and --insecure: a certificate is either checked or not")
         return _get(parser.prog, args)
     # argparse allows no other command
     config = _serve_config(parser, args) if args.command == "serve" else _proxy_config(args)
@@ -413,8 +473,36 @@ def _serve_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         workers=args.workers,
         proxy_protocol=_proxied(parser, args.proxy_protocol or [], names),
         header_timeout=args.header_timeout,
+        tls=_tls(parser, args.tls_certs or [], args.tls_keys or [], names),
+        handshake_timeout=args.handshake_timeout,
         **_server_options(args),
     )
+
+
+def _tls(
+    parser: argparse.ArgumentParser,
+    certs: list[tuple[str | None, str]],
+    keys: list[tuple[str | None, str]],
+    names: list[str],
+) -> dict[str | None, options.TlsPair]:
+    """The --tls-cert and --tls-key pairs, by poem name; a usage error for one without the other."""
+    found: dict[str, dict[str | None, str]] = {"--tls-cert": {}, "--tls-key": {}}
+    for option, given in (("--tls-cert", certs), ("--tls-key", keys)):
+        for name, path in given:
+            if name in found[option]:
+                parser.error(f"{option}: {_which(name)} is given more than once")
+            if name is not None and name not in names:
+                parser.error(f"{option} {name}={path}: no --poem is named {name!r}")
+            found[option][name] = path
+    certs_by_name, keys_by_name = found["--tls-cert"], found["--tls-key"]
+    for name in certs_by_name.keys() ^ keys_by_name.keys():
+        missing = "--tls-key" if name in certs_by_name else "--tls-cert"
+        parser.error(f"{missing}: none is given for {_which(name)}")
+    return {name: options.TlsPair(cert, keys_by_name[name]) for name, cert in certs_by_name.items()}
+
+
+def _which(name: str | None) -> str:
+    return "the one without a NAME=" if name is None else f"the name {name!r}"
 
 
 def _proxied(parser: argparse.ArgumentParser, given: list[str], names: list[str]) -> bool | frozenset[str]:
@@ -491,4 +579,12 @@ def _reload(path: str | None, timeout: float | None) -> int:
 def _get(prog: str, args: argparse.Namespace) -> int:
     from . import client  # start-up time: see above
 
-    return client.main(prog, args.addresses, args.timeout, args.max_poem_size)
+    return client.main(
+        prog,
+        args.addresses,
+        args.timeout,
+        args.max_poem_size,
+        tls=args.tls or args.ca is not None or args.insecure,
+        ca=args.ca,
+        verify=not args.insecure,
+    )

@@ -18,6 +18,7 @@ from __future__ import annotations
 import inspect
 import os
 import signal
+import ssl
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -39,15 +40,35 @@ STDOUT_FILENO = 1
 PROGRESS_INTERVAL = 0.1
 
 
-def main(prog: str, addresses: Sequence[Address], timeout: float, max_size: int) -> int:
+def main(
+    prog: str,
+    addresses: Sequence[Address],
+    timeout: float,
+    max_size: int,
+    *,
+    tls: bool = False,
+    ca: str | None = None,
+    verify: bool = True,
+) -> int:
     """Fetch the poems of ``addresses`` and print them; return the exit status.
 
     ``prog`` starts every line on standard error; each server gets
-    ``timeout`` seconds, and more than ``max_size`` bytes is no poem.
+    ``timeout`` seconds, and more than ``max_size`` bytes is no poem.  With
+    ``tls``, every poem comes over TLS, the certificate checked against
+    the system's CAs or those in ``ca``, unless ``verify`` is false.
     """
+    context: ssl.SSLContext | None = None
+    if tls:
+        from .tls import CredentialsError, client_context  # start-up time: ssl only when asked for
+
+        try:
+            context = client_context(ca, verify=verify)
+        except CredentialsError as exc:
+            _say(f"{prog}: {exc}")
+            return exits.FAILURE
     progress = Progress(sys.stderr) if _isatty(sys.stderr) else None
     try:
-        return trio.run(_get, prog, addresses, timeout, max_size, progress)
+        return trio.run(_get, prog, addresses, timeout, max_size, context, progress)
     except BaseException as exc:
         if progress is not None:
             progress.clear()
@@ -78,8 +99,10 @@ def _only(exc: BaseException, kind: type[BaseException]) -> bool:
 class Fetch:
     """One server's poem: :meth:`run` ends with :attr:`poem` or :attr:`error` set."""
 
-    def __init__(self, address: Address, max_size: int) -> None:
+    def __init__(self, address: Address, max_size: int, tls: ssl.SSLContext | None = None) -> None:
         self.address = address
+        #: The context to fetch over TLS with, or None for plain TCP.
+        self.tls = tls
         #: More than this is not a poem: a hostile or broken server would
         #: otherwise fill memory until the timeout.
         self.max_size = max_size
@@ -95,7 +118,7 @@ class Fetch:
         """Fetch the poem, giving up after ``timeout`` seconds."""
         try:
             poem = await fetch_within(
-                self.address.host, self.address.port, self.max_size, timeout, self.transfer
+                self.address.host, self.address.port, self.max_size, timeout, self.transfer, self.tls
             )
         except FetchFailed as exc:
             # A reset is how a server says it gave up on the poem.
@@ -263,9 +286,10 @@ async def _get(
     addresses: Sequence[Address],
     timeout: float,
     max_size: int,
+    tls: ssl.SSLContext | None,
     progress: Progress | None,
 ) -> int:
-    fetches = [Fetch(address, max_size) for address in addresses]
+    fetches = [Fetch(address, max_size, tls) for address in addresses]
     interrupted = False
     status = exits.OK
     # Ctrl-C as a signal the event loop receives, not a KeyboardInterrupt

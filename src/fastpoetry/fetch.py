@@ -15,6 +15,7 @@ so a fetch from this host works where nothing resolves the name.
 from __future__ import annotations
 
 import socket
+import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -77,16 +78,25 @@ class FetchFailed(Exception):
         self.cut_off = cut_off
 
 
-async def fetch_within(host: str, port: int, limit: int, timeout: float, transfer: Transfer) -> bytes:
+class HandshakeError(Exception):
+    """The TLS handshake failed: the server's certificate, or the server is no TLS server."""
+
+
+async def fetch_within(
+    host: str, port: int, limit: int, timeout: float, transfer: Transfer, tls: ssl.SSLContext | None = None
+) -> bytes:
     """:func:`fetch_poem` given ``timeout`` seconds in all, from resolving the name to the end.
 
     Raises :exc:`FetchFailed` for everything the server or the network
-    does: a name that does not resolve, a refused connection, a reset, a
-    timeout.  What came is returned as it is (too long or empty included).
+    does: a name that does not resolve, a refused connection, a failed TLS
+    handshake, a reset, a timeout.  What came is returned as it is (too
+    long or empty included).
     """
     with trio.move_on_after(timeout):
         try:
-            return await fetch_poem(host, port, limit, transfer)
+            return await fetch_poem(host, port, limit, transfer, tls)
+        except HandshakeError as exc:
+            raise FetchFailed(str(exc), connected=True) from None
         except ConnectError as exc:
             if exc.unresolved is not None:
                 raise FetchFailed(f"cannot resolve the host name ({exc.unresolved})", connected=False) from None
@@ -102,7 +112,9 @@ async def fetch_within(host: str, port: int, limit: int, timeout: float, transfe
     raise FetchFailed(why, connected=transfer.connected)
 
 
-async def fetch_poem(host: str, port: int, limit: int, transfer: Transfer) -> bytes:
+async def fetch_poem(
+    host: str, port: int, limit: int, transfer: Transfer, tls: ssl.SSLContext | None = None
+) -> bytes:
     """Connect to ``host``:``port`` and return what it sends until a clean end of stream.
 
     At most ``limit + 1`` bytes are read: a longer reply means the server
@@ -111,14 +123,31 @@ async def fetch_poem(host: str, port: int, limit: int, transfer: Transfer) -> by
     while the fetch runs, so that a caller that times it out can say how
     far it got.
 
-    Raises :exc:`ConnectError` or :exc:`ReceiveError`; the connection is
-    closed whatever happens, cancellation included.
+    With ``tls``, the poem comes over TLS, checked as ``tls`` says against
+    ``host`` (for ``localhost`` too, whatever loopback address answered),
+    and its end must be a close_notify: an end of stream without one is
+    the poem cut off.
+
+    Raises :exc:`ConnectError`, :exc:`HandshakeError` or
+    :exc:`ReceiveError`; the connection is closed whatever happens,
+    cancellation included.
     """
     if is_localhost(host):
-        stream = await _open_first(LOOPBACK_ADDRESSES, port)
+        plain = await _open_first(LOOPBACK_ADDRESSES, port)
     else:
-        stream = await _open(host, port)
+        plain = await _open(host, port)
     transfer.connected = True
+    stream: trio.abc.Stream = plain
+    if tls is not None:
+        stream = trio.SSLStream(plain, tls, server_hostname=host)
+        try:
+            await stream.do_handshake()
+        except trio.BrokenResourceError as exc:
+            await trio.aclose_forcefully(stream)
+            raise HandshakeError(f"TLS handshake failed: {_tls_reason(exc.__cause__)}") from None
+        except BaseException:
+            await trio.aclose_forcefully(stream)
+            raise
     chunks: list[bytes] = []
     async with stream:
         while transfer.received <= limit:
@@ -206,6 +235,23 @@ def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
 
 def _broken(exc: trio.BrokenResourceError) -> str:
     cause = exc.__cause__
+    if isinstance(cause, ssl.SSLEOFError) or getattr(cause, "reason", None) == "UNEXPECTED_EOF_WHILE_READING":
+        return "closed without a TLS close_notify"
+    if isinstance(cause, ssl.SSLError):
+        return _tls_reason(cause)
     if isinstance(cause, OSError):
         return reason(cause)
     return str(exc).lower() or "connection broken"
+
+
+def _tls_reason(cause: BaseException | None) -> str:
+    """What went wrong in TLS, in a few words: OpenSSL's reason, without its source line."""
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        return f"certificate verify failed: {cause.verify_message}"
+    if isinstance(cause, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
+        return "closed by the server"
+    if isinstance(cause, ssl.SSLError) and cause.reason:
+        return cause.reason.replace("_", " ").lower()
+    if isinstance(cause, OSError):
+        return reason(cause)
+    return "connection broken"

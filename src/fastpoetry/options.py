@@ -58,6 +58,12 @@ DEFAULT_SEND_TIMEOUT = 30.0
 #: every second allowed is a second a stranger holds a descriptor for.
 DEFAULT_HEADER_TIMEOUT = 5.0
 
+#: Seconds a client may take to complete its TLS handshake: a round trip
+#: or two, and a slow client's key exchange.  nginx allows 60 s
+#: (ssl_handshake_timeout), but as for the header, every second allowed is
+#: a second a stranger holds a descriptor for.
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+
 #: Seconds between two summaries of what was served.
 DEFAULT_SUMMARY_INTERVAL = 60.0
 
@@ -112,6 +118,14 @@ class UpstreamSpec:
     refresh: float = DEFAULT_REFRESH
 
 
+@dataclass(frozen=True)
+class TlsPair:
+    """A --tls-cert and its --tls-key: PEM files."""
+
+    cert: str
+    key: str
+
+
 #: Where a served poem comes from: a file, or an upstream server.
 SourceSpec = PoemSpec | UpstreamSpec
 
@@ -146,6 +160,16 @@ class ServeConfig:
     proxy_protocol: bool | frozenset[str] = False
     #: Seconds a client may take to send that header.
     header_timeout: float = DEFAULT_HEADER_TIMEOUT
+    #: The certificate and key of the poems served over TLS, by socket name:
+    #: None's pair for every poem without a pair of its own.
+    tls: Mapping[str | None, TlsPair] = field(default_factory=dict)
+    #: Seconds a client may take to complete its TLS handshake.
+    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
+
+    def tls_pair(self, spec: SourceSpec) -> TlsPair | None:
+        """The certificate and key ``spec``'s poem is served with, or None for plain TCP."""
+        name = socket_name(spec)
+        return self.tls.get(name, self.tls.get(None))
 
     def expects_header(self, spec: SourceSpec) -> bool:
         """Whether the sockets serving ``spec``'s poem expect a PROXY protocol header first."""
@@ -286,6 +310,12 @@ def poem(text: str) -> PoemSpec:
             f"up to {_MAX_NAME_LENGTH} printable ASCII characters, no ':')"
         )
     return PoemSpec(path=path, name=name or None)
+
+
+def named_file(text: str) -> tuple[str | None, str]:
+    """``[NAME=]FILE``, as for :func:`poem`: (NAME or None, FILE)."""
+    spec = poem(text)
+    return spec.name, spec.path
 
 
 def address(text: str) -> Address:

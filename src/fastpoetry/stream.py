@@ -20,7 +20,9 @@ from __future__ import annotations
 import _socket
 import logging
 import socket
+import ssl
 import threading
+from typing import Protocol
 
 import trio
 
@@ -30,20 +32,30 @@ from .acceptor import (
     TCP_FAMILIES,
     Acceptor,
     PoemSource,
+    Refusals,
     log_lost,
+    log_sending,
     log_sending_behind,
     reset,
 )
 from .linger import LingeringCloser, discard_input, nothing_at_stake
 from .listeners import describe
-from .options import DEFAULT_HEADER_TIMEOUT
+from .options import DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_HEADER_TIMEOUT
 from .proxy_protocol import CUT_SHORT, MAX_LENGTH, TIMED_OUT, Header, HeaderError, parse
 from .service import Service
+from .tls import HandshakeFailed, close_notify, handshake, release, send_poem
 
 log = logging.getLogger(__name__)
 
 
-__all__ = ["PoemSource", "StreamServer"]
+__all__ = ["PoemSource", "StreamServer", "TlsSource"]
+
+
+class TlsSource(Protocol):
+    """Where a TLS server gets the context it serves with: a :class:`~.tls.Credentials`."""
+
+    @property
+    def context(self) -> ssl.SSLContext: ...
 
 
 class StreamServer(Service):
@@ -66,6 +78,13 @@ class StreamServer(Service):
     header first (a load balancer's, :mod:`~.proxy_protocol`), within
     ``header_timeout`` seconds.  A connection without a valid one gets no
     byte of the poem: it is reset, and counted in a warning now and then.
+
+    With ``tls``, every client is served over TLS with ``tls.context``
+    (:mod:`~.tls`), the whole connection in the event loop: a handshake
+    that fails or does not finish within ``handshake_timeout`` seconds
+    gets no byte of the poem, and is counted in a warning now and then.
+    The poem ends with a close_notify.  A PROXY protocol header comes
+    before the handshake, in plain text.
     """
 
     def __init__(
@@ -77,6 +96,8 @@ class StreamServer(Service):
         always_linger: bool = False,
         proxy_protocol: bool = False,
         header_timeout: float = DEFAULT_HEADER_TIMEOUT,
+        tls: TlsSource | None = None,
+        handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
         name: str = "stream",
     ) -> None:
         super().__init__(name)
@@ -86,12 +107,16 @@ class StreamServer(Service):
         self.always_linger = always_linger
         self.proxy_protocol = proxy_protocol
         self.header_timeout = header_timeout
+        self.tls = tls
+        self.handshake_timeout = handshake_timeout
+        #: Connections dropped for a TLS handshake that failed or was too slow.
+        self.handshakes_failed = Refusals(source, "dropped", "did not complete a TLS handshake")
         self._acceptor: Acceptor | None = None
-        # Poems handed over whose task has started (by the accepting thread,
-        # and by the tasks that waited for a header), the tasks sending right
-        # now, and the poems they finished (and their bytes); the thread
-        # counts its own.
-        self._headers_handed_over = 0
+        # Poems handed over (by the accepting thread, and by the tasks that
+        # waited for a header or a handshake), those whose task has started,
+        # the tasks sending right now, and the poems they finished (and
+        # their bytes); the thread counts its own.
+        self._handed_over_here = 0
         self._tasks_started = 0
         self._tasks_sending = 0
         self._finished = 0
@@ -116,12 +141,12 @@ class StreamServer(Service):
         """Poems begun and not yet handed whole to the kernel."""
         acceptor = self._acceptor
         if acceptor is None:
-            return self._tasks_sending
+            return self._handed_over_here - self._tasks_started + self._tasks_sending
         # The thread counts a poem as handed over and leaves SENDING in two
         # stores with nothing between them where CPython switches threads,
         # and these reads are the same: a poem is counted once.
         sending = acceptor.stage == SENDING
-        waiting = acceptor.poems_handed_over + self._headers_handed_over - self._tasks_started
+        waiting = acceptor.poems_handed_over + self._handed_over_here - self._tasks_started
         return sending + waiting + self._tasks_sending
 
     @property
@@ -138,10 +163,12 @@ class StreamServer(Service):
 
     async def start(self, nursery: trio.Nursery) -> None:
         await super().start(nursery)
+        over = " over TLS" if self.tls is not None else ""
         for sock in self.listeners:
             log.info(
-                "serving %s on %s",
+                "serving %s%s on %s",
                 self.source.label,
+                over,
                 describe(sock),
                 extra={"POEM": self.source.label, "LISTEN": describe(sock)},
             )
@@ -169,10 +196,10 @@ class StreamServer(Service):
                     lingering.start_soon(self._closer.run)
                     async with trio.open_nursery() as senders:
                         with self._accepting:
-                            # Clients whose header is still on its way have
-                            # begun no poem: stopping drops them.
-                            async with trio.open_nursery() as awaiting_headers:
-                                await self._accept_in_thread(senders, awaiting_headers)
+                            # Clients whose header or handshake is still on
+                            # its way have begun no poem: stopping drops them.
+                            async with trio.open_nursery() as not_begun:
+                                await self._accept_in_thread(senders, not_begun)
                         self._close_listeners()
                     self._closer.finish()
         finally:
@@ -186,7 +213,7 @@ class StreamServer(Service):
         for sock in self.listeners:
             sock.close()
 
-    async def _accept_in_thread(self, senders: trio.Nursery, awaiting_headers: trio.Nursery) -> None:
+    async def _accept_in_thread(self, senders: trio.Nursery, not_begun: trio.Nursery) -> None:
         """Run the accepting thread until cancelled; its error, if it fails, is raised here.
 
         The thread is always stopped and waited for before this returns, so
@@ -209,7 +236,16 @@ class StreamServer(Service):
         def await_header(conn: _socket.socket, data: bytes, balancer: str) -> None:
             def start() -> None:
                 try:
-                    awaiting_headers.start_soon(self._await_header, conn, data, balancer, senders)
+                    not_begun.start_soon(self._await_header, conn, data, balancer, senders)
+                except RuntimeError:
+                    _abort(conn)
+
+            token.run_sync_soon(start)
+
+        def hand_over(conn: _socket.socket, peer: str) -> None:
+            def start() -> None:
+                try:
+                    not_begun.start_soon(self._serve_tls, conn, peer, senders)
                 except RuntimeError:
                     _abort(conn)
 
@@ -230,6 +266,7 @@ class StreamServer(Service):
             linger=self._closer.close_when_done,
             always_linger=self.always_linger,
             await_header=await_header if self.proxy_protocol else None,
+            hand_over=hand_over if self.tls is not None else None,
         )
         try:
             threading.Thread(target=body, name=f"fastpoetry {self.name}", daemon=True).start()
@@ -242,6 +279,7 @@ class StreamServer(Service):
         finally:
             acceptor.close()
             acceptor.refused.flush()
+            self.handshakes_failed.flush()
         if failure:
             raise failure[0]
 
@@ -288,12 +326,135 @@ class StreamServer(Service):
                 return
             if log.isEnabledFor(logging.DEBUG):
                 log_sending_behind(self.source.label, len(poem), header, balancer)
-            self._headers_handed_over += 1
+            self._handed_over_here += 1
             senders.start_soon(self._send_rest, conn, poem, 0, header.length)
             handed_over = True
         finally:
             if not handed_over:
                 _abort(conn)
+
+    async def _serve_tls(self, conn: _socket.socket, peer: str, senders: trio.Nursery) -> None:
+        """Take the PROXY protocol header if expected, then the TLS handshake; then the poem, in ``senders``.
+
+        A client without a valid header is reset, one whose handshake fails
+        or takes more than the handshake timeout is dropped: either way
+        before any byte of the poem, and counted.
+        """
+        assert self.tls is not None
+        header: Header | None = None
+        if self.proxy_protocol:
+            try:
+                header = await self._header_before_tls(conn, peer)
+            finally:
+                if header is None:
+                    _abort(conn)
+            if header is None:
+                return
+        try:
+            with trio.fail_after(self.handshake_timeout):
+                tls = await handshake(conn, self.tls.context)
+        except trio.TooSlowError:
+            self.handshakes_failed.add(
+                TIMED_OUT, peer, f"no TLS handshake within {self.handshake_timeout:g} s"
+            )
+            return
+        except HandshakeFailed as exc:
+            self.handshakes_failed.add(exc.kind, peer, str(exc))
+            return
+        poem = self.source.poem
+        if not poem:  # a proxy that has lost its poem meanwhile
+            _abort(release(tls))
+            return
+        if log.isEnabledFor(logging.DEBUG):
+            if header is None:
+                log_sending(self.source.label, len(poem), peer)
+            else:
+                log_sending_behind(self.source.label, len(poem), header, peer)
+        self._handed_over_here += 1
+        senders.start_soon(self._send_over_tls, tls, poem)
+
+    async def _header_before_tls(self, conn: _socket.socket, balancer: str) -> Header | None:
+        """Read the PROXY protocol header and not a byte more; None if refused (and counted).
+
+        The bytes after the header are the client's TLS handshake, which
+        OpenSSL reads from the socket itself: they are looked at
+        (MSG_PEEK), and only those of the header taken.  Whatever arrived
+        while the header is not yet whole is all header, and is taken, so
+        that the next wait is for new bytes.
+        """
+        taken = b""
+        with trio.move_on_after(self.header_timeout):
+            while True:
+                await trio.lowlevel.wait_readable(conn)
+                try:
+                    more = conn.recv(MAX_LENGTH - len(taken), socket.MSG_PEEK | socket.MSG_DONTWAIT)
+                    if not more:
+                        self._refused.add(CUT_SHORT, balancer, "closed before its PROXY protocol header was whole")
+                        return None
+                    try:
+                        header = parse(taken + more)
+                    except HeaderError as exc:
+                        self._refused.add(exc.kind, balancer, str(exc))
+                        return None
+                    # Already received, so one recv() takes all of it.
+                    rest = len(more) if header is None else header.length - len(taken)
+                    taken += conn.recv(rest, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    continue
+                except OSError as exc:
+                    log_lost(exc)
+                    return None
+                if header is not None:
+                    return header
+        self._refused.add(TIMED_OUT, balancer, f"no whole PROXY protocol header within {self.header_timeout:g} s")
+        return None
+
+    @property
+    def _refused(self) -> Refusals:
+        assert self._acceptor is not None
+        return self._acceptor.refused
+
+    async def _send_over_tls(self, tls: ssl.SSLSocket, poem: bytes) -> None:
+        """Send ``poem`` and a close_notify over ``tls``, then end the stream and linger."""
+        failure: OSError | None = None
+        self._tasks_started += 1
+        self._tasks_sending += 1
+        try:
+            with trio.move_on_after(self.send_timeout) as timeout:
+                try:
+                    await send_poem(tls, poem)
+                    await close_notify(tls)
+                except OSError as exc:  # ssl.SSLError included
+                    failure = exc
+        except BaseException:  # cancelled: the shutdown deadline
+            _abort(release(tls))
+            raise
+        finally:
+            self._tasks_sending -= 1
+        conn = release(tls)
+        if failure is not None:
+            log_lost(failure)
+            conn.close()
+            return
+        if timeout.cancelled_caught:
+            log.info(
+                "dropped a client that did not take its poem over TLS within %g s",
+                self.send_timeout,
+                extra={"POEM": self.source.label},
+            )
+            _abort(conn)
+            return
+        self._finished += 1
+        self._finished_bytes += len(poem)
+        try:
+            conn.shutdown(socket.SHUT_WR)
+        except OSError:
+            conn.close()
+            return
+        # What the client sends now (its own close_notify) is read and
+        # dropped until it closes: a close with it unread would be a reset,
+        # which could destroy the end of the poem on its way.
+        self._closer.close_when_done(conn)
 
     async def _send_rest(self, conn: _socket.socket, poem: bytes, sent: int, header: int) -> None:
         """Send what the first ``send()`` left of ``poem``, then finish; ``header``: the bytes of it read.

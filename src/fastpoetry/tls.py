@@ -1,0 +1,312 @@
+"""Poems over TLS: the server's certificate and key, and one client's connection.
+
+A TLS socket serves the same protocol as a plain one, inside TLS: the
+poem, then the end of the stream.  The end is a TLS close_notify, which a
+client can tell from a connection cut off (a truncation attack looks like
+a plain close); the TCP end of stream follows it.
+
+:class:`Credentials` keeps the SSL context made from a certificate and a
+key file, and makes a new one on reload, as :class:`~.poetry.PoetryService`
+keeps a poem.  The files may be systemd credentials (``LoadCredential=``,
+systemd.exec(5)), which the service reads in ``$CREDENTIALS_DIRECTORY``
+while the key on disk stays readable by root alone.
+
+:func:`handshake`, :func:`send_poem` and :func:`close_notify` are the
+serving path's steps for one client, on a non-blocking socket, in the
+event loop.  They use the ssl module's own socket, which has OpenSSL read
+and write the socket itself; an ``ssl.MemoryBIO`` pair (trio's
+``SSLStream``) would copy every record through Python, twice.
+"""
+
+from __future__ import annotations
+
+import _socket
+import hashlib
+import logging
+import os
+import socket
+import ssl
+import stat
+from dataclasses import dataclass
+
+import trio
+
+from .acceptor import reset
+from .phrases import reason
+from .service import Service
+
+log = logging.getLogger(__name__)
+
+#: The oldest protocol offered.  TLS 1.0 and 1.1 are deprecated (RFC 8996).
+MINIMUM_VERSION = ssl.TLSVersion.TLSv1_2
+
+#: The largest certificate or key file read: a chain is a few kilobytes,
+#: and this is not a file to hold whole in memory if it is something else.
+MAX_FILE_SIZE = 1024 * 1024
+
+#: What the kinds of failed handshakes are called in the warning that counts them.
+FAILED, TIMED_OUT, CLOSED = "failed", "timed out", "closed"
+
+_CERTIFICATE_MARK = b"-----BEGIN CERTIFICATE-----"
+_KEY_MARK = b"PRIVATE KEY-----"
+_ENCRYPTED_KEY_MARKS = (b"-----BEGIN ENCRYPTED PRIVATE KEY-----", b"Proc-Type: 4,ENCRYPTED")
+
+
+class CredentialsError(Exception):
+    """A certificate or key that cannot be served; the message names the file and the reason.
+
+    It never quotes the files: a key must not end up in a log.
+    """
+
+
+class HandshakeFailed(Exception):
+    """A client's TLS handshake did not succeed; ``kind`` is FAILED, TIMED_OUT or CLOSED."""
+
+    def __init__(self, kind: str, detail: str) -> None:
+        super().__init__(detail)
+        self.kind = kind
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """A certificate and key loaded into a context, and how to tell the certificate."""
+
+    context: ssl.SSLContext
+    #: The SHA-256 of the certificate served (the first of the file), as
+    #: ``openssl x509 -fingerprint -sha256`` prints it.
+    fingerprint: str
+
+
+def load(cert: str, key: str) -> Loaded:
+    """A server context for the PEM certificate (chain) in ``cert`` and the key in ``key``.
+
+    TLS 1.2 and 1.3 only, otherwise the ssl module's defaults.  No session
+    tickets: a poetry client fetches once, and a ticket would cost every
+    connection an encryption for a resumption that never comes.  Raises
+    :exc:`CredentialsError` for a file that cannot be read, has no
+    certificate or no key, an encrypted key, or a key that does not match
+    the certificate.
+    """
+    certificate = _read(cert, "certificate")
+    if _CERTIFICATE_MARK not in certificate:
+        raise CredentialsError(f"no PEM certificate in {cert}")
+    secret = _read(key, "key")
+    if _KEY_MARK not in secret:
+        raise CredentialsError(f"no PEM private key in {key}")
+    if any(mark in secret for mark in _ENCRYPTED_KEY_MARKS):
+        # The ssl module would ask for a passphrase on the terminal.
+        raise CredentialsError(f"the private key in {key} is encrypted; give it unencrypted, root-only")
+    del secret
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = MINIMUM_VERSION
+    context.num_tickets = 0
+    context.options |= ssl.OP_NO_TICKET
+    try:
+        context.load_cert_chain(cert, key, password=_no_password)
+    except ssl.SSLError as exc:
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            raise CredentialsError(f"the private key in {key} does not match the certificate in {cert}") from None
+        raise CredentialsError(f"cannot load the certificate in {cert} with the key in {key}: {_ssl_reason(exc)}") from None
+    except OSError as exc:  # a file replaced meanwhile
+        raise CredentialsError(f"cannot load the certificate in {cert} with the key in {key}: {reason(exc)}") from None
+    return Loaded(context, fingerprint(certificate))
+
+
+def fingerprint(pem: bytes) -> str:
+    """The SHA-256 fingerprint of the first certificate in ``pem``, as AB:CD:..."""
+    start = pem.index(_CERTIFICATE_MARK)
+    end = pem.index(b"-----END CERTIFICATE-----", start) + len(b"-----END CERTIFICATE-----")
+    der = ssl.PEM_cert_to_DER_cert(pem[start:end].decode("ascii", "replace"))
+    return hashlib.sha256(der).digest().hex(":").upper()
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        with open(path, "rb") as file:
+            info = os.fstat(file.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise CredentialsError(f"cannot load the TLS {what} from {path}: not a regular file")
+            if info.st_size > MAX_FILE_SIZE:
+                raise CredentialsError(f"cannot load the TLS {what} from {path}: bigger than {MAX_FILE_SIZE} bytes")
+            return file.read(MAX_FILE_SIZE)
+    except OSError as exc:
+        raise CredentialsError(f"cannot load the TLS {what} from {path}: {reason(exc)}") from None
+
+
+def _no_password() -> bytes:
+    raise CredentialsError("an encrypted private key")
+
+
+def _ssl_reason(exc: ssl.SSLError) -> str:
+    # OpenSSL's reason code, in words; never the data it was reading.
+    return (exc.reason or exc.strerror or "not a valid PEM file").replace("_", " ").lower()
+
+
+class Credentials(Service):
+    """Keeps the SSL context of a certificate and key file pair, and loads it again on demand.
+
+    As a :class:`~.poetry.PoetryService` keeps its poem: a handshake that
+    took :attr:`context` before a reload finishes with the old pair, one
+    that starts after it gets the new one.
+    """
+
+    def __init__(self, cert: str, key: str, *, first: Loaded | None = None) -> None:
+        """``first``, if given, is what the first :meth:`read` returns (a worker's, from its main process)."""
+        super().__init__("tls")
+        self.cert = cert
+        self.key = key
+        self._loaded: Loaded | None = None
+        self._first = first
+
+    @property
+    def context(self) -> ssl.SSLContext:
+        """The context new connections are served with."""
+        assert self._loaded is not None, "not started"
+        return self._loaded.context
+
+    @property
+    def fingerprint(self) -> str:
+        assert self._loaded is not None, "not started"
+        return self._loaded.fingerprint
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        """Load the pair; :exc:`CredentialsError` leaves the service stopped."""
+        self.use(await self.read())
+        await super().start(nursery)
+
+    async def read(self) -> Loaded:
+        """Load the files again without serving them yet (see :meth:`use`)."""
+        if self._first is not None:
+            loaded, self._first = self._first, None
+            return loaded
+        return await trio.to_thread.run_sync(load, self.cert, self.key)
+
+    def use(self, loaded: Loaded) -> None:
+        """Serve new connections with ``loaded`` from now on."""
+        self._loaded = loaded
+        log.info(
+            "loaded the TLS certificate from %s (SHA-256 %s) and its key from %s",
+            self.cert,
+            loaded.fingerprint,
+            self.key,
+            extra={"TLS_CERT": self.cert, "TLS_FINGERPRINT": loaded.fingerprint},
+        )
+
+
+def client_context(ca: str | None = None, *, verify: bool = True) -> ssl.SSLContext:
+    """The context ``fastpoetry get --tls`` fetches with: the ssl module's defaults, TLS 1.2 and 1.3.
+
+    It checks the server's certificate against the system's CAs, or those
+    in the PEM file ``ca``, and the host name; ``verify=False`` checks
+    nothing (``--insecure``).  Raises :exc:`CredentialsError` naming ``ca``
+    if it cannot be loaded.
+    """
+    context = ssl.create_default_context()
+    context.minimum_version = MINIMUM_VERSION
+    # Python sets this with OpenSSL 3: an end of stream without a
+    # close_notify would then read as a clean end, and a poem cut off as whole.
+    context.options &= ~getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF", 0)
+    if ca is not None:
+        _read(ca, "CA certificates")
+        try:
+            context.load_verify_locations(cafile=ca)
+        except ssl.SSLError as exc:
+            raise CredentialsError(f"cannot load the TLS CA certificates from {ca}: {_ssl_reason(exc)}") from None
+        except OSError as exc:
+            raise CredentialsError(f"cannot load the TLS CA certificates from {ca}: {reason(exc)}") from None
+    if not verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+# -- one client of the server ------------------------------------------------------
+
+
+async def handshake(conn: _socket.socket, context: ssl.SSLContext) -> ssl.SSLSocket:
+    """The server's side of the handshake on the connected socket ``conn``; its SSL socket.
+
+    ``conn`` is the handshake's from then on.  The caller bounds the wait
+    (a cancel scope).  A handshake that fails closes the connection and
+    raises :exc:`HandshakeFailed`; one cut short by cancellation resets it,
+    since the client has had no poem.
+    """
+    plain = _adopt(conn)
+    plain.setblocking(False)  # wrap_socket keeps the socket's own timeout
+    try:
+        tls = context.wrap_socket(
+            plain, server_side=True, do_handshake_on_connect=False, suppress_ragged_eofs=False
+        )
+    except OSError as exc:  # ssl.SSLError included: the client is gone, or spoke first
+        plain.close()
+        raise HandshakeFailed(CLOSED, f"gone before the TLS handshake: {reason(exc)}") from None
+    try:
+        while True:
+            try:
+                tls.do_handshake()
+                return tls
+            except ssl.SSLWantReadError:
+                await trio.lowlevel.wait_readable(tls)
+            except ssl.SSLWantWriteError:
+                await trio.lowlevel.wait_writable(tls)
+    except (ssl.SSLEOFError, ssl.SSLZeroReturnError):
+        tls.close()
+        raise HandshakeFailed(CLOSED, "closed during the TLS handshake") from None
+    except ssl.SSLError as exc:
+        # OpenSSL has sent the client an alert that says why: a close lets
+        # it arrive.
+        tls.close()
+        raise HandshakeFailed(FAILED, f"TLS handshake failed: {_ssl_reason(exc)}") from None
+    except OSError as exc:
+        tls.close()
+        raise HandshakeFailed(CLOSED, f"TLS handshake failed: {reason(exc)}") from None
+    except BaseException:  # cancelled: the deadline, or a stop
+        reset(tls)
+        tls.close()
+        raise
+
+
+async def send_poem(tls: ssl.SSLSocket, poem: bytes) -> None:
+    """Send all of ``poem``; an OSError (ssl.SSLError included) if the client went away."""
+    view = memoryview(poem)
+    sent = 0
+    while sent < len(view):
+        try:
+            # OpenSSL writes a whole buffer or nothing (no partial writes),
+            # and takes the same bytes again after WANT_WRITE.
+            sent += tls.send(view[sent:])
+        except ssl.SSLWantWriteError:
+            await trio.lowlevel.wait_writable(tls)
+        except ssl.SSLWantReadError:  # a key update from the client
+            await trio.lowlevel.wait_readable(tls)
+
+
+async def close_notify(tls: ssl.SSLSocket) -> None:
+    """Send the close_notify that ends the poem, without waiting for the client's.
+
+    An OSError (ssl.SSLError included) if the client went away.
+    """
+    while True:
+        try:
+            tls.unwrap()
+            return
+        except ssl.SSLWantReadError:
+            # Ours is sent; the client's is on its way, or not: the
+            # lingering close reads and drops what comes.
+            return
+        except ssl.SSLWantWriteError:
+            await trio.lowlevel.wait_writable(tls)
+
+
+def release(tls: ssl.SSLSocket) -> _socket.socket:
+    """The plain socket under ``tls``, for a close or a lingering close; ``tls`` is done."""
+    family, kind, proto = tls.family, tls.type, tls.proto
+    return _socket.socket(family, kind, proto, tls.detach())
+
+
+def _adopt(conn: _socket.socket) -> socket.socket:
+    # SSLContext.wrap_socket wants a socket.socket; the serving path has the
+    # C-level type (see acceptor.SocketsByNumber).
+    if isinstance(conn, socket.socket):
+        return conn
+    return socket.socket(conn.family, conn.type, conn.proto, conn.detach())
