@@ -17,7 +17,7 @@ import trio
 import trio.testing
 
 from helpers import WAIT
-from fastpoetry.linger import DRAIN_LIMIT, SWEEP_INTERVAL, LingeringCloser, nothing_at_stake
+from fastpoetry.linger import DRAIN_LIMIT, SWEEP_INTERVAL, LingeringCloser, nothing_at_stake, settled
 
 #: A linger timeout that never passes within a test: a socket closed under
 #: it was closed because of what its client did.
@@ -483,6 +483,32 @@ def test_nothing_at_stake_is_never_claimed_for_a_unix_socket() -> None:
         server.shutdown(socket.SHUT_WR)
         assert client.recv(100) == b"poem"
         assert not nothing_at_stake(server, 4)
+
+
+def test_settled_once_everything_sent_is_acknowledged_and_nothing_waits_unread() -> None:
+    """What OpenSSL wrote and read the server did not count: the kernel's queues tell (TLS)."""
+    server, client = tcp_pair()
+    with server, client:
+        server.sendall(b"a record of poetry")
+        server.shutdown(socket.SHUT_WR)
+        _wait_for(lambda: settled(server))
+        client.sendall(b"a record back")  # a client's close_notify, say
+        _wait_for(lambda: _queued_input(server) > 0)
+        assert not settled(server), "input waiting unread: a close would be a reset"
+        assert server.recv(100) == b"a record back"
+        assert settled(server), "input read is not at stake any more"
+
+
+def test_bytes_not_yet_acknowledged_are_not_settled() -> None:
+    server, client = tcp_pair(client_rcvbuf=4096)
+    with server, client:
+        server.setblocking(False)
+        sent = server.send(b"x" * (256 * 1024))
+        assert sent > 4096
+        server.shutdown(socket.SHUT_WR)
+        assert not settled(server)
+        assert bytes_to_eof(client) == sent
+        _wait_for(lambda: settled(server))
 
 
 def _queued_input(sock: socket.socket) -> int:

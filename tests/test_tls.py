@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import ssl
+import struct
 import subprocess
 import sys
 from collections.abc import Callable
@@ -38,6 +39,7 @@ from helpers import (
 )
 from fastpoetry import acceptor, tls
 from fastpoetry.listeners import bind
+from fastpoetry.proxy_protocol import V2_SIGNATURE
 from fastpoetry.stream import StreamServer
 
 LEDGER = POEMS / "harbour-ledger.txt"
@@ -365,9 +367,9 @@ async def test_a_client_that_never_closes_is_closed_at_the_send_timeout(pair: Pa
 
 
 def _v2_tcp4(client: tuple[str, int]) -> bytes:
-    from test_behind_balancer import v2_tcp4
-
-    return v2_tcp4(client)
+    """A v2 PROXY header for a TCP4 ``client`` (the specification's layout)."""
+    body = socket.inet_aton(client[0]) + socket.inet_aton("192.0.2.1") + struct.pack("!HH", client[1], 10443)
+    return V2_SIGNATURE + b"\x21\x11" + struct.pack("!H", len(body)) + body
 
 
 @pytest.mark.parametrize("how", ["with the ClientHello", "alone first", "in pieces", "v1"])

@@ -21,6 +21,10 @@ SERVICE = UNITS / "fastpoetry.service"
 SOCKET = UNITS / "fastpoetry.socket"
 PROXY_SERVICE = UNITS / "fastpoetry-proxy.service"
 PROXY_SOCKET = UNITS / "fastpoetry-proxy.socket"
+TLS_SERVICE = UNITS / "fastpoetry-tls.service"
+TLS_SOCKET = UNITS / "fastpoetry-tls.socket"
+#: The drop-in that hands fastpoetry-tls.service its certificate and key as credentials.
+TLS_CREDENTIALS = REPO / "docs" / "examples" / "fastpoetry-tls-credentials.conf"
 DEBIAN = REPO / "packaging" / "debian"
 
 #: What systemd-analyze security rates the proxy (Debian 12's systemd 252):
@@ -89,7 +93,7 @@ def test_service_is_a_notify_service_run_as_its_own_user() -> None:
     assert "Install" not in settings(SERVICE)
 
 
-@pytest.mark.parametrize("unit", [SERVICE, PROXY_SERVICE], ids=lambda unit: unit.name)
+@pytest.mark.parametrize("unit", [SERVICE, PROXY_SERVICE, TLS_SERVICE], ids=lambda unit: unit.name)
 def test_restarts_never_hit_a_start_limit_and_back_off(unit: Path) -> None:
     """No start limit (hitting it would fail the socket); restarts after crashes only, backing off to 10 s."""
     sections = settings(unit)
@@ -249,17 +253,23 @@ def test_proxy_command_fetches_from_the_local_server_where_localhost_resolves_to
         assert namespaces.fetch(host, 10001) == DEFAULT_POEM.read_bytes()
 
 
-def test_package_installs_the_proxy_units_without_enabling_them() -> None:
-    """Both units are installed. The socket is not enabled, is started only if the
-    administrator enabled it, is stopped on removal and is not restarted on upgrade;
-    the socket starts the service, and the prerm stops it after the socket.
+@pytest.mark.parametrize(
+    ("socket_unit", "service_unit"), [(PROXY_SOCKET, PROXY_SERVICE), (TLS_SOCKET, TLS_SERVICE)],
+    ids=["proxy", "tls"],
+)
+def test_package_installs_the_optional_units_without_enabling_them(socket_unit: Path, service_unit: Path) -> None:
+    """Both units of the proxy, and both of the server over TLS, are installed. The socket
+    is not enabled, is started only if the administrator enabled it, is stopped on removal
+    and is not restarted on upgrade; the socket starts the service, and the prerm stops it
+    after the socket.
     """
     rules = (DEBIAN / "rules").read_text().splitlines()
-    # dh_installsystemd installs debian/fastpoetry.fastpoetry-proxy.UNIT
-    # (with --name) where the suite keeps units; the rules copy it from the
-    # tree's one copy (the service without what the suite's systemd lacks).
-    assert f"\tcp packaging/systemd/{PROXY_SOCKET.name} debian/fastpoetry.{PROXY_SOCKET.name}" in rules
-    unit = PROXY_SERVICE.name
+    name = socket_unit.stem
+    # dh_installsystemd installs debian/fastpoetry.NAME.UNIT (with --name)
+    # where the suite keeps units; the rules copy it from the tree's one
+    # copy (the service without what the suite's systemd lacks).
+    assert f"\tcp packaging/systemd/{socket_unit.name} debian/fastpoetry.{socket_unit.name}" in rules
+    unit = service_unit.name
     assert f"\t$(UNIT_FILTER) packaging/systemd/{unit} > debian/fastpoetry.{unit}" in rules
     assert "lib/systemd" not in (DEBIAN / "fastpoetry.install").read_text()
     calls = {
@@ -267,6 +277,114 @@ def test_package_installs_the_proxy_units_without_enabling_them() -> None:
         for line in rules
         if line.strip().startswith("dh_installsystemd")
     }
-    assert calls[PROXY_SOCKET.name] == {"--name=fastpoetry-proxy", "--no-enable", "--no-stop-on-upgrade"}
-    assert calls[PROXY_SERVICE.name] == {"--name=fastpoetry-proxy", "--no-enable", "--no-start", "--no-stop-on-upgrade"}
-    assert "deb-systemd-invoke stop fastpoetry-proxy.service" in (DEBIAN / "fastpoetry.prerm").read_text()
+    assert calls[socket_unit.name] == {f"--name={name}", "--no-enable", "--no-stop-on-upgrade"}
+    assert calls[service_unit.name] == {f"--name={name}", "--no-enable", "--no-start", "--no-stop-on-upgrade"}
+    assert f"deb-systemd-invoke stop {service_unit.name}" in (DEBIAN / "fastpoetry.prerm").read_text()
+    assert f"deb-systemd-invoke try-restart {service_unit.name}" in (DEBIAN / "fastpoetry.postinst").read_text()
+    # The copies the rules make are build output, removed by "debian/rules clean".
+    clean = (DEBIAN / "clean").read_text().splitlines()
+    assert f"debian/fastpoetry.{socket_unit.name}" in clean and f"debian/fastpoetry.{unit}" in clean
+
+
+# ----------------------------------------------------------------------------
+# The server over TLS: fastpoetry-tls.socket, fastpoetry-tls.service and the
+# drop-in that hands it its certificate and key as credentials
+
+
+def environment(values: list[str]) -> dict[str, str]:
+    """The variables that ``Environment=`` lines set, the later line winning (no quoting used here)."""
+    variables: dict[str, str] = {}
+    for value in values:
+        for assignment in value.split():
+            name, _, setting = assignment.partition("=")
+            variables[name] = setting
+    return variables
+
+
+def with_drop_in(unit: Path, drop_in: Path, directory: Path) -> Path:
+    """A copy of ``unit`` in ``directory`` with the settings of ``drop_in`` appended, as systemd
+    applies a drop-in (systemd-analyze --offline reads no drop-in next to a unit file)."""
+    merged = directory / unit.name
+    merged.write_text(unit.read_text() + "\n" + drop_in.read_text())
+    return merged
+
+
+@needs_analyze
+def test_tls_service_exposure_is_at_most_one(tmp_path: Path) -> None:
+    """systemd-analyze security rates the TLS service 1.0 or lower, with and without the credentials drop-in."""
+    for unit in (TLS_SERVICE, with_drop_in(TLS_SERVICE, TLS_CREDENTIALS, tmp_path)):
+        exposure, failed = security(unit)
+        assert exposure <= 1.0, (unit, failed)
+
+
+@needs_analyze
+def test_tls_service_fails_no_check_that_the_server_passes() -> None:
+    """Serving over TLS costs no hardening: the TLS service fails the checks fastpoetry.service fails, no more."""
+    _, tls_failed = security(TLS_SERVICE)
+    _, server_failed = security(SERVICE)
+    assert tls_failed == server_failed
+
+
+def test_tls_service_is_hardened_exactly_like_the_server() -> None:
+    """Every setting from the hardening on (PrivateNetwork= to the end) is fastpoetry.service's, and
+    so are the restart, watchdog and limit settings: it reads /etc/fastpoetry on a read-only file system."""
+    server = settings(SERVICE)["Service"]
+    tls = settings(TLS_SERVICE)["Service"]
+    first_hardening = list(server).index("PrivateNetwork")
+    hardening = dict(list(server.items())[first_hardening:])
+    assert list(tls)[list(tls).index("PrivateNetwork"):] == list(hardening)
+    for key in (*hardening, "Type", "User", "Group", "Restart", "RestartSec", "RestartSteps", "RestartMaxDelaySec",
+                "ExecStartPre", "RestartPreventExitStatus", "WatchdogSec", "TimeoutStopSec", "LimitNOFILE",
+                "ExecReload"):
+        assert tls.get(key) == server.get(key), f"{key}: {tls.get(key)} for TLS, {server.get(key)} in fastpoetry.service"
+    assert settings(TLS_SERVICE)["Unit"]["StartLimitIntervalSec"] == ["0"]
+
+
+def test_tls_service_serves_the_packaged_poem_with_the_certificate_in_etc() -> None:
+    """The server's own command line plus --tls-cert ${TLS_CERT} --tls-key ${TLS_KEY}, which
+    name /etc/fastpoetry/tls.crt and tls.key; a control socket in a folder of its own; started by its socket."""
+    unit = settings(TLS_SERVICE)
+    service = unit["Service"]
+    [server_command] = settings(SERVICE)["Service"]["ExecStart"]
+    assert service["ExecStart"] == [f"{server_command} --tls-cert ${{TLS_CERT}} --tls-key ${{TLS_KEY}}"]
+    assert environment(service["Environment"]) == {
+        "TLS_CERT": "/etc/fastpoetry/tls.crt", "TLS_KEY": "/etc/fastpoetry/tls.key",
+    }
+    # fastpoetry reload finds the control socket in $RUNTIME_DIRECTORY: one
+    # folder per unit, or "systemctl reload" of one would reload the other.
+    folders = {path.name: settings(path)["Service"]["RuntimeDirectory"] for path in (SERVICE, PROXY_SERVICE, TLS_SERVICE)}
+    assert folders[TLS_SERVICE.name] == ["fastpoetry-tls"]
+    assert len({folder for [folder] in folders.values()}) == 3, folders
+    assert unit["Unit"]["Requires"] == [TLS_SOCKET.name] and TLS_SOCKET.name in unit["Unit"]["After"]
+    assert unit["Unit"]["Documentation"] == ["man:fastpoetry(8)"]
+    # The socket starts the service: it has no [Install] of its own.
+    assert "Install" not in unit
+
+
+def test_tls_socket_listens_on_10443_apart_from_the_plain_one() -> None:
+    """ListenStream=10443, a name of its own, enabled via sockets.target if the admin wants;
+    fastpoetry.socket's port stays plain."""
+    socket_unit = settings(TLS_SOCKET)
+    assert socket_unit["Socket"]["ListenStream"] == ["10443"]
+    assert socket_unit["Socket"]["FileDescriptorName"] == ["tls"]
+    assert socket_unit["Install"]["WantedBy"] == ["sockets.target"]
+    assert settings(SOCKET)["Socket"]["ListenStream"] == ["10000"]
+
+
+def test_credentials_drop_in_points_the_service_at_copies_of_the_same_files() -> None:
+    """The drop-in loads /etc/fastpoetry/tls.crt and tls.key as credentials and sets TLS_CERT and
+    TLS_KEY to their copies in %d, and nothing else: ExecStart= stays the unit's. The package ships it."""
+    drop_in = settings(TLS_CREDENTIALS)
+    assert list(drop_in) == ["Service"]
+    service = drop_in["Service"]
+    assert set(service) == {"LoadCredential", "Environment"}
+    credentials = dict(value.split(":", 1) for value in service["LoadCredential"])
+    assert credentials == {"tls.crt": "/etc/fastpoetry/tls.crt", "tls.key": "/etc/fastpoetry/tls.key"}
+    unit_paths = environment(settings(TLS_SERVICE)["Service"]["Environment"])
+    copies = environment(service["Environment"])
+    assert copies == {"TLS_CERT": "%d/tls.crt", "TLS_KEY": "%d/tls.key"}
+    # Each copy is of the very file the unit reads without the drop-in.
+    for variable, copy in copies.items():
+        assert credentials[copy.removeprefix("%d/")] == unit_paths[variable]
+    examples = (DEBIAN / "fastpoetry.examples").read_text().splitlines()
+    assert str(TLS_CREDENTIALS.relative_to(REPO)) in examples

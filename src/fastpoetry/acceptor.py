@@ -108,10 +108,6 @@ Linger = Callable[[_socket.socket, "int | None", int], None]
 #: (connection, the bytes of it received so far, the balancer's address).
 AwaitHeader = Callable[[_socket.socket, bytes, str], None]
 
-#: Takes a connection just accepted, to serve all of it in the event loop
-#: (over TLS): (connection, the peer's address).
-HandOver = Callable[[_socket.socket, str], None]
-
 
 class Acceptor:
     """Accepts connections on ``listeners`` and serves them the poem of ``source``.
@@ -129,10 +125,6 @@ class Acceptor:
     first (:mod:`~.proxy_protocol`).  One already there is read here; one
     still on its way goes to ``await_header`` with what came of it; one
     that can never be valid is reset and counted in ``refused``.
-
-    With ``hand_over``, every client accepted goes to ``hand_over`` at
-    once, and nothing else happens here: a TLS handshake needs a round
-    trip, and the event loop waits for it.
     """
 
     def __init__(
@@ -144,7 +136,7 @@ class Acceptor:
         linger: Linger,
         always_linger: bool = False,
         await_header: AwaitHeader | None = None,
-        hand_over: HandOver | None = None,
+        refused: Refusals | None = None,
     ) -> None:
         self.source = source
         self.listeners = listeners
@@ -152,11 +144,8 @@ class Acceptor:
         self.linger = linger
         self.always_linger = always_linger
         self.await_header = await_header
-        self.hand_over = hand_over
-        if hand_over is not None:
-            self._serve_one = self._hand_over_one  # type: ignore[method-assign]
         #: Connections refused for want of a valid header, shared with ``await_header``'s side.
-        self.refused = Refusals(source, "reset", "sent no valid PROXY protocol header", field="BALANCER")
+        self.refused = refused if refused is not None else header_refusals(source)
         # Where a header is received: only this thread uses it.
         self._header = bytearray(MAX_LENGTH)
         # Only the accepting thread writes the figures below; the event
@@ -173,8 +162,7 @@ class Acceptor:
         self.stage = IDLE
         # What stop() writes to; run() watches it with the listening sockets.
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self._failed_accepts = Tally(CAPACITY_LOG_INTERVAL)
-        self._turned_away = Tally(CAPACITY_LOG_INTERVAL)
+        self._trouble = AcceptTrouble(source)
 
     def stop(self) -> None:
         """Make :meth:`run` return before it accepts another client (from any thread)."""
@@ -212,14 +200,14 @@ class Acceptor:
         poem = self.source.poem
         size = len(poem)
         if not size:
-            self._turn_away(listening.listener)
+            self._trouble.turn_away(listening.listener)
             return True
         try:
             fd, address = listening.accept()
         except BlockingIOError:  # another process took it (serve --workers)
             return True
         except OSError as exc:
-            return self._accept_failed(listening, exc)
+            return self._trouble.failed(listening.listener, exc)
         conn = listening.sockets.get(fd)
         if self.await_header is not None:
             self._read_header(listening, conn, fd, address, poem)
@@ -228,30 +216,6 @@ class Acceptor:
             self._log_sending(size, format_peer(listening.family, address))
         self._send(listening, conn, fd, poem, 0)
         return True
-
-    def _hand_over_one(self, listening: _Listening) -> bool:
-        """Accept a client and hand it over whole; False if out of descriptors or memory."""
-        if not self.source.poem:
-            self._turn_away(listening.listener)
-            return True
-        try:
-            fd, address = listening.accept()
-        except BlockingIOError:
-            return True
-        except OSError as exc:
-            return self._accept_failed(listening, exc)
-        assert self.hand_over is not None
-        self.hand_over(listening.sockets.take(fd), format_peer(listening.family, address))
-        return True
-
-    def _accept_failed(self, listening: _Listening, exc: OSError) -> bool:
-        """After accept() failed: True to go on, False to wait (out of descriptors or memory)."""
-        if exc.errno in CLIENT_GONE_ERRNOS:
-            return True
-        if exc.errno not in _CAPACITY_ERRNOS:
-            raise exc
-        self._report_capacity(listening.listener, exc)
-        return False
 
     def _send(self, listening: _Listening, conn: _socket.socket, fd: int, poem: bytes, header: int) -> None:
         """Send the poem to the client just accepted; ``header``: the bytes of its header read."""
@@ -355,8 +319,19 @@ class Acceptor:
     def _log_sending(self, size: int, peer: str) -> None:
         log_sending(self.source.label, size, peer)
 
-    def _turn_away(self, listener: socket.socket) -> None:
-        """No poem yet (a proxy whose upstream never answered): close at once."""
+class AcceptTrouble:
+    """What accepting runs into, said now and then: no poem to serve yet, no descriptor or memory left.
+
+    The accepting thread's, and the event loop's accept loop's (over TLS).
+    """
+
+    def __init__(self, source: PoemSource) -> None:
+        self.source = source
+        self._failed_accepts = Tally(CAPACITY_LOG_INTERVAL)
+        self._turned_away = Tally(CAPACITY_LOG_INTERVAL)
+
+    def turn_away(self, listener: socket.socket) -> None:
+        """No poem yet (a proxy whose upstream never answered): close the waiting clients at once."""
         turned = self._turned_away.add(turn_away(listener, TURN_AWAY_BATCH))
         if turned:
             log.warning(
@@ -366,7 +341,15 @@ class Acceptor:
                 extra={"POEM": self.source.label, "CLIENTS": turned},
             )
 
-    def _report_capacity(self, listener: socket.socket, exc: OSError) -> None:
+    def failed(self, listener: socket.socket, exc: OSError) -> bool:
+        """After accept() failed: True to go on, False to wait ACCEPT_RETRY (out of descriptors or memory).
+
+        Any other error is raised.
+        """
+        if exc.errno in CLIENT_GONE_ERRNOS:
+            return True
+        if exc.errno not in _CAPACITY_ERRNOS:
+            raise exc
         # Every queued connection fails the same way until a descriptor is
         # free again: say so once in a while, with how often it happened.
         failures = self._failed_accepts.add(1)
@@ -378,6 +361,7 @@ class Acceptor:
                 failures,
                 extra={"POEM": self.source.label, "ERRNO": exc.errno},
             )
+        return False
 
 
 class _Listening:
@@ -497,6 +481,11 @@ class Refusals:
             ", ".join(f"{number} {kind}" for kind, number in sorted(kinds.items())),
             extra={"POEM": self.source.label, "CLIENTS": refused},
         )
+
+
+def header_refusals(source: PoemSource) -> Refusals:
+    """The count of connections reset for want of a valid PROXY protocol header."""
+    return Refusals(source, "reset", "sent no valid PROXY protocol header", field="BALANCER")
 
 
 class Tally:

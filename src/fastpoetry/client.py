@@ -30,6 +30,7 @@ from . import exits
 from .fetch import FetchFailed, Transfer, fetch_within
 from .options import Address
 from .phrases import count, reason
+from .tls import CredentialsError, client_context
 
 #: Poems go straight to the descriptor (see Output), not through sys.stdout.
 STDOUT_FILENO = 1
@@ -59,8 +60,6 @@ def main(
     """
     context: ssl.SSLContext | None = None
     if tls:
-        from .tls import CredentialsError, client_context  # start-up time: ssl only when asked for
-
         try:
             context = client_context(ca, verify=verify)
         except CredentialsError as exc:

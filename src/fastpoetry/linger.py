@@ -234,6 +234,25 @@ def nothing_at_stake(sock: _socket.socket, size: int, expected_input: int = 0) -
     return received == expected_input and acknowledged >= size
 
 
+def settled(sock: _socket.socket) -> bool:
+    """True if the client of the TCP socket ``sock`` has acknowledged every byte and no input waits unread.
+
+    :func:`nothing_at_stake` for a socket whose bytes the server did not
+    count itself (OpenSSL wrote and read them): the kernel's send and
+    receive queues (SIOCOUTQ, SIOCINQ) must both be empty.
+    """
+    return _unacknowledged(sock) == 0 and _unread(sock) == 0
+
+
+def _unread(sock: _socket.socket) -> int:
+    """Bytes received on ``sock`` and not read yet (SIOCINQ); 1 if the kernel cannot tell."""
+    try:
+        out = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0" * 4)
+    except OSError:
+        return 1
+    return int.from_bytes(out, sys.byteorder, signed=True)
+
+
 def _unacknowledged(sock: _socket.socket) -> int:
     """Bytes sent on ``sock`` that the client has not acknowledged (SIOCOUTQ)."""
     try:

@@ -11,6 +11,9 @@ has to wait: a task for each poem the kernel did not take at once, and the
 (The idiomatic ``trio.serve_tcp`` spends a task and a stream object on
 every client and serves several times fewer poems a second.)
 
+Over TLS every client waits for a round trip of the handshake, so the
+event loop accepts and serves each itself, in a task (see :mod:`~.tls`).
+
 The server takes ready-made listening sockets and does not care whether
 they were bound here or passed in by systemd.
 """
@@ -27,23 +30,30 @@ from typing import Protocol
 import trio
 
 from .acceptor import (
+    ACCEPT_RETRY,
     ENDING,
     SENDING,
     TCP_FAMILIES,
+    AcceptTrouble,
     Acceptor,
     PoemSource,
     Refusals,
+    header_refusals,
     log_lost,
     log_sending,
     log_sending_behind,
     reset,
 )
-from .linger import LingeringCloser, discard_input, nothing_at_stake
-from .listeners import describe
+from .linger import LingeringCloser, discard_input, nothing_at_stake, settled
+from .listeners import describe, format_peer
 from .options import DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_HEADER_TIMEOUT
 from .proxy_protocol import CUT_SHORT, MAX_LENGTH, TIMED_OUT, Header, HeaderError, parse
 from .service import Service
-from .tls import HandshakeFailed, close_notify, handshake, release, send_poem
+from .tls import HandshakeFailed, close_notify, handshake, send_poem
+
+#: Connections accepted at a time by the event loop (over TLS) before it
+#: looks at its other tasks again.
+ACCEPT_BATCH = 16
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +90,7 @@ class StreamServer(Service):
     byte of the poem: it is reset, and counted in a warning now and then.
 
     With ``tls``, every client is served over TLS with ``tls.context``
-    (:mod:`~.tls`), the whole connection in the event loop: a handshake
+    (:mod:`~.tls`), accepted and served in the event loop: a handshake
     that fails or does not finish within ``handshake_timeout`` seconds
     gets no byte of the poem, and is counted in a warning now and then.
     The poem ends with a close_notify.  A PROXY protocol header comes
@@ -111,6 +121,11 @@ class StreamServer(Service):
         self.handshake_timeout = handshake_timeout
         #: Connections dropped for a TLS handshake that failed or was too slow.
         self.handshakes_failed = Refusals(source, "dropped", "did not complete a TLS handshake")
+        self._header_refusals = header_refusals(source)
+        # Over TLS: the scopes of the clients still before their poem (their
+        # header or handshake), which stopping cancels.
+        self._before_poem: set[trio.CancelScope] = set()
+        self._stopping = False
         self._acceptor: Acceptor | None = None
         # Poems handed over (by the accepting thread, and by the tasks that
         # waited for a header or a handshake), those whose task has started,
@@ -140,8 +155,8 @@ class StreamServer(Service):
     def poems_in_flight(self) -> int:
         """Poems begun and not yet handed whole to the kernel."""
         acceptor = self._acceptor
-        if acceptor is None:
-            return self._handed_over_here - self._tasks_started + self._tasks_sending
+        if acceptor is None:  # over TLS: only tasks send
+            return self._tasks_sending
         # The thread counts a poem as handed over and leaves SENDING in two
         # stores with nothing between them where CPython switches threads,
         # and these reads are the same: a poem is counted once.
@@ -152,7 +167,7 @@ class StreamServer(Service):
     @property
     def headers_refused(self) -> int:
         """Connections reset for want of a valid PROXY protocol header."""
-        return self._acceptor.refused.total if self._acceptor else 0
+        return self._header_refusals.total
 
     @property
     def clients_lingering(self) -> int:
@@ -196,15 +211,21 @@ class StreamServer(Service):
                     lingering.start_soon(self._closer.run)
                     async with trio.open_nursery() as senders:
                         with self._accepting:
-                            # Clients whose header or handshake is still on
-                            # its way have begun no poem: stopping drops them.
-                            async with trio.open_nursery() as not_begun:
-                                await self._accept_in_thread(senders, not_begun)
+                            if self.tls is None:
+                                # Clients whose header is still on its way
+                                # have begun no poem: stopping drops them.
+                                async with trio.open_nursery() as not_begun:
+                                    await self._accept_in_thread(senders, not_begun)
+                            else:
+                                await self._accept_here(senders)
+                        self._drop_clients_before_their_poem()
                         self._close_listeners()
                     self._closer.finish()
         finally:
             self._closer.close_stragglers()
             self._close_listeners()
+            self._header_refusals.flush()
+            self.handshakes_failed.flush()
             self._stopped.set()
 
     def _close_listeners(self) -> None:
@@ -242,14 +263,6 @@ class StreamServer(Service):
 
             token.run_sync_soon(start)
 
-        def hand_over(conn: _socket.socket, peer: str) -> None:
-            def start() -> None:
-                try:
-                    not_begun.start_soon(self._serve_tls, conn, peer, senders)
-                except RuntimeError:
-                    _abort(conn)
-
-            token.run_sync_soon(start)
 
         def body() -> None:
             try:
@@ -266,7 +279,7 @@ class StreamServer(Service):
             linger=self._closer.close_when_done,
             always_linger=self.always_linger,
             await_header=await_header if self.proxy_protocol else None,
-            hand_over=hand_over if self.tls is not None else None,
+            refused=self._header_refusals,
         )
         try:
             threading.Thread(target=body, name=f"fastpoetry {self.name}", daemon=True).start()
@@ -278,8 +291,6 @@ class StreamServer(Service):
                     await ended.wait()
         finally:
             acceptor.close()
-            acceptor.refused.flush()
-            self.handshakes_failed.flush()
         if failure:
             raise failure[0]
 
@@ -333,13 +344,90 @@ class StreamServer(Service):
             if not handed_over:
                 _abort(conn)
 
-    async def _serve_tls(self, conn: _socket.socket, peer: str, senders: trio.Nursery) -> None:
-        """Take the PROXY protocol header if expected, then the TLS handshake; then the poem, in ``senders``.
+    async def _accept_here(self, senders: trio.Nursery) -> None:
+        """Accept clients in the event loop until cancelled, each served over TLS by a task of ``senders``.
+
+        Not in the accepting thread: a handshake needs a round trip, so the
+        event loop waits for every client anyway, and handing each over
+        would add a wake-up of the loop and a hand-over of the GIL between
+        the two threads (five futex calls a poem, measured).
+        """
+        trouble = AcceptTrouble(self.source)
+        async with trio.open_nursery() as accepting:
+            for listener in self.listeners:
+                accepting.start_soon(self._accept_on, listener, trouble, senders)
+
+    async def _accept_on(self, listener: socket.socket, trouble: AcceptTrouble, senders: trio.Nursery) -> None:
+        # The C-level accept, as in the accepting thread: no socket object
+        # (and no getsockname()) until it is needed.
+        accept = listener._accept  # type: ignore[attr-defined]
+        family, kind, proto = int(listener.family), int(listener.type), listener.proto
+        while True:
+            await trio.lowlevel.wait_readable(listener)
+            for _ in range(ACCEPT_BATCH):
+                if not self.source.poem:
+                    trouble.turn_away(listener)
+                    break
+                try:
+                    fd, address = accept()
+                except BlockingIOError:
+                    break
+                except OSError as exc:
+                    if not trouble.failed(listener, exc):
+                        await trio.sleep(ACCEPT_RETRY)
+                    break
+                conn = socket.socket(family, kind, proto, fd)
+                if family in TCP_FAMILIES:
+                    # The poem and the close_notify are two writes: with
+                    # Nagle's algorithm the second could wait for the
+                    # client's acknowledgement of the first, which Linux may
+                    # delay by up to 40 ms (nginx's stream module also sets
+                    # tcp_nodelay).
+                    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                senders.start_soon(self._serve_tls, conn, format_peer(family, address))
+            await trio.lowlevel.checkpoint()
+
+    def _drop_clients_before_their_poem(self) -> None:
+        """Stopping: cancel the clients over TLS still before their poem, and any yet to start."""
+        self._stopping = True
+        for scope in self._before_poem:
+            scope.cancel()
+
+    async def _serve_tls(self, conn: socket.socket, peer: str) -> None:
+        """Serve a client over TLS: its PROXY protocol header if expected, the handshake, the poem.
 
         A client without a valid header is reset, one whose handshake fails
         or takes more than the handshake timeout is dropped: either way
-        before any byte of the poem, and counted.
+        before any byte of the poem, and counted.  Until its poem begins a
+        stop drops it; once begun, the poem may finish as any other.
         """
+        begun = None
+        with trio.CancelScope() as before_poem:
+            if self._stopping:
+                before_poem.cancel()
+            self._before_poem.add(before_poem)
+            try:
+                begun = await self._begin_tls(conn, peer)
+            finally:
+                self._before_poem.discard(before_poem)
+        if begun is None:  # refused, failed, or stopped: the connection is closed
+            return
+        tls, header = begun
+        poem = self.source.poem
+        if not poem:  # a proxy that has lost its poem meanwhile
+            _abort(tls)
+            return
+        if log.isEnabledFor(logging.DEBUG):
+            if header is None:
+                log_sending(self.source.label, len(poem), peer)
+            else:
+                log_sending_behind(self.source.label, len(poem), header, peer)
+        await self._send_over_tls(tls, poem)
+
+    async def _begin_tls(
+        self, conn: socket.socket, peer: str
+    ) -> tuple[ssl.SSLSocket, Header | None] | None:
+        """The PROXY protocol header if expected, then the handshake; None (and ``conn`` closed) if refused."""
         assert self.tls is not None
         header: Header | None = None
         if self.proxy_protocol:
@@ -349,31 +437,17 @@ class StreamServer(Service):
                 if header is None:
                     _abort(conn)
             if header is None:
-                return
+                return None
         try:
             with trio.fail_after(self.handshake_timeout):
-                tls = await handshake(conn, self.tls.context)
+                return await handshake(conn, self.tls.context), header
         except trio.TooSlowError:
-            self.handshakes_failed.add(
-                TIMED_OUT, peer, f"no TLS handshake within {self.handshake_timeout:g} s"
-            )
-            return
+            self.handshakes_failed.add(TIMED_OUT, peer, f"no TLS handshake within {self.handshake_timeout:g} s")
         except HandshakeFailed as exc:
             self.handshakes_failed.add(exc.kind, peer, str(exc))
-            return
-        poem = self.source.poem
-        if not poem:  # a proxy that has lost its poem meanwhile
-            _abort(release(tls))
-            return
-        if log.isEnabledFor(logging.DEBUG):
-            if header is None:
-                log_sending(self.source.label, len(poem), peer)
-            else:
-                log_sending_behind(self.source.label, len(poem), header, peer)
-        self._handed_over_here += 1
-        senders.start_soon(self._send_over_tls, tls, poem)
+        return None
 
-    async def _header_before_tls(self, conn: _socket.socket, balancer: str) -> Header | None:
+    async def _header_before_tls(self, conn: socket.socket, balancer: str) -> Header | None:
         """Read the PROXY protocol header and not a byte more; None if refused (and counted).
 
         The bytes after the header are the client's TLS handshake, which
@@ -382,6 +456,7 @@ class StreamServer(Service):
         while the header is not yet whole is all header, and is taken, so
         that the next wait is for new bytes.
         """
+        refused = self._header_refusals
         taken = b""
         with trio.move_on_after(self.header_timeout):
             while True:
@@ -389,12 +464,12 @@ class StreamServer(Service):
                 try:
                     more = conn.recv(MAX_LENGTH - len(taken), socket.MSG_PEEK | socket.MSG_DONTWAIT)
                     if not more:
-                        self._refused.add(CUT_SHORT, balancer, "closed before its PROXY protocol header was whole")
+                        refused.add(CUT_SHORT, balancer, "closed before its PROXY protocol header was whole")
                         return None
                     try:
                         header = parse(taken + more)
                     except HeaderError as exc:
-                        self._refused.add(exc.kind, balancer, str(exc))
+                        refused.add(exc.kind, balancer, str(exc))
                         return None
                     # Already received, so one recv() takes all of it.
                     rest = len(more) if header is None else header.length - len(taken)
@@ -406,18 +481,12 @@ class StreamServer(Service):
                     return None
                 if header is not None:
                     return header
-        self._refused.add(TIMED_OUT, balancer, f"no whole PROXY protocol header within {self.header_timeout:g} s")
+        refused.add(TIMED_OUT, balancer, f"no whole PROXY protocol header within {self.header_timeout:g} s")
         return None
 
-    @property
-    def _refused(self) -> Refusals:
-        assert self._acceptor is not None
-        return self._acceptor.refused
-
     async def _send_over_tls(self, tls: ssl.SSLSocket, poem: bytes) -> None:
-        """Send ``poem`` and a close_notify over ``tls``, then end the stream and linger."""
+        """Send ``poem`` and a close_notify over ``tls``, then close, or end the stream and linger."""
         failure: OSError | None = None
-        self._tasks_started += 1
         self._tasks_sending += 1
         try:
             with trio.move_on_after(self.send_timeout) as timeout:
@@ -427,34 +496,27 @@ class StreamServer(Service):
                 except OSError as exc:  # ssl.SSLError included
                     failure = exc
         except BaseException:  # cancelled: the shutdown deadline
-            _abort(release(tls))
+            _abort(tls)
             raise
         finally:
             self._tasks_sending -= 1
-        conn = release(tls)
-        if failure is not None:
-            log_lost(failure)
-            conn.close()
-            return
-        if timeout.cancelled_caught:
-            log.info(
-                "dropped a client that did not take its poem over TLS within %g s",
-                self.send_timeout,
-                extra={"POEM": self.source.label},
-            )
-            _abort(conn)
+        if self._given_up(tls, failure, timeout.cancelled_caught, "over TLS"):
             return
         self._finished += 1
         self._finished_bytes += len(poem)
-        try:
-            conn.shutdown(socket.SHUT_WR)
-        except OSError:
-            conn.close()
+        # As for a plain poem (_finish), but the bytes on the wire are
+        # OpenSSL's to count: the kernel's queues say whether any is at
+        # stake.  The client's own close_notify comes after ours, so a
+        # client that has everything is closed before it arrives.
+        if not self.always_linger and tls.family in TCP_FAMILIES and settled(tls):
+            tls.close()
             return
-        # What the client sends now (its own close_notify) is read and
-        # dropped until it closes: a close with it unread would be a reset,
-        # which could destroy the end of the poem on its way.
-        self._closer.close_when_done(conn)
+        try:
+            tls.shutdown(socket.SHUT_WR)  # TLS is done with, as is this side of the stream
+        except OSError:
+            tls.close()
+            return
+        self._closer.close_when_done(tls)
 
     async def _send_rest(self, conn: _socket.socket, poem: bytes, sent: int, header: int) -> None:
         """Send what the first ``send()`` left of ``poem``, then finish; ``header``: the bytes of it read.
@@ -488,23 +550,34 @@ class StreamServer(Service):
             raise
         finally:
             self._tasks_sending -= 1
-        if failure is not None:
-            log_lost(failure)
-            conn.close()
-            return
-        if timeout.cancelled_caught:
-            log.info(
-                "dropped a client that did not take its poem within %g s (%d of %d bytes sent)",
-                self.send_timeout,
-                sent,
-                len(view),
-                extra={"POEM": self.source.label, "BYTES": sent},
-            )
-            _abort(conn)
+        if self._given_up(conn, failure, timeout.cancelled_caught, f"{sent} of {len(view)} bytes sent", sent):
             return
         self._finish(conn, len(view), header)
         self._finished += 1
         self._finished_bytes += len(view)
+
+    def _given_up(
+        self, conn: _socket.socket, failure: OSError | None, timed_out: bool, how: str, sent: int | None = None
+    ) -> bool:
+        """Close ``conn`` if its poem did not all go out (``failure``, or the send timeout); whether it did not.
+
+        A client that was too slow is reset, so that it cannot take part of
+        the poem for all of it; ``how`` says how far it got, for the log.
+        """
+        if failure is not None:
+            log_lost(failure)
+            conn.close()
+            return True
+        if timed_out:
+            fields: dict[str, object] = {"POEM": self.source.label}
+            if sent is not None:
+                fields["BYTES"] = sent
+            log.info(
+                "dropped a client that did not take its poem within %g s (%s)", self.send_timeout, how, extra=fields
+            )
+            _abort(conn)
+            return True
+        return False
 
     def _finish(self, conn: _socket.socket, size: int, header: int) -> None:
         """The whole poem is with the kernel: close, or end the stream and linger.

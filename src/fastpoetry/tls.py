@@ -20,7 +20,6 @@ and write the socket itself; an ``ssl.MemoryBIO`` pair (trio's
 
 from __future__ import annotations
 
-import _socket
 import hashlib
 import logging
 import os
@@ -223,7 +222,7 @@ def client_context(ca: str | None = None, *, verify: bool = True) -> ssl.SSLCont
 # -- one client of the server ------------------------------------------------------
 
 
-async def handshake(conn: _socket.socket, context: ssl.SSLContext) -> ssl.SSLSocket:
+async def handshake(conn: socket.socket, context: ssl.SSLContext) -> ssl.SSLSocket:
     """The server's side of the handshake on the connected socket ``conn``; its SSL socket.
 
     ``conn`` is the handshake's from then on.  The caller bounds the wait
@@ -231,14 +230,11 @@ async def handshake(conn: _socket.socket, context: ssl.SSLContext) -> ssl.SSLSoc
     raises :exc:`HandshakeFailed`; one cut short by cancellation resets it,
     since the client has had no poem.
     """
-    plain = _adopt(conn)
-    plain.setblocking(False)  # wrap_socket keeps the socket's own timeout
+    conn.setblocking(False)  # wrap_socket keeps the socket's own timeout
     try:
-        tls = context.wrap_socket(
-            plain, server_side=True, do_handshake_on_connect=False, suppress_ragged_eofs=False
-        )
+        tls = context.wrap_socket(conn, server_side=True, do_handshake_on_connect=False, suppress_ragged_eofs=False)
     except OSError as exc:  # ssl.SSLError included: the client is gone, or spoke first
-        plain.close()
+        conn.close()
         raise HandshakeFailed(CLOSED, f"gone before the TLS handshake: {reason(exc)}") from None
     try:
         while True:
@@ -284,7 +280,9 @@ async def send_poem(tls: ssl.SSLSocket, poem: bytes) -> None:
 async def close_notify(tls: ssl.SSLSocket) -> None:
     """Send the close_notify that ends the poem, without waiting for the client's.
 
-    An OSError (ssl.SSLError included) if the client went away.
+    An OSError (ssl.SSLError included) if the client went away.  After
+    it, ``tls.shutdown()`` leaves TLS behind: ``recv`` and ``close`` are
+    the plain socket's, as the lingering close uses them.
     """
     while True:
         try:
@@ -296,17 +294,3 @@ async def close_notify(tls: ssl.SSLSocket) -> None:
             return
         except ssl.SSLWantWriteError:
             await trio.lowlevel.wait_writable(tls)
-
-
-def release(tls: ssl.SSLSocket) -> _socket.socket:
-    """The plain socket under ``tls``, for a close or a lingering close; ``tls`` is done."""
-    family, kind, proto = tls.family, tls.type, tls.proto
-    return _socket.socket(family, kind, proto, tls.detach())
-
-
-def _adopt(conn: _socket.socket) -> socket.socket:
-    # SSLContext.wrap_socket wants a socket.socket; the serving path has the
-    # C-level type (see acceptor.SocketsByNumber).
-    if isinstance(conn, socket.socket):
-        return conn
-    return socket.socket(conn.family, conn.type, conn.proto, conn.detach())

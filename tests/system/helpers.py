@@ -1183,7 +1183,8 @@ INSTALLED_POEM = "/usr/share/fastpoetry/poems/harbour-ledger.txt"
 #: Where each suite's package puts its units: Debian 12's debhelper under
 #: /lib, Debian 13's under /usr/lib (/lib is only an alias there, DEP 17).
 UNIT_DIRECTORY = {"bookworm": "/lib/systemd/system", "trixie": "/usr/lib/systemd/system"}
-UNITS = ("fastpoetry.socket", "fastpoetry.service", "fastpoetry-proxy.socket", "fastpoetry-proxy.service")
+UNITS = ("fastpoetry.socket", "fastpoetry.service", "fastpoetry-proxy.socket", "fastpoetry-proxy.service",
+         "fastpoetry-tls.socket", "fastpoetry-tls.service")
 
 #: The package's modules, and the file whose change means a new default Python 3.
 MODULES = "/usr/lib/python3/dist-packages/fastpoetry"
