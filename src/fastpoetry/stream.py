@@ -12,7 +12,8 @@ has to wait: a task for each poem the kernel did not take at once, and the
 every client and serves several times fewer poems a second.)
 
 Over TLS every client waits for a round trip of the handshake, so the
-event loop accepts and serves each itself, in a task (see :mod:`~.tls`).
+event loop accepts and serves them itself (:mod:`~.tls_clients`,
+:mod:`~.tls`).
 
 The server takes ready-made listening sockets and does not care whether
 they were bound here or passed in by systemd.
@@ -30,30 +31,24 @@ from typing import Protocol
 import trio
 
 from .acceptor import (
-    ACCEPT_RETRY,
     ENDING,
     SENDING,
     TCP_FAMILIES,
-    AcceptTrouble,
     Acceptor,
     PoemSource,
     Refusals,
     header_refusals,
     log_lost,
-    log_sending,
     log_sending_behind,
     reset,
 )
 from .linger import LingeringCloser, discard_input, nothing_at_stake, settled
-from .listeners import describe, format_peer
+from .listeners import describe
 from .options import DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_HEADER_TIMEOUT
 from .proxy_protocol import CUT_SHORT, MAX_LENGTH, TIMED_OUT, Header, HeaderError, parse
 from .service import Service
-from .tls import HandshakeFailed, close_notify, handshake, send_poem
-
-#: Connections accepted at a time by the event loop (over TLS) before it
-#: looks at its other tasks again.
-ACCEPT_BATCH = 16
+from .tls import close_notify, send_poem
+from .tls_clients import TlsClients
 
 log = logging.getLogger(__name__)
 
@@ -122,10 +117,6 @@ class StreamServer(Service):
         #: Connections dropped for a TLS handshake that failed or was too slow.
         self.handshakes_failed = Refusals(source, "dropped", "did not complete a TLS handshake")
         self._header_refusals = header_refusals(source)
-        # Over TLS: the scopes of the clients still before their poem (their
-        # header or handshake), which stopping cancels.
-        self._before_poem: set[trio.CancelScope] = set()
-        self._stopping = False
         self._acceptor: Acceptor | None = None
         # Poems handed over (by the accepting thread, and by the tasks that
         # waited for a header or a handshake), those whose task has started,
@@ -155,8 +146,8 @@ class StreamServer(Service):
     def poems_in_flight(self) -> int:
         """Poems begun and not yet handed whole to the kernel."""
         acceptor = self._acceptor
-        if acceptor is None:  # over TLS: only tasks send
-            return self._tasks_sending
+        if acceptor is None:  # over TLS: only tasks wait to send
+            return self._handed_over_here - self._tasks_started + self._tasks_sending
         # The thread counts a poem as handed over and leaves SENDING in two
         # stores with nothing between them where CPython switches threads,
         # and these reads are the same: a poem is counted once.
@@ -217,8 +208,7 @@ class StreamServer(Service):
                                 async with trio.open_nursery() as not_begun:
                                     await self._accept_in_thread(senders, not_begun)
                             else:
-                                await self._accept_here(senders)
-                        self._drop_clients_before_their_poem()
+                                await self._serve_tls_clients(senders)
                         self._close_listeners()
                     self._closer.finish()
         finally:
@@ -344,154 +334,66 @@ class StreamServer(Service):
             if not handed_over:
                 _abort(conn)
 
-    async def _accept_here(self, senders: trio.Nursery) -> None:
-        """Accept clients in the event loop until cancelled, each served over TLS by a task of ``senders``.
+    async def _serve_tls_clients(self, senders: trio.Nursery) -> None:
+        """Accept and serve clients over TLS until cancelled (:mod:`~.tls_clients`).
 
         Not in the accepting thread: a handshake needs a round trip, so the
         event loop waits for every client anyway, and handing each over
         would add a wake-up of the loop and a hand-over of the GIL between
         the two threads (five futex calls a poem, measured).
         """
-        trouble = AcceptTrouble(self.source)
-        async with trio.open_nursery() as accepting:
-            for listener in self.listeners:
-                accepting.start_soon(self._accept_on, listener, trouble, senders)
-
-    async def _accept_on(self, listener: socket.socket, trouble: AcceptTrouble, senders: trio.Nursery) -> None:
-        # The C-level accept, as in the accepting thread: no socket object
-        # (and no getsockname()) until it is needed.
-        accept = listener._accept  # type: ignore[attr-defined]
-        family, kind, proto = int(listener.family), int(listener.type), listener.proto
-        while True:
-            await trio.lowlevel.wait_readable(listener)
-            for _ in range(ACCEPT_BATCH):
-                if not self.source.poem:
-                    trouble.turn_away(listener)
-                    break
-                try:
-                    fd, address = accept()
-                except BlockingIOError:
-                    break
-                except OSError as exc:
-                    if not trouble.failed(listener, exc):
-                        await trio.sleep(ACCEPT_RETRY)
-                    break
-                conn = socket.socket(family, kind, proto, fd)
-                if family in TCP_FAMILIES:
-                    # The poem and the close_notify are two writes: with
-                    # Nagle's algorithm the second could wait for the
-                    # client's acknowledgement of the first, which Linux may
-                    # delay by up to 40 ms (nginx's stream module also sets
-                    # tcp_nodelay).
-                    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                senders.start_soon(self._serve_tls, conn, format_peer(family, address))
-            await trio.lowlevel.checkpoint()
-
-    def _drop_clients_before_their_poem(self) -> None:
-        """Stopping: cancel the clients over TLS still before their poem, and any yet to start."""
-        self._stopping = True
-        for scope in self._before_poem:
-            scope.cancel()
-
-    async def _serve_tls(self, conn: socket.socket, peer: str) -> None:
-        """Serve a client over TLS: its PROXY protocol header if expected, the handshake, the poem.
-
-        A client without a valid header is reset, one whose handshake fails
-        or takes more than the handshake timeout is dropped: either way
-        before any byte of the poem, and counted.  Until its poem begins a
-        stop drops it; once begun, the poem may finish as any other.
-        """
-        begun = None
-        with trio.CancelScope() as before_poem:
-            if self._stopping:
-                before_poem.cancel()
-            self._before_poem.add(before_poem)
-            try:
-                begun = await self._begin_tls(conn, peer)
-            finally:
-                self._before_poem.discard(before_poem)
-        if begun is None:  # refused, failed, or stopped: the connection is closed
-            return
-        tls, header = begun
-        poem = self.source.poem
-        if not poem:  # a proxy that has lost its poem meanwhile
-            _abort(tls)
-            return
-        if log.isEnabledFor(logging.DEBUG):
-            if header is None:
-                log_sending(self.source.label, len(poem), peer)
-            else:
-                log_sending_behind(self.source.label, len(poem), header, peer)
-        await self._send_over_tls(tls, poem)
-
-    async def _begin_tls(
-        self, conn: socket.socket, peer: str
-    ) -> tuple[ssl.SSLSocket, Header | None] | None:
-        """The PROXY protocol header if expected, then the handshake; None (and ``conn`` closed) if refused."""
         assert self.tls is not None
-        header: Header | None = None
-        if self.proxy_protocol:
-            try:
-                header = await self._header_before_tls(conn, peer)
-            finally:
-                if header is None:
-                    _abort(conn)
-            if header is None:
-                return None
+        tls = self.tls
+
+        def serve(client: ssl.SSLSocket, poem: bytes) -> None:
+            self._serve_over_tls(client, poem, senders)
+
+        clients = TlsClients(
+            self.source,
+            self.listeners,
+            lambda: tls.context,
+            serve,
+            refused=self._header_refusals,
+            failed=self.handshakes_failed,
+            proxy_protocol=self.proxy_protocol,
+            header_timeout=self.header_timeout,
+            handshake_timeout=self.handshake_timeout,
+        )
+        await clients.run()
+
+    def _serve_over_tls(self, tls: ssl.SSLSocket, poem: bytes, senders: trio.Nursery) -> None:
+        """Send the poem and the close_notify now if the kernel takes them, else in a task of ``senders``."""
+        poem_sent = False
         try:
-            with trio.fail_after(self.handshake_timeout):
-                return await handshake(conn, self.tls.context), header
-        except trio.TooSlowError:
-            self.handshakes_failed.add(TIMED_OUT, peer, f"no TLS handshake within {self.handshake_timeout:g} s")
-        except HandshakeFailed as exc:
-            self.handshakes_failed.add(exc.kind, peer, str(exc))
-        return None
+            tls.send(poem)  # OpenSSL writes all of it, or nothing (no partial writes)
+            poem_sent = True
+            tls.unwrap()  # the close_notify
+        except ssl.SSLWantReadError:
+            if not poem_sent:  # a key update from the client first: rare
+                return self._hand_over_tls(tls, poem, poem_sent, senders)
+            # The close_notify is sent; the client's is on its way, or not.
+        except ssl.SSLWantWriteError:
+            return self._hand_over_tls(tls, poem, poem_sent, senders)
+        except OSError as exc:  # ssl.SSLError included: the client is gone
+            log_lost(exc)
+            tls.close()
+            return
+        self._finish_tls(tls, len(poem))
 
-    async def _header_before_tls(self, conn: socket.socket, balancer: str) -> Header | None:
-        """Read the PROXY protocol header and not a byte more; None if refused (and counted).
+    def _hand_over_tls(self, tls: ssl.SSLSocket, poem: bytes, poem_sent: bool, senders: trio.Nursery) -> None:
+        self._handed_over_here += 1
+        senders.start_soon(self._send_over_tls, tls, poem, poem_sent)
 
-        The bytes after the header are the client's TLS handshake, which
-        OpenSSL reads from the socket itself: they are looked at
-        (MSG_PEEK), and only those of the header taken.  Whatever arrived
-        while the header is not yet whole is all header, and is taken, so
-        that the next wait is for new bytes.
-        """
-        refused = self._header_refusals
-        taken = b""
-        with trio.move_on_after(self.header_timeout):
-            while True:
-                await trio.lowlevel.wait_readable(conn)
-                try:
-                    more = conn.recv(MAX_LENGTH - len(taken), socket.MSG_PEEK | socket.MSG_DONTWAIT)
-                    if not more:
-                        refused.add(CUT_SHORT, balancer, "closed before its PROXY protocol header was whole")
-                        return None
-                    try:
-                        header = parse(taken + more)
-                    except HeaderError as exc:
-                        refused.add(exc.kind, balancer, str(exc))
-                        return None
-                    # Already received, so one recv() takes all of it.
-                    rest = len(more) if header is None else header.length - len(taken)
-                    taken += conn.recv(rest, socket.MSG_DONTWAIT)
-                except BlockingIOError:
-                    continue
-                except OSError as exc:
-                    log_lost(exc)
-                    return None
-                if header is not None:
-                    return header
-        refused.add(TIMED_OUT, balancer, f"no whole PROXY protocol header within {self.header_timeout:g} s")
-        return None
-
-    async def _send_over_tls(self, tls: ssl.SSLSocket, poem: bytes) -> None:
-        """Send ``poem`` and a close_notify over ``tls``, then close, or end the stream and linger."""
+    async def _send_over_tls(self, tls: ssl.SSLSocket, poem: bytes, poem_sent: bool) -> None:
+        """Send ``poem`` (unless ``poem_sent``) and a close_notify over ``tls``, then :meth:`_finish_tls`."""
         failure: OSError | None = None
+        self._tasks_started += 1
         self._tasks_sending += 1
         try:
             with trio.move_on_after(self.send_timeout) as timeout:
                 try:
-                    await send_poem(tls, poem)
+                    if not poem_sent:
+                        await send_poem(tls, poem)
                     await close_notify(tls)
                 except OSError as exc:  # ssl.SSLError included
                     failure = exc
@@ -502,8 +404,12 @@ class StreamServer(Service):
             self._tasks_sending -= 1
         if self._given_up(tls, failure, timeout.cancelled_caught, "over TLS"):
             return
+        self._finish_tls(tls, len(poem))
+
+    def _finish_tls(self, tls: ssl.SSLSocket, size: int) -> None:
+        """The poem and the close_notify are with the kernel: close, or end the stream and linger."""
         self._finished += 1
-        self._finished_bytes += len(poem)
+        self._finished_bytes += size
         # As for a plain poem (_finish), but the bytes on the wire are
         # OpenSSL's to count: the kernel's queues say whether any is at
         # stake.  The client's own close_notify comes after ours, so a

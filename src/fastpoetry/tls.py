@@ -11,9 +11,9 @@ keeps a poem.  The files may be systemd credentials (``LoadCredential=``,
 systemd.exec(5)), which the service reads in ``$CREDENTIALS_DIRECTORY``
 while the key on disk stays readable by root alone.
 
-:func:`handshake`, :func:`send_poem` and :func:`close_notify` are the
-serving path's steps for one client, on a non-blocking socket, in the
-event loop.  They use the ssl module's own socket, which has OpenSSL read
+:func:`wrap`, :func:`step_handshake`, :func:`send_poem` and
+:func:`close_notify` are the serving path's steps for one client, on a
+non-blocking socket (:mod:`~.tls_clients` drives them).  They use the ssl module's own socket, which has OpenSSL read
 and write the socket itself; an ``ssl.MemoryBIO`` pair (trio's
 ``SSLStream``) would copy every record through Python, twice.
 """
@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import select
 import socket
 import ssl
 import stat
@@ -30,7 +31,6 @@ from dataclasses import dataclass
 
 import trio
 
-from .acceptor import reset
 from .phrases import reason
 from .service import Service
 
@@ -222,29 +222,35 @@ def client_context(ca: str | None = None, *, verify: bool = True) -> ssl.SSLCont
 # -- one client of the server ------------------------------------------------------
 
 
-async def handshake(conn: socket.socket, context: ssl.SSLContext) -> ssl.SSLSocket:
-    """The server's side of the handshake on the connected socket ``conn``; its SSL socket.
+def wrap(conn: socket.socket, context: ssl.SSLContext) -> ssl.SSLSocket:
+    """The server's SSL socket for the connected socket ``conn``, its handshake not begun.
 
-    ``conn`` is the handshake's from then on.  The caller bounds the wait
-    (a cancel scope).  A handshake that fails closes the connection and
-    raises :exc:`HandshakeFailed`; one cut short by cancellation resets it,
-    since the client has had no poem.
+    ``conn`` is the SSL socket's from then on (detached), non-blocking.
+    Raises :exc:`HandshakeFailed`, with the connection closed, if the
+    client is already gone.
     """
     conn.setblocking(False)  # wrap_socket keeps the socket's own timeout
     try:
-        tls = context.wrap_socket(conn, server_side=True, do_handshake_on_connect=False, suppress_ragged_eofs=False)
+        return context.wrap_socket(conn, server_side=True, do_handshake_on_connect=False, suppress_ragged_eofs=False)
     except OSError as exc:  # ssl.SSLError included: the client is gone, or spoke first
         conn.close()
         raise HandshakeFailed(CLOSED, f"gone before the TLS handshake: {reason(exc)}") from None
+
+
+def step_handshake(tls: ssl.SSLSocket) -> int:
+    """Take the server's side of the handshake as far as the bytes that arrived allow.
+
+    Returns 0 once it is done, else what to wait for: ``select.EPOLLIN``
+    or ``select.EPOLLOUT``.  A handshake that fails closes the connection
+    and raises :exc:`HandshakeFailed`.
+    """
     try:
-        while True:
-            try:
-                tls.do_handshake()
-                return tls
-            except ssl.SSLWantReadError:
-                await trio.lowlevel.wait_readable(tls)
-            except ssl.SSLWantWriteError:
-                await trio.lowlevel.wait_writable(tls)
+        tls.do_handshake()
+        return 0
+    except ssl.SSLWantReadError:
+        return select.EPOLLIN
+    except ssl.SSLWantWriteError:
+        return select.EPOLLOUT
     except (ssl.SSLEOFError, ssl.SSLZeroReturnError):
         tls.close()
         raise HandshakeFailed(CLOSED, "closed during the TLS handshake") from None
@@ -256,10 +262,6 @@ async def handshake(conn: socket.socket, context: ssl.SSLContext) -> ssl.SSLSock
     except OSError as exc:
         tls.close()
         raise HandshakeFailed(CLOSED, f"TLS handshake failed: {reason(exc)}") from None
-    except BaseException:  # cancelled: the deadline, or a stop
-        reset(tls)
-        tls.close()
-        raise
 
 
 async def send_poem(tls: ssl.SSLSocket, poem: bytes) -> None:

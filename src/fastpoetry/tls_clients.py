@@ -1,0 +1,286 @@
+"""The TLS clients of a server, from accept to their poem, driven by one task through a private epoll.
+
+A TLS client needs a round trip before its poem (the handshake, and the
+PROXY protocol header before it if a balancer sends one), so it cannot be
+served the way the accepting thread serves a plain one (:mod:`~.acceptor`).
+A trio task for each, waiting on its socket, costs a task, a cancel scope
+and two epoll registrations a client: a third of what the server adds to
+OpenSSL's own work.  So one task accepts every client, watches all of them
+through an epoll instance of its own, registered once each, and moves each
+on as its bytes arrive, as :class:`~.linger.LingeringCloser` does for the
+clients that linger.  What has to wait for the client to read (a poem
+bigger than the socket buffers) goes to a task of its own.
+
+Deadlines: every client still waiting for its header is in one dict, every
+client in its handshake in another; each dict has one timeout, so
+insertion order is deadline order and the expired clients are at the front.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import select
+import socket
+import ssl
+from collections.abc import Callable
+
+import trio
+
+from .acceptor import (
+    ACCEPT_RETRY,
+    TCP_FAMILIES,
+    AcceptTrouble,
+    PoemSource,
+    Refusals,
+    log_lost,
+    log_sending,
+    log_sending_behind,
+    reset,
+)
+from .listeners import format_peer
+from .proxy_protocol import CUT_SHORT, MAX_LENGTH, TIMED_OUT, Header, HeaderError, parse
+from .tls import HandshakeFailed, step_handshake, wrap
+
+log = logging.getLogger(__name__)
+
+#: Connections accepted at a time from one listening socket before the
+#: clients already there are moved on again.
+ACCEPT_BATCH = 16
+
+#: Takes a client whose handshake is done, with the poem to send it.
+Serve = Callable[[ssl.SSLSocket, bytes], None]
+
+
+class _Client:
+    """One client before its poem."""
+
+    __slots__ = ("conn", "tls", "peer", "deadline", "taken", "header", "waiting_for")
+
+    def __init__(self, conn: socket.socket, peer: str) -> None:
+        self.conn = conn
+        self.tls: ssl.SSLSocket | None = None
+        self.peer = peer
+        self.deadline = math.inf
+        #: The bytes of its PROXY protocol header taken so far.
+        self.taken = b""
+        self.header: Header | None = None
+        #: What the epoll watches its socket for.
+        self.waiting_for = select.EPOLLIN
+
+    @property
+    def sock(self) -> socket.socket:
+        return self.tls if self.tls is not None else self.conn
+
+
+class TlsClients:
+    """Accepts on ``listeners`` and takes every client through its header and handshake.
+
+    A client whose handshake is done goes to ``serve`` with the poem, in
+    this task; ``serve`` must not wait.  With ``proxy_protocol`` the
+    client's PROXY protocol header comes first, in plain text; one that
+    is invalid or not whole within ``header_timeout`` seconds is reset and
+    counted in ``refused``.  A handshake that fails, or is not done within
+    ``handshake_timeout`` seconds, costs the client its connection, counted
+    in ``failed``.  :meth:`run` returns only when cancelled (a stop): the
+    clients still before their poem are reset then.
+    """
+
+    def __init__(
+        self,
+        source: PoemSource,
+        listeners: list[socket.socket],
+        context: Callable[[], ssl.SSLContext],
+        serve: Serve,
+        *,
+        refused: Refusals,
+        failed: Refusals,
+        proxy_protocol: bool,
+        header_timeout: float,
+        handshake_timeout: float,
+    ) -> None:
+        self.source = source
+        self.listeners = listeners
+        self.context = context
+        self.serve = serve
+        self.refused = refused
+        self.failed = failed
+        self.proxy_protocol = proxy_protocol
+        self.header_timeout = header_timeout
+        self.handshake_timeout = handshake_timeout
+        self._epoll = select.epoll()
+        self._listening = {sock.fileno(): sock for sock in listeners}
+        self._paused: dict[int, float] = {}
+        self._awaiting_header: dict[int, _Client] = {}
+        self._handshaking: dict[int, _Client] = {}
+        self._trouble = AcceptTrouble(source)
+
+    def __len__(self) -> int:
+        """Clients before their poem."""
+        return len(self._awaiting_header) + len(self._handshaking)
+
+    async def run(self) -> None:
+        """Serve until cancelled; then reset every client still before its poem."""
+        try:
+            for fd in self._listening:
+                self._epoll.register(fd, select.EPOLLIN)
+            while True:
+                with trio.move_on_at(self._next_deadline()):
+                    await trio.lowlevel.wait_readable(self._epoll.fileno())
+                for fd, _ in self._epoll.poll(0):
+                    client = self._handshaking.get(fd) or self._awaiting_header.get(fd)
+                    if client is not None:
+                        self._move_on(client)
+                    elif fd in self._listening:
+                        self._accept(self._listening[fd])
+                self._expire(trio.current_time())
+        finally:
+            for clients in (self._awaiting_header, self._handshaking):
+                for client in clients.values():
+                    _abort(client.sock)
+                clients.clear()
+            self._epoll.close()
+
+    def _next_deadline(self) -> float:
+        deadlines = [clients[next(iter(clients))].deadline for clients in (self._awaiting_header, self._handshaking) if clients]
+        return min([*deadlines, *self._paused.values()], default=math.inf)
+
+    def _accept(self, listener: socket.socket) -> None:
+        family = int(listener.family)
+        for _ in range(ACCEPT_BATCH):
+            if not self.source.poem:
+                self._trouble.turn_away(listener)
+                return
+            try:
+                fd, address = listener._accept()  # type: ignore[attr-defined]
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if not self._trouble.failed(listener, exc):
+                    # Level-triggered: left registered, it would be reported at once, again and again.
+                    self._epoll.unregister(listener.fileno())
+                    self._paused[listener.fileno()] = trio.current_time() + ACCEPT_RETRY
+                return
+            conn = socket.socket(family, int(listener.type), listener.proto, fd)
+            if family in TCP_FAMILIES:
+                # The poem and the close_notify are two writes: with
+                # Nagle's algorithm the second could wait for the client's
+                # acknowledgement of the first, which Linux may delay by up
+                # to 40 ms (nginx's stream module also sets tcp_nodelay).
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            client = _Client(conn, format_peer(family, address))
+            self._epoll.register(fd, select.EPOLLIN)
+            if self.proxy_protocol:
+                client.deadline = trio.current_time() + self.header_timeout
+                self._awaiting_header[fd] = client
+            else:
+                self._begin_handshake(client)
+            # A client is quick, or its bytes came before the accept
+            # (TCP_DEFER_ACCEPT): try at once, as the epoll would say.
+            self._move_on(client)
+
+    def _begin_handshake(self, client: _Client) -> None:
+        client.deadline = trio.current_time() + self.handshake_timeout
+        self._handshaking[client.conn.fileno()] = client
+
+    def _move_on(self, client: _Client) -> None:
+        """Take ``client`` as far as the bytes that arrived allow."""
+        fd = client.conn.fileno() if client.tls is None else client.tls.fileno()
+        if fd in self._awaiting_header and not self._read_header(client, fd):
+            return
+        try:
+            if client.tls is None:
+                client.tls = wrap(client.conn, self.context())
+            waiting_for = step_handshake(client.tls)
+        except HandshakeFailed as exc:  # the connection is closed
+            del self._handshaking[fd]
+            self.failed.add(exc.kind, client.peer, str(exc))
+            return
+        if waiting_for:
+            if waiting_for != client.waiting_for:  # rare: a full send buffer mid-handshake
+                self._epoll.modify(fd, waiting_for)
+                client.waiting_for = waiting_for
+            return
+        del self._handshaking[fd]
+        tls = client.tls
+        poem = self.source.poem
+        if not poem:  # a proxy that has lost its poem meanwhile
+            _abort(tls)
+            return
+        if log.isEnabledFor(logging.DEBUG):
+            if client.header is None:
+                log_sending(self.source.label, len(poem), client.peer)
+            else:
+                log_sending_behind(self.source.label, len(poem), client.header, client.peer)
+        self.serve(tls, poem)
+        # Closed, the socket has left the epoll by itself; one still open
+        # has a new owner (a task, or the lingering close), and must leave
+        # it before this epoll reports it again.
+        if tls.fileno() >= 0:
+            self._epoll.unregister(fd)
+
+    def _read_header(self, client: _Client, fd: int) -> bool:
+        """Take the PROXY protocol header and not a byte more; True once it is whole.
+
+        The bytes after the header are the client's TLS handshake, which
+        OpenSSL reads from the socket itself: they are looked at
+        (MSG_PEEK), and only those of the header taken.  Whatever arrived
+        while the header is not yet whole is all header, and is taken, so
+        that the next report is of new bytes.
+        """
+        conn = client.conn
+        try:
+            more = conn.recv(MAX_LENGTH - len(client.taken), socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            if not more:
+                return self._refuse(client, fd, CUT_SHORT, "closed before its PROXY protocol header was whole")
+            try:
+                header = parse(client.taken + more)
+            except HeaderError as exc:
+                return self._refuse(client, fd, exc.kind, str(exc))
+            # Already received, so one recv() takes all of it.
+            rest = len(more) if header is None else header.length - len(client.taken)
+            client.taken += conn.recv(rest, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            log_lost(exc)
+            del self._awaiting_header[fd]
+            _abort(conn)
+            return False
+        if header is None:
+            return False
+        client.header = header
+        del self._awaiting_header[fd]
+        self._begin_handshake(client)
+        return True
+
+    def _refuse(self, client: _Client, fd: int, kind: str, detail: str) -> bool:
+        del self._awaiting_header[fd]
+        self.refused.add(kind, client.peer, detail)
+        _abort(client.conn)
+        return False
+
+    def _expire(self, now: float) -> None:
+        """Reset the clients whose header or handshake is late, and accept again where paused."""
+        for fd, resume in list(self._paused.items()):
+            if resume <= now:
+                del self._paused[fd]
+                self._epoll.register(fd, select.EPOLLIN)
+        while self._awaiting_header:
+            fd, client = next(iter(self._awaiting_header.items()))
+            if client.deadline > now:
+                break
+            self._refuse(client, fd, TIMED_OUT, f"no whole PROXY protocol header within {self.header_timeout:g} s")
+        while self._handshaking:
+            fd, client = next(iter(self._handshaking.items()))
+            if client.deadline > now:
+                break
+            del self._handshaking[fd]
+            self.failed.add(TIMED_OUT, client.peer, f"no TLS handshake within {self.handshake_timeout:g} s")
+            _abort(client.sock)
+
+
+def _abort(sock: socket.socket) -> None:
+    """Close a client that has had no byte of its poem with a reset: it was refused, or is too late."""
+    reset(sock)
+    sock.close()
