@@ -8,9 +8,10 @@ generator and calls this script with the benchmark's own venv::
 Every server is started pinned to the server core and checked to serve
 the exact poem; then, at each concurrency, they take turns in rounds under
 load from ``loadgen`` pinned to the other core, the order rotated every
-round (see sections.py); then come the 1 MiB poem (in rounds too), cold
-starts under socket activation, fastpoetry's logging cost and, if it has
-them, its workers.
+round (see sections.py); then come the 1 MiB poem (in rounds too), the
+3 KB poem over TLS (fastpoetry and nginx's stream ssl, a full handshake
+every poem, in rounds of their own), cold starts under socket activation,
+fastpoetry's logging cost and, if it has them, its workers.
 Progress goes to standard error, one line per measured cell; the tables
 go to standard output and, with the JSON and a plot, to the output
 directory.  The exit status is 0 whatever the figures, unless ``--check``
@@ -40,19 +41,20 @@ from plan import FULL, SMOKE, describe_load
 from poem_files import write_big_poem
 from results import Baseline, Run
 from sections import Sections, progress
-from servers import BASELINE, CONTENDERS, Contender, Paths
+from servers import BASELINE, CONTENDERS, TLS, TLS_CONTENDERS, Contender, Paths
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 
 
 def _parse_args(argv: list[str]) -> argparse.Namespace:
-    keys = [c.key for c in CONTENDERS]
+    keys = [c.key for c in CONTENDERS] + [TLS]
     parser = argparse.ArgumentParser(prog="bench/run", description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny counts: checks that everything runs (figures mean nothing)")
     parser.add_argument("--out", type=Path, default=BENCH / "out", help="where results go (default: bench/out)")
     parser.add_argument("--only", help=f"servers to run, comma-separated, of: {','.join(keys)},{BASELINE} "
-                        f"({BASELINE} with --baseline; default: all)")  # fmt: skip
+                        f"({TLS}: the section over TLS, fastpoetry and nginx; {BASELINE} with --baseline; "
+                        "default: all)")  # fmt: skip
     parser.add_argument("--baseline", metavar="REV", help="one more row: fastpoetry from git commit REV, "
                         "measured in the same rounds as the work tree's")  # fmt: skip
     parser.add_argument("--check", action="store_true", help="exit 1 if a target is missed")
@@ -181,6 +183,9 @@ def main(argv: list[str]) -> int:
             "syscall_count_load": describe_load(plan.count),
             "syscall_breakdown_load": describe_load(plan.breakdown),
             "backlog": servers.BACKLOG,
+            "tls_target_load": describe_load(plan.tls_target),
+            "tls_other_load": describe_load(plan.tls_other),
+            "tls_certificate": servers.TLS_CERTIFICATE,
         },
         perf_unavailable=syscalls.probe((syscalls.ALL, *syscalls.BREAKDOWN)),
     )
@@ -197,6 +202,8 @@ def main(argv: list[str]) -> int:
         serving = [c for c in contenders if run.servers.get(c.label) == "ok"]
         if serving:
             bench.big_poem(serving, big)
+        if TLS in args.only:
+            bench.tls(list(TLS_CONTENDERS))
         bench.cold_starts(args.only)
         if "fastpoetry" in args.only:
             bench.logging_cost()

@@ -71,7 +71,7 @@ class LoadRun:
 
     def failure_reasons(self) -> dict[str, int]:
         """The failures by reason, leaving out reasons that did not happen."""
-        names = ("short", "long", "reset", "refused", "ports", "timeout", "error")
+        names = ("short", "long", "reset", "refused", "ports", "timeout", "error", "handshake", "ragged")
         return {name: int(self.values[name]) for name in names if self.values.get(name)}
 
 
@@ -109,17 +109,21 @@ def steady(
     seconds: float | None = None,
     timeout: float = 30.0,
     proxy_header: bool = False,
+    tls: bool = False,
 ) -> LoadRun:
     """A closed-loop run: ``poems`` connections, or as many as fit in ``seconds``.
 
     ``proxy_header``: each connection sends a PROXY protocol v2 header
-    before it reads (-P), as a load balancer's does.
+    before it reads (-P), as a load balancer's does.  ``tls``: each makes
+    a full TLS 1.3 handshake and reads to the close_notify (-T).
     """
     assert (poems is None) != (seconds is None)
     limit = ["-n", str(poems)] if poems is not None else ["-d", f"{seconds:g}"]
     options = ["-p", str(port), "-b", str(size), "-c", str(concurrency), "-t", f"{timeout:g}", *limit]
     if proxy_header:
         options.append("-P")
+    if tls:
+        options.append("-T")
     # A hang guard, not a speed limit: a run that is ten times slower than
     # a slow server would manage still finishes.
     expected = seconds if seconds is not None else (poems or 0) / 1000.0

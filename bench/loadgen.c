@@ -14,7 +14,7 @@
  * connection is what starts the server.
  *
  *   loadgen -p PORT -b BYTES [-a ADDR] [-c CONCURRENCY] [-n POEMS | -d SECONDS]
- *           [-t TIMEOUT_S] [-s SOURCES] [-H FILE] [-P] [-1]
+ *           [-t TIMEOUT_S] [-s SOURCES] [-H FILE] [-P] [-T [-V VERSION]] [-1]
  *
  * -a ADDR is the server's IPv4 or IPv6 address (default 127.0.0.1).
  *
@@ -34,10 +34,27 @@
  * that fails is a failure under its errno's reason (refused, reset...), a
  * short one under error.
  *
+ * -T (steady mode) speaks TLS, with OpenSSL: each connection makes a full
+ * handshake of its own, then reads the poem to the server's close_notify.
+ * Nothing is resumed: every connection gets a new SSL object, no session
+ * is ever handed to one (SSL_set_session), the client keeps no session
+ * cache and asks for no TLS 1.2 ticket; TLS 1.3 tickets a server sends
+ * anyway are read and dropped.  The certificate is not verified (this is
+ * a benchmark, not a client) and no server name is sent (no SNI).  -V
+ * VERSION is the one protocol version offered: 1.3 (the default) or 1.2.
+ * The handshake is driven by epoll like everything else (non-blocking
+ * SSL_connect and SSL_read), and the latency includes it.
+ *
  * A connection fails if it ends with anything but exactly BYTES followed by
  * a clean end of stream: short, long (more bytes than the poem), reset,
  * refused, ports (no ephemeral port left: EADDRNOTAVAIL), timeout (not over
- * within TIMEOUT_S, default 30), error (anything else).
+ * within TIMEOUT_S, default 30), error (anything else); with -T also
+ * handshake (the TLS handshake failed: an alert, bytes that are not TLS,
+ * the stream ending before the handshake did) and ragged (the whole poem,
+ * then the end of the stream without a close_notify, which would let a cut
+ * be taken for the end).  Over TLS a clean end of stream is the
+ * close_notify; a stream that ends without one before the whole poem is
+ * short.
  *
  * -H FILE (steady mode) also writes the latency histogram to FILE, one line
  * "VALUE_NS COUNT" per non-empty bucket, VALUE_NS being the bucket's middle
@@ -47,8 +64,8 @@
  *
  * Output, one line of space-separated KEY=VALUE pairs on standard output:
  *   steady:     poems= failures= short= long= reset= refused= ports= timeout=
- *               error= seconds= rate= bytes= mean_us= p50_us= p90_us=
- *               p99_us= p999_us= max_us= cpu_s=
+ *               error= handshake= ragged= seconds= rate= bytes= mean_us=
+ *               p50_us= p90_us= p99_us= p999_us= max_us= cpu_s=
  *   first-byte: ok= failures= (the same reasons) connect_us= first_byte_us=
  *               eof_us= bytes= cpu_s=
  * poems counts connections that got the whole poem; latency runs from just
@@ -59,15 +76,20 @@
  *
  * Nothing is allocated per connection: one slot per concurrent connection
  * and one receive buffer shared by all of them (there is one thread); a
- * PROXY header is built on the stack.
+ * PROXY header is built on the stack.  With -T, OpenSSL allocates an SSL
+ * object (and its buffers) for each connection: that is what a new,
+ * unresumed TLS connection is.
  *
- * Build: gcc -std=c11 -O2 -Wall -Wextra -o loadgen loadgen.c
+ * Build: gcc -std=c11 -O2 -Wall -Wextra -o loadgen loadgen.c -lssl -lcrypto
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <errno.h>
 #include <inttypes.h>
 #include <netinet/in.h>
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+#include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -83,9 +105,9 @@
 #define IP_BIND_ADDRESS_NO_PORT 24
 #endif
 
-enum reason { SHORT, LONG, RESET, REFUSED, PORTS, TIMEOUT, ERROR, NREASONS };
+enum reason { SHORT, LONG, RESET, REFUSED, PORTS, TIMEOUT, ERROR, HANDSHAKE, RAGGED, NREASONS };
 static const char *const REASON_NAMES[NREASONS] = {
-    "short", "long", "reset", "refused", "ports", "timeout", "error",
+    "short", "long", "reset", "refused", "ports", "timeout", "error", "handshake", "ragged",
 };
 
 /* PROXY protocol v2 (HAProxy's proxy-protocol.txt, section 2.2): the
@@ -177,11 +199,16 @@ struct conn {
     uint64_t began;  /* ns, CLOCK_MONOTONIC, just before socket() */
     size_t got;      /* bytes received so far */
     int header_due;  /* -P: still connecting, the PROXY header not sent yet */
+    SSL *ssl;        /* -T: this connection's own; NULL without -T */
+    int handshaking; /* -T: the handshake is not over yet */
+    uint32_t events; /* -T: what the slot waits for in the epoll set */
 };
 
 static struct sockaddr_storage server; /* -a and -p, IPv4 or IPv6 */
 static socklen_t server_length;
 static int proxy_header;          /* -P */
+static SSL_CTX *tls;              /* -T: NULL without it */
+static int tls_version = TLS1_3_VERSION; /* -V */
 static size_t expected;           /* the poem's size */
 static unsigned long concurrency = 1;
 static uint64_t wanted;           /* -n: connections to make; 0 with -d */
@@ -326,6 +353,12 @@ static enum header_sent send_proxy_header(int fd, enum reason *why)
  */
 static void finish(struct conn *c)
 {
+    /* No SSL_shutdown: the server has said all it had to, and a
+     * close_notify of ours would only reach a socket it has closed. */
+    if (c->ssl) {
+        SSL_free(c->ssl);
+        c->ssl = NULL;
+    }
     close(c->fd); /* also takes it out of the epoll set */
     c->fd = -1;
     ended++;
@@ -370,6 +403,151 @@ static int header_still_due(struct conn *c)
     }
 }
 
+/* ------------------------------------------------------------------------
+ * TLS (-T).
+ */
+
+/* The client context every connection's SSL comes from: one protocol
+ * version, no verification, no session kept or offered. */
+static SSL_CTX *tls_context(int version)
+{
+    SSL_CTX *ctx = SSL_CTX_new(TLS_client_method());
+    if (!ctx) {
+        fprintf(stderr, "loadgen: SSL_CTX_new failed\n");
+        exit(2);
+    }
+    if (!SSL_CTX_set_min_proto_version(ctx, version) || !SSL_CTX_set_max_proto_version(ctx, version)) {
+        fprintf(stderr, "loadgen: this OpenSSL cannot pin the TLS version\n");
+        exit(2);
+    }
+    SSL_CTX_set_verify(ctx, SSL_VERIFY_NONE, NULL);
+    SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_OFF);
+    SSL_CTX_set_options(ctx, SSL_OP_NO_TICKET);
+    return ctx;
+}
+
+/* What went wrong with the last TLS failure (count_failure's detail). */
+static char tls_failure[200];
+
+/* The reason of the error at the head of OpenSSL's queue, for a person. */
+static const char *tls_error_text(void)
+{
+    const char *text = ERR_reason_error_string(ERR_peek_error());
+    return text ? text : "no reason given";
+}
+
+/* c's TLS call failed with SSL_get_error() == error, errno being saved:
+ * counts it under its reason and ends c. */
+static void tls_fail(struct conn *c, int error, int saved)
+{
+    int eof = 0; /* the stream ended without a close_notify */
+    if (error == SSL_ERROR_SYSCALL && saved == 0)
+        eof = 1; /* how OpenSSL 1.1 says it */
+    else if (error == SSL_ERROR_SSL && ERR_GET_REASON(ERR_peek_error()) == SSL_R_UNEXPECTED_EOF_WHILE_READING)
+        eof = 1; /* and OpenSSL 3 */
+    enum reason why;
+    if (error == SSL_ERROR_SYSCALL && saved != 0) {
+        why = reason_of(saved);
+        snprintf(tls_failure, sizeof tls_failure, "%s%s", c->handshaking ? "in the TLS handshake: " : "",
+                 strerror(saved));
+    } else if (c->handshaking) {
+        why = HANDSHAKE;
+        snprintf(tls_failure, sizeof tls_failure, "the TLS handshake failed: %s",
+                 eof ? "the stream ended" : tls_error_text());
+    } else if (eof && c->got == expected) {
+        why = RAGGED;
+        snprintf(tls_failure, sizeof tls_failure, "the whole poem, then the end of the stream without a close_notify");
+    } else if (eof) {
+        why = SHORT;
+        snprintf(tls_failure, sizeof tls_failure, "end of stream (without a close_notify) before the end of the poem");
+    } else {
+        why = ERROR;
+        snprintf(tls_failure, sizeof tls_failure, "TLS: %s", tls_error_text());
+    }
+    ERR_clear_error();
+    fail(c, why, tls_failure);
+}
+
+/* Takes c, connected or connecting, as far as it goes without waiting: the
+ * handshake, then the poem.  What c waits for next (EPOLLIN or EPOLLOUT),
+ * or 0 if it has ended, whole or failed. */
+static uint32_t tls_advance(struct conn *c)
+{
+    if (c->handshaking) {
+        ERR_clear_error();
+        int r = SSL_connect(c->ssl);
+        int saved = errno;
+        if (r != 1) {
+            int error = SSL_get_error(c->ssl, r);
+            if (error == SSL_ERROR_WANT_READ)
+                return EPOLLIN;
+            if (error == SSL_ERROR_WANT_WRITE)
+                return EPOLLOUT; /* still connecting, or a full send buffer */
+            tls_fail(c, error, saved);
+            return 0;
+        }
+        c->handshaking = 0;
+    }
+    /* Beyond READS_PER_EVENT, only what OpenSSL holds already: epoll would
+     * not say it is there. */
+    for (int round = 0; round < READS_PER_EVENT || SSL_has_pending(c->ssl); round++) {
+        ERR_clear_error();
+        int n = SSL_read(c->ssl, buffer, (int)sizeof buffer);
+        int saved = errno;
+        if (n > 0) {
+            c->got += (size_t)n;
+            bytes_total += (uint64_t)n;
+            if (c->got > expected) {
+                fail(c, LONG, "more bytes than the poem");
+                return 0;
+            }
+            continue;
+        }
+        int error = SSL_get_error(c->ssl, n);
+        switch (error) {
+        case SSL_ERROR_WANT_READ:
+            return EPOLLIN;
+        case SSL_ERROR_WANT_WRITE:
+            return EPOLLOUT;
+        case SSL_ERROR_ZERO_RETURN: /* the close_notify: a clean end */
+            if (c->got == expected)
+                succeed(c, now_ns());
+            else
+                fail(c, SHORT, "close_notify before the end of the poem");
+            return 0;
+        default:
+            tls_fail(c, error, saved);
+            return 0;
+        }
+    }
+    return EPOLLIN;
+}
+
+/* -T: c's SSL, on its socket, and its first steps; c ended if they failed. */
+static void tls_begin(struct conn *c)
+{
+    c->ssl = SSL_new(tls);
+    if (!c->ssl || !SSL_set_fd(c->ssl, c->fd)) {
+        fprintf(stderr, "loadgen: SSL_new or SSL_set_fd failed\n");
+        exit(2);
+    }
+    SSL_set_connect_state(c->ssl);
+    c->handshaking = 1;
+    c->events = tls_advance(c);
+}
+
+/* -T: c is ready for what it waited for, or has failed. */
+static void tls_continue(struct conn *c)
+{
+    uint32_t events = tls_advance(c);
+    if (c->fd < 0 || events == c->events)
+        return;
+    c->events = events;
+    struct epoll_event ev = {.events = events, .data.ptr = c};
+    if (epoll_ctl(epfd, EPOLL_CTL_MOD, c->fd, &ev) < 0)
+        die("epoll_ctl");
+}
+
 static void bind_source(int fd, uint64_t id)
 {
     struct sockaddr_in source = {.sin_family = AF_INET};
@@ -402,7 +580,15 @@ static void start(struct conn *c, uint64_t t)
         /* Only EPOLLIN: the poem's arrival shows the connect worked, and a
          * failed connect reports EPOLLERR, which is always watched. */
         struct epoll_event ev = {.events = EPOLLIN, .data.ptr = c};
-        if (proxy_header) {
+        if (tls) {
+            /* The ClientHello goes at once if the socket is connected;
+             * otherwise OpenSSL's send() says EAGAIN and c waits to be
+             * writable.  (-T and -P do not go together.) */
+            tls_begin(c);
+            if (c->fd < 0)
+                continue; /* it failed: the slot is free again */
+            ev.events = c->events;
+        } else if (proxy_header) {
             /* At once: on loopback the handshake is over when connect()
              * returns.  Otherwise, when the socket is writable (connected),
              * and only then EPOLLIN: the header always goes before a read. */
@@ -488,7 +674,9 @@ static int run_steady(void)
             die("epoll_wait");
         for (int i = 0; i < n; i++) {
             struct conn *c = events[i].data.ptr;
-            if (c->header_due)
+            if (c->ssl)
+                tls_continue(c);
+            else if (c->header_due)
                 send_due_header(c);
             else
                 receive(c);
@@ -599,7 +787,7 @@ static int run_first_byte(void)
 static void usage(void)
 {
     fputs("usage: loadgen -p PORT -b BYTES [-a ADDR] [-c CONCURRENCY] [-n POEMS | -d SECONDS]\n"
-          "               [-t TIMEOUT_S] [-s SOURCES] [-H FILE] [-P] [-1]\n",
+          "               [-t TIMEOUT_S] [-s SOURCES] [-H FILE] [-P] [-T [-V 1.3|1.2]] [-1]\n",
           stderr);
     exit(2);
 }
@@ -627,9 +815,10 @@ int main(int argc, char **argv)
 {
     const char *address = "127.0.0.1";
     unsigned long long port = 0, size = 0;
-    int first_byte = 0;
+    int first_byte = 0, use_tls = 0;
+    const char *version = NULL;
     int opt;
-    while ((opt = getopt(argc, argv, "a:p:b:c:n:d:t:s:H:P1")) != -1) {
+    while ((opt = getopt(argc, argv, "a:p:b:c:n:d:t:s:H:PTV:1")) != -1) {
         switch (opt) {
         case 'a': address = optarg; break;
         case 'p': port = number(optarg); break;
@@ -641,6 +830,8 @@ int main(int argc, char **argv)
         case 's': sources = (unsigned)number(optarg); break;
         case 'H': histogram_path = optarg; break;
         case 'P': proxy_header = 1; break;
+        case 'T': use_tls = 1; break;
+        case 'V': version = optarg; break;
         case '1': first_byte = 1; break;
         default: usage();
         }
@@ -650,6 +841,20 @@ int main(int argc, char **argv)
         usage();
     if (!first_byte && (wanted == 0) == (stop_at == 0))
         usage(); /* exactly one of -n and -d */
+    /* -T: steady mode only, without -P; -V only with -T. */
+    if ((use_tls && (first_byte || proxy_header)) || (version && !use_tls))
+        usage();
+    if (version && strcmp(version, "1.3") != 0) {
+        if (strcmp(version, "1.2") != 0)
+            usage();
+        tls_version = TLS1_2_VERSION;
+    }
+    if (use_tls) {
+        tls = tls_context(tls_version);
+        /* OpenSSL writes with plain send(): a server that has reset the
+         * connection must give a failure to count, not a SIGPIPE. */
+        signal(SIGPIPE, SIG_IGN);
+    }
     expected = (size_t)size;
     struct sockaddr_in *v4 = (struct sockaddr_in *)&server;
     struct sockaddr_in6 *v6 = (struct sockaddr_in6 *)&server;

@@ -115,5 +115,7 @@ def versions(paths: servers.Paths, source_hash: str) -> dict[str, str]:
         "python (twisted)": _python_module_version(venv_python, "import sys; print(sys.version.split()[0])"),
         "nginx": _first_line(_output(["nginx", "-v"])).removeprefix("nginx version: nginx/"),
         "gcc": _first_line(_output(["gcc", "-dumpfullversion"])),
+        # The TLS section: the library the servers' Python, nginx and loadgen -T all load (Debian's libssl3).
+        "openssl": _python_module_version(system, "import ssl; print(ssl.OPENSSL_VERSION)").removeprefix("OpenSSL "),
         "matplotlib": _python_module_version(venv_python, "import matplotlib; print(matplotlib.__version__)"),
     }

@@ -62,6 +62,7 @@ def warm_up(server: Server, loadgen: Path, cores: Cores, *, concurrency: int, po
     warm = load.steady(
         loadgen, cores.loadgen, server.port, poem_bytes, concurrency,
         poems=amount.warm_up_poems, seconds=amount.warm_up_seconds, proxy_header=server.launch.proxy_header,
+        tls=server.launch.tls,
     )  # fmt: skip
     return warm.failure_reasons()
 
@@ -93,6 +94,7 @@ def measured(
     run = load.steady(
         loadgen, cores.loadgen, server.port, poem_bytes, concurrency,
         poems=amount.poems, seconds=amount.seconds, proxy_header=server.launch.proxy_header,
+        tls=server.launch.tls,
     )  # fmt: skip
     cores_used = {core: after - cores_before[core] for core, after in procfs.core_times().items()}
     pids_after = server.pids()
@@ -165,6 +167,7 @@ def counted(
         run = load.steady(
             loadgen, cores.loadgen, server.port, poem_bytes, concurrency,
             poems=amount.poems, seconds=amount.seconds, proxy_header=server.launch.proxy_header,
+            tls=server.launch.tls,
         )  # fmt: skip
         reasons = run.failure_reasons()
         try:

@@ -16,6 +16,15 @@ written into it:
   variable, and ``return`` concatenates them: ``return "$p0$p1...";``.
   A poem short enough for one token goes straight into ``return``, as an
   nginx administrator would write it, and nginx sends it without copying.
+
+Over TLS (``tls``: a certificate and its key) the same server listens with
+``ssl``: TLS 1.2 and 1.3, a full handshake for every connection.  No
+session is kept (``ssl_session_cache off``), no TLS 1.2 ticket is issued
+(``ssl_session_tickets off``), and no TLS 1.3 ticket either: nginx 1.22
+still sends two after every handshake with both of those off, tickets no
+client could use since no cache holds their sessions, so ``NumTickets 0``
+is passed to OpenSSL (``ssl_conf_command``), as fastpoetry sets
+``num_tickets = 0``.  nginx ends the poem with a close_notify.
 """
 
 from __future__ import annotations
@@ -57,8 +66,11 @@ def chunks(poem: bytes) -> list[bytes]:
     return pieces
 
 
-def render(poem: bytes, port: int, run_dir: Path, *, backlog: int) -> bytes:
-    """A complete nginx.conf: one worker, in the foreground, serving ``poem`` on 127.0.0.1:``port``."""
+def render(poem: bytes, port: int, run_dir: Path, *, backlog: int, tls: tuple[Path, Path] | None = None) -> bytes:
+    """A complete nginx.conf: one worker, in the foreground, serving ``poem`` on 127.0.0.1:``port``.
+
+    ``tls``: the certificate and key files; the server then speaks TLS.
+    """
     pieces = chunks(poem)
     if len(pieces) == 1 and _DOLLAR not in pieces[0]:
         body = b'        return "' + pieces[0] + b'";\n'
@@ -82,6 +94,16 @@ stream {{
 """
     server = f"""\
     server {{
-        listen 127.0.0.1:{port} backlog={backlog};
+        listen 127.0.0.1:{port}{" ssl" if tls else ""} backlog={backlog};
+"""
+    if tls:
+        cert, key = tls
+        server += f"""\
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        ssl_protocols TLSv1.2 TLSv1.3;
+        ssl_session_cache off;
+        ssl_session_tickets off;
+        ssl_conf_command NumTickets 0;
 """
     return head.encode() + dollar + server.encode() + body + b"    }\n}\n"

@@ -31,6 +31,12 @@ class Plan:
     #: The calls of each server one by one, once, after the rounds at
     #: report.TARGET_CONCURRENCY.
     breakdown: Load
+    #: Over TLS, a full handshake a poem: the cell at
+    #: report.TARGET_CONCURRENCY, and every other concurrency.  A handshake
+    #: costs the load generator more CPU than a whole plain poem costs it,
+    #: so these are durations, not the plain target's million poems.
+    tls_target: Load
+    tls_other: Load
     #: At least this many rounds; see rounds().
     min_rounds: int = 1
     #: A slice whose cores were busier than this with other work (others_pct)
@@ -61,6 +67,8 @@ FULL = Plan(
     workers=Load(seconds=5.0, warm_up_seconds=1.0),
     count=Load(seconds=0.25),
     breakdown=Load(seconds=2.0),
+    tls_target=Load(seconds=20.0, warm_up_seconds=1.0),
+    tls_other=Load(seconds=5.0, warm_up_seconds=1.0),
     min_rounds=4,
     retries=2,
 )
@@ -76,6 +84,8 @@ SMOKE = Plan(
     workers=Load(poems=2000, warm_up_poems=200),
     count=Load(poems=300),
     breakdown=Load(poems=500),
+    tls_target=Load(poems=500, warm_up_poems=64),
+    tls_other=Load(poems=300, warm_up_poems=16),
     min_rounds=2,
 )
 

@@ -43,7 +43,8 @@ def write(run: Run, path: Path) -> None:
     _against_concurrency(grid[0][0], run.cells, lambda c: c.poems_per_s, f"Poems/s ({poem}-byte poem)", "poems/s")
     _against_concurrency(grid[0][1], run.cells, lambda c: c.cpu_us_per_poem, "Server CPU per poem", "µs")
     _against_concurrency(grid[1][0], run.cells, lambda c: c.p99_us / 1000, "p99 latency", "ms", log_y=True)
-    grid[0][0].legend(fontsize="small")
+    if run.cells:
+        grid[0][0].legend(fontsize="small")
 
     big = grid[1][1]
     served = [c for c in run.big_poem if c.poems]

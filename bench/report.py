@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import syscalls
 from results import Baseline, Cell, ColdStart, Round, Run, SyscallCount, Target
-from servers import NGINX, PROXY_V2, TWISTED
+from servers import FASTPOETRY_TLS, NGINX, NGINX_TLS, PROXY_V2, TLS_CERTIFICATE, TWISTED
 
 FASTPOETRY_ROWS = ("fastpoetry", "fastpoetry (activated)")
 #: The row fastpoetry behind PROXY v2 is compared with: the same launch without the option.
@@ -438,6 +438,99 @@ def big_poem_table(run: Run) -> Table:
     return Table("1 MiB poem", header, rows, notes)
 
 
+def _plain_cost_note(run: Run) -> list[str]:
+    """What TLS added to each row's CPU per poem at TARGET_CONCURRENCY, against the plain rows of this run."""
+    found = []
+    for secure, plain in ((FASTPOETRY_TLS, PLAIN_FASTPOETRY), (NGINX_TLS, NGINX)):
+        over, under = _peer(run.tls, secure, TARGET_CONCURRENCY), run.cell(plain, TARGET_CONCURRENCY)
+        if over is None or under is None or not over.poems or not under.poems:
+            continue
+        found.append(f"{secure} {over.cpu_us_per_poem:.1f} µs against {plain}'s {under.cpu_us_per_poem:.1f} µs "
+                     f"over plain TCP ({over.cpu_us_per_poem - under.cpu_us_per_poem:+.1f} µs)")  # fmt: skip
+    if not found:
+        return []
+    return [
+        f"What TLS costs a poem at {TARGET_CONCURRENCY} clients (the plain rows come from the 3 KB table's own "
+        f"rounds, not these): {'; '.join(found)}."
+    ]
+
+
+def tls_table(run: Run) -> Table:
+    """The 3 KB poem over TLS: fastpoetry against nginx's stream ssl, a full handshake every poem."""
+    header = [
+        "server", "clients", "new conn/s", "vs nginx ssl", "p50 ms", "p99 ms", "failed", "CPU µs/poem",
+        "vs nginx ssl", "by round", "syscalls/poem", "server core", "loadgen core", "limit", "others", "steal",
+        "RSS MiB",
+    ]  # fmt: skip
+    cells = run.tls
+    rows: list[list[str]] = []
+    for concurrency in sorted({cell.concurrency for cell in cells}):
+        if rows:
+            rows.append([""] * len(header))
+        for cell in (c for c in cells if c.concurrency == concurrency):
+            rows.append([
+                cell.server,
+                str(concurrency),
+                _count(cell.poems_per_s),
+                _ratio(cell.poems_per_s, _peer_value(cells, NGINX_TLS, concurrency, _rate)),
+                _ms(cell.p50_us),
+                _ms(cell.p99_us),
+                _failures(cell),
+                f"{cell.cpu_us_per_poem:.1f}",
+                _ratio(cell.cpu_us_per_poem, _peer_value(cells, NGINX_TLS, concurrency, _cpu)),
+                _spread(_round_ratios(cell, _peer(cells, NGINX_TLS, concurrency), _cpu)),
+                _per_poem(cell.syscalls_per_poem),
+                f"{cell.server_core_busy_pct:.0f}%",
+                f"{cell.loadgen_core_busy_pct:.0f}%",
+                _limit(cell),
+                f"{cell.others_pct:.0f}%",
+                f"{cell.steal_pct:.1f}%",
+                _mib(cell.rss_kib),
+            ])  # fmt: skip
+    unmeasured = {server: status for server, status in run.tls_servers.items() if status != "ok"}
+    if unmeasured and rows:
+        rows.append([""] * len(header))
+    for server in unmeasured:
+        rows.append([server, "-", "not measured"] + ["-"] * (len(header) - 3))
+    poem = cells[0].poem_bytes if cells else 0
+    negotiated = "; ".join(f"{server}: {what}" for server, what in run.tls_negotiated.items() if what)
+    notes = [
+        (
+            f"{poem}-byte poem over TLS; closed loop, as in the 3 KB table, but each connection makes a full "
+            "TLS handshake (loadgen -T: TLS 1.3 only, OpenSSL's default key exchange and cipher, no SNI, the "
+            "certificate not verified) and reads the poem to the close_notify; a stream that ends without "
+            "one is a failure (ragged). new conn/s: poems/s, each poem being a new connection and a new "
+            "handshake."
+        ),
+        (
+            "No session is resumed: the client keeps no session and offers none, and neither server keeps "
+            "one or issues tickets (fastpoetry: num_tickets 0; nginx: ssl_session_cache off, "
+            "ssl_session_tickets off, ssl_conf_command NumTickets 0)."
+        ),
+        (
+            f"Both servers use the same certificate and key: {run.settings.get('tls_certificate', TLS_CERTIFICATE)}."
+            + (f" The check's fetch (Python's ssl, offering TLS 1.2 and 1.3) got {negotiated}." if negotiated else "")
+        ),
+        (
+            "CPU µs/poem: the server's process tree (schedstat) over poems served, the handshake included. "
+            "The client's side of a handshake (checking the certificate's signature, the key exchange) costs "
+            "the load generator more than the server's side costs the server: where limit is loadgen, "
+            "new conn/s is a floor."
+        ),
+        (
+            f"{TARGET_CONCURRENCY} clients: each server {run.settings.get('tls_target_load', '?')}; other "
+            f"concurrencies: each server {run.settings.get('tls_other_load', '?')}."
+        ),
+        _rounds_note(cells, "at each concurrency, the two of them"),
+        "by round: the lowest and highest of the row's CPU µs/poem over nginx stream ssl's in the same round.",
+        *_syscalls_note(run, cells),
+        *_plain_cost_note(run),
+        *_retried(cells),
+        *(f"NOT MEASURED: {status}" for status in unmeasured.values()),
+    ]
+    return Table("3 KB poem over TLS, server on one core", header, rows, [note for note in notes if note])
+
+
 def cold_start_table(run: Run) -> Table:
     header = ["server", "first byte, median ms", "p90 ms", "to end, median ms", "starts", "failed"]
     rows = []
@@ -637,8 +730,10 @@ class _Goal:
     at_most: bool
     peer_first: bool = False
 
-    def judge(self, run: Run, server: str) -> Target:
-        ours, theirs = run.cell(server, self.concurrency), run.cell(self.peer, self.concurrency)
+    def judge(self, run: Run, server: str, cells: Sequence[Cell] | None = None) -> Target:
+        """``server``'s verdict, from ``cells`` (default: the 3 KB table's)."""
+        cells = run.cells if cells is None else cells
+        ours, theirs = _peer(cells, server, self.concurrency), _peer(cells, self.peer, self.concurrency)
         for name, cell in ((server, ours), (self.peer, theirs)):
             if cell is None or not cell.poems:
                 return Target(server, self.text, f"{name} has no figure at {self.concurrency} clients", None,
@@ -675,6 +770,10 @@ TARGET_SYSCALLS_PER_POEM = 6.0
 #: at TARGET_CONCURRENCY (issue 16): the header is one read more a
 #: connection, which must not cost a new serving path.
 TARGET_PROXY_CPU = 1.15
+#: CPU per poem over TLS, at most this many times nginx's stream ssl at
+#: TARGET_CONCURRENCY (issue 17): both do the handshake with OpenSSL, so
+#: what is left between them is the server around it.
+TARGET_TLS_CPU = 1.3
 
 
 def _clients(concurrency: int) -> str:
@@ -700,6 +799,13 @@ _PROXY_GOAL = _Goal(
 )  # fmt: skip
 
 
+#: Judged for fastpoetry over TLS, against nginx's stream ssl in the same rounds.
+_TLS_GOAL = _Goal(
+    f"CPU/poem over TLS <= {TARGET_TLS_CPU:g}x {NGINX_TLS} ({_clients(TARGET_CONCURRENCY)})",
+    NGINX_TLS, TARGET_CONCURRENCY, _cpu, _show_us, TARGET_TLS_CPU, at_most=True,
+)  # fmt: skip
+
+
 def _syscalls_target(run: Run, server: str, ours: Cell) -> Target:
     """At most TARGET_SYSCALLS_PER_POEM system calls a poem: not measured when perf could not count."""
     goal = f"syscalls/poem <= {TARGET_SYSCALLS_PER_POEM:.1f} ({_clients(TARGET_CONCURRENCY)})"
@@ -714,13 +820,14 @@ def _syscalls_target(run: Run, server: str, ours: Cell) -> Target:
 
 
 def targets(run: Run) -> list[Target]:
-    """The issues' targets, for each fastpoetry row that has a figure at TARGET_CONCURRENCY; and the PROXY v2 row's.
+    """The issues' targets, for each fastpoetry row that has a figure at TARGET_CONCURRENCY; the PROXY v2 and TLS rows'.
 
     A target whose figure is missing (a peer not measured, perf unable to
     count) is judged neither way: passed is None, which --check counts as
     missed.  The PROXY v2 row's target is judged whenever the row was
     asked for, so that a server that could not run it (no
-    --proxy-protocol) shows as not measured.
+    --proxy-protocol) shows as not measured; so is the TLS row's (no
+    --tls-cert).
     """
     found = []
     for server in FASTPOETRY_ROWS:
@@ -743,6 +850,8 @@ def targets(run: Run) -> list[Target]:
                             f"{failed} of {_count(served + failed)}", failed == 0))  # fmt: skip
     if PROXY_V2 in run.servers:
         found.append(_PROXY_GOAL.judge(run, PROXY_V2))
+    if FASTPOETRY_TLS in run.tls_servers:
+        found.append(_TLS_GOAL.judge(run, FASTPOETRY_TLS, run.tls))
     return found
 
 
@@ -799,11 +908,14 @@ def _header(run: Run) -> list[str]:
 
 
 def tables(run: Run) -> list[Table]:
-    found = [small_poem_table(run)]
+    # Without a plain row (--only tls), no empty 3 KB table.
+    found = [small_poem_table(run)] if run.cells or run.servers else []
     if run.breakdown or run.perf_unavailable:
         found.append(breakdown_table(run))
     if run.big_poem:
         found.append(big_poem_table(run))
+    if run.tls or run.tls_servers:
+        found.append(tls_table(run))
     if run.cold_start:
         found.append(cold_start_table(run))
     if run.logging or run.logging_note:

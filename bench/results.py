@@ -193,6 +193,12 @@ class Run:
     #: System calls by call at report.TARGET_CONCURRENCY, one slice per
     #: server after that concurrency's rounds.
     breakdown: list[SyscallCount] = field(default_factory=list)
+    #: The 3 KB poem over TLS (its own section, its own rounds): cells, and
+    #: per row "ok" or why it has none, and what its check's fetch
+    #: negotiated ("TLSv1.3 TLS_AES_256_GCM_SHA384, no ticket").
+    tls: list[Cell] = field(default_factory=list)
+    tls_servers: dict[str, str] = field(default_factory=dict)
+    tls_negotiated: dict[str, str] = field(default_factory=dict)
     targets: list[Target] = field(default_factory=list)
     baseline: Baseline | None = None
     seconds: float = 0.0

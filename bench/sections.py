@@ -1,9 +1,9 @@
 """The benchmark's sections, each measuring servers and adding to the run's results.
 
-The 3 KB poem at every concurrency, the 1 MiB poem, cold starts under
-socket activation, fastpoetry's logging cost and its workers.  A server
-that fails gets one line on standard error and a note in the results,
-and the others go on.
+The 3 KB poem at every concurrency, the 1 MiB poem, the 3 KB poem over
+TLS, cold starts under socket activation, fastpoetry's logging cost and
+its workers.  A server that fails gets one line on standard error and a
+note in the results, and the others go on.
 
 The machine is a virtual one on a shared host, whose speed drifts over
 minutes with what its neighbours do, mostly in ways /proc does not show.
@@ -299,6 +299,34 @@ class Sections:
         self.run.big_poem += outcome.cells
         for label, why in outcome.failed.items():
             progress(f"ERROR: 1 MiB poem: {label}: {why}")
+
+    # ---- the 3 KB poem over TLS
+
+    def tls(self, contenders: list[Contender]) -> None:
+        """fastpoetry over TLS and nginx's stream ssl, taking turns, a full handshake every poem.
+
+        A section of its own: the handshake makes a poem cost more than
+        ten times what a plain poem costs, on both sides, and the rows it
+        is fair to compare are these two.
+        """
+        loads = [
+            (c, self.plan.tls_target if c == TARGET_CONCURRENCY else self.plan.tls_other)
+            for c in self.plan.concurrencies
+        ]  # fmt: skip
+
+        def negotiated(started: dict[str, Server], concurrency: int) -> None:
+            for label, server in started.items():
+                self.run.tls_negotiated.setdefault(label, server.negotiated)
+
+        outcome = self._section(
+            self._entries(contenders, SMALL_POEM, "tls"), SMALL_POEM.read_bytes(), loads,
+            count=(syscalls.ALL,), after=negotiated,
+        )  # fmt: skip
+        self.run.tls += outcome.cells
+        for contender in contenders:
+            self.run.tls_servers[contender.label] = outcome.failed.get(contender.label, "ok")
+        for label, why in outcome.failed.items():
+            progress(f"ERROR: over TLS: {label}: {why}")
 
     # ---- cold start under socket activation
 

@@ -8,7 +8,11 @@ holds the listening socket and, on the first connection, executes the
 server in the same process.  A server behind a load balancer expects a
 PROXY protocol v2 header on every connection before it sends the poem:
 its clients (the check's fetch, the load generator with ``-P``) send one
-first, as the balancer's connections would.
+first, as the balancer's connections would.  A server over TLS (nginx's
+stream ``ssl``, ``fastpoetry serve --tls-cert --tls-key``) gets a full
+handshake from every client (the check's fetch, ``loadgen -T``), with the
+run's own ECDSA P-256 certificate, and must end the poem with a
+close_notify.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import time
@@ -36,6 +41,14 @@ PROXY_V2 = "fastpoetry behind PROXY v2"
 #: fastpoetry serve's option for listening sockets that expect a PROXY
 #: protocol header (v1 or v2) before they send the poem.
 PROXY_PROTOCOL_OPTION = "--proxy-protocol"
+
+#: The rows of the TLS section, and --only's name for the two of them.
+FASTPOETRY_TLS = "fastpoetry over TLS"
+NGINX_TLS = "nginx stream ssl"
+TLS = "tls"
+
+#: How the run's certificate is made (openssl req): what the section's note says.
+TLS_CERTIFICATE = "ECDSA P-256 (prime256v1), self-signed, CN=localhost, made for the run with openssl req"
 
 #: PROXY protocol v2: the signature, version 2 with the PROXY command, and
 #: by family the family-and-transport byte (TCP) and the addresses' length.
@@ -90,6 +103,41 @@ class Launch:
     #: Its clients send a PROXY protocol v2 header before they read, as a
     #: balancer's connections do (loadgen -P): it serves no poem without one.
     proxy_header: bool = False
+    #: It speaks TLS: its clients make a full handshake first (loadgen -T)
+    #: and read to the close_notify.
+    tls: bool = False
+
+
+@dataclass(frozen=True)
+class TlsPair:
+    """A certificate and its private key, PEM files."""
+
+    cert: Path
+    key: Path
+
+
+def tls_pair(paths: Paths) -> TlsPair:
+    """The run's certificate and key (TLS_CERTIFICATE), made on first use in ``paths.run``.
+
+    The run directory is emptied as a run starts, so every run makes its
+    own pair, and every server of the run uses the same one.  Valid for a
+    day: nobody verifies it (loadgen -T does not, nor the check's fetch).
+    """
+    directory = paths.run / "tls"
+    pair = TlsPair(directory / "cert.pem", directory / "key.pem")
+    if pair.cert.exists() and pair.key.exists():
+        return pair
+    directory.mkdir(parents=True, exist_ok=True)
+    argv = [
+        "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+        "-days", "1", "-subj", "/CN=localhost", "-keyout", str(pair.key), "-out", str(pair.cert),
+    ]  # fmt: skip
+    try:
+        subprocess.run(argv, capture_output=True, text=True, check=True, stdin=subprocess.DEVNULL, timeout=30)
+    except (OSError, subprocess.SubprocessError) as exc:
+        said = getattr(exc, "stderr", "") or str(exc)
+        raise ServerFailed(f"could not make the TLS certificate: {said.strip().splitlines()[-1:]}") from None
+    return pair
 
 
 def _environment(**extra: str) -> dict[str, str]:
@@ -106,7 +154,7 @@ def _socket_activate(port: int, passed: dict[str, str], argv: list[str], *option
 
 def fastpoetry(
     paths: Paths, poem: Path, port: int, *, activated: bool = False, options: tuple[str, ...] = (),
-    src: Path | None = None, behind_proxy: bool = False,
+    src: Path | None = None, behind_proxy: bool = False, tls: TlsPair | None = None,
 ) -> Launch:  # fmt: skip
     """``python3 -m fastpoetry serve`` from the run's copy of the work tree, on Debian's trio.
 
@@ -114,15 +162,18 @@ def fastpoetry(
     everything else about the launch stays the same, so that the two rows
     differ by their code only.  ``behind_proxy``: the same launch plus
     --proxy-protocol, its clients sending a PROXY v2 header first.
+    ``tls``: the same launch plus --tls-cert and --tls-key.
     """
     pythonpath = {"PYTHONPATH": str(src or paths.fastpoetry_src)}
     proxy = (PROXY_PROTOCOL_OPTION,) if behind_proxy else ()
-    serve = [SYSTEM_PYTHON, "-m", "fastpoetry", "serve", "--poem", str(poem), *options, *proxy]
+    secure = ("--tls-cert", str(tls.cert), "--tls-key", str(tls.key)) if tls else ()
+    serve = [SYSTEM_PYTHON, "-m", "fastpoetry", "serve", "--poem", str(poem), *options, *proxy, *secure]
+    speaks = {"proxy_header": behind_proxy, "tls": tls is not None}
     if activated:
         argv = _socket_activate(port, pythonpath, serve)
-        return Launch(argv, _environment(), activated=True, proxy_header=behind_proxy)
+        return Launch(argv, _environment(), activated=True, **speaks)
     argv = [*serve, "--port", str(port), "--iface", "127.0.0.1"]
-    return Launch(argv, _environment(**pythonpath), proxy_header=behind_proxy)
+    return Launch(argv, _environment(**pythonpath), **speaks)
 
 
 def twisted(paths: Paths, poem: Path, port: int, *, activated: bool = False, log_file: Path) -> Launch:
@@ -146,15 +197,16 @@ def twisted(paths: Paths, poem: Path, port: int, *, activated: bool = False, log
     return Launch(argv, _environment(**settings))
 
 
-def nginx(paths: Paths, poem: Path, port: int) -> Launch:
-    """Debian's nginx, its stream module returning the poem."""
+def nginx(paths: Paths, poem: Path, port: int, *, tls: TlsPair | None = None) -> Launch:
+    """Debian's nginx, its stream module returning the poem; with ``tls``, over TLS (stream ``ssl``)."""
     run_dir = paths.run / f"nginx-{port}"
     run_dir.mkdir(parents=True, exist_ok=True)
     conf = run_dir / "nginx.conf"
-    conf.write_bytes(nginx_conf.render(poem.read_bytes(), port, run_dir, backlog=BACKLOG))
+    pair = (tls.cert, tls.key) if tls else None
+    conf.write_bytes(nginx_conf.render(poem.read_bytes(), port, run_dir, backlog=BACKLOG, tls=pair))
     # -e: where errors go before the configuration names its own log.
     argv = ["nginx", "-p", str(run_dir), "-c", str(conf), "-e", str(run_dir / "nginx-error.log")]
-    return Launch(argv, _environment())
+    return Launch(argv, _environment(), tls=tls is not None)
 
 
 def trio_naive(paths: Paths, poem: Path, port: int) -> Launch:
@@ -197,13 +249,49 @@ def _connect(port: int, timeout: float, proxy_header: bool) -> socket.socket:
     return sock
 
 
+def _read_to_end(sock: socket.socket) -> bytes:
+    chunks = []
+    while chunk := sock.recv(1 << 20):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def tls_client_context() -> ssl.SSLContext:
+    """What loadgen -T is, in Python: TLS 1.2 or 1.3, no verification, no session kept.
+
+    An end without a close_notify is an error, as for loadgen -T: Python
+    sets OP_IGNORE_UNEXPECTED_EOF on a new context with OpenSSL 3, which
+    would read it as a clean end, so it is cleared.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.options &= ~getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF", 0)
+    return context
+
+
+def fetch_tls(port: int, timeout: float = START_TIMEOUT) -> tuple[bytes, str]:
+    """One poem over TLS from 127.0.0.1:``port``, read to the close_notify; and what was negotiated.
+
+    What was negotiated: the version, the cipher, and whether the server
+    sent a session ticket ("TLSv1.3 TLS_AES_256_GCM_SHA384, no ticket").
+    A stream that ends without a close_notify raises (an ssl.SSLError):
+    the poem might have been cut.
+    """
+    with _connect(port, timeout, False) as raw:
+        with tls_client_context().wrap_socket(raw, suppress_ragged_eofs=False) as sock:
+            poem = _read_to_end(sock)
+            cipher = sock.cipher()
+            session = sock.session
+            ticket = "a ticket" if session is not None and session.has_ticket else "no ticket"
+            return poem, f"{sock.version()} {cipher[0] if cipher else '?'}, {ticket}"
+
+
 def fetch(port: int, timeout: float = START_TIMEOUT, *, proxy_header: bool = False) -> bytes:
     """One poem from 127.0.0.1:``port``: connect (and send a PROXY v2 header), read to end of stream."""
     with _connect(port, timeout, proxy_header) as sock:
-        chunks = []
-        while chunk := sock.recv(1 << 20):
-            chunks.append(chunk)
-    return b"".join(chunks)
+        return _read_to_end(sock)
 
 
 class Server:
@@ -216,6 +304,8 @@ class Server:
         self.log_path = log_path
         self.cores = cores
         self.process: subprocess.Popen[bytes] | None = None
+        #: Over TLS: what the check's fetch got (see fetch_tls).
+        self.negotiated = ""
 
     @property
     def pid(self) -> int:
@@ -246,8 +336,11 @@ class Server:
     def check_poem(self, poem: bytes) -> None:
         """One fetch must bring exactly ``poem``; an activated server must now be the server."""
         try:
-            got = fetch(self.port, proxy_header=self.launch.proxy_header)
-        except OSError as exc:
+            if self.launch.tls:
+                got, self.negotiated = fetch_tls(self.port)
+            else:
+                got = fetch(self.port, proxy_header=self.launch.proxy_header)
+        except OSError as exc:  # ssl.SSLError too
             raise ServerFailed(f"{self.label}: fetching a poem failed: {exc}{self._log_tail()}") from None
         if got != poem:
             raise ServerFailed(f"{self.label}: served {len(got)} bytes that are not the poem ({len(poem)} bytes)")
@@ -285,10 +378,19 @@ class Server:
         # With the header it expects: a server behind a balancer warns of a
         # connection that closes without one, and this is no such client.
         try:
-            with _connect(self.port, 1.0, self.launch.proxy_header):
-                return True
+            sock = _connect(self.port, 1.0, self.launch.proxy_header)
         except OSError:
             return False
+        with sock:
+            if self.launch.tls:
+                # A handshake, not a bare close, which a TLS server counts
+                # as a failed one.  If it fails, the server still listens:
+                # check_poem says what is wrong.
+                try:
+                    tls_client_context().wrap_socket(sock).close()
+                except OSError:
+                    pass
+        return True
 
     def _wait_for(self, ready: Callable[[], bool], what: str) -> None:
         deadline = time.monotonic() + START_TIMEOUT
@@ -344,6 +446,13 @@ CONTENDERS = (
     ),
     Contender(NGINX, NGINX, lambda p, poem, port, log: nginx(p, poem, port)),
     Contender("trio", "trio serve_tcp", lambda p, poem, port, log: trio_naive(p, poem, port)),
+)
+
+
+#: The TLS section's rows, both chosen by --only tls: fastpoetry, then its reference.
+TLS_CONTENDERS = (
+    Contender(TLS, FASTPOETRY_TLS, lambda p, poem, port, log: fastpoetry(p, poem, port, tls=tls_pair(p))),
+    Contender(TLS, NGINX_TLS, lambda p, poem, port, log: nginx(p, poem, port, tls=tls_pair(p))),
 )
 
 

@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -65,6 +66,12 @@ TARGET_RSS_MIB = 30.0
 PROXY_ROW = SERVERS[2]
 PROXY_TARGET = "CPU/poem behind PROXY v2 <= 1.15x fastpoetry (64 clients)"
 TARGET_PROXY_CPU = 1.15
+#: The TLS section (issue 17): fastpoetry over TLS against nginx's stream
+#: ssl, a full handshake every poem; its one target, fastpoetry's CPU per
+#: poem at most this factor times nginx's at TARGET_CLIENTS.
+TLS_ROW, NGINX_TLS_ROW = "fastpoetry over TLS", "nginx stream ssl"
+TLS_TARGET = "CPU/poem over TLS <= 1.3x nginx stream ssl (64 clients)"
+TARGET_TLS_CPU = 1.3
 #: Targets retired by issue 15: none may come back by mistake.
 RETIRED_TARGETS = ("poems/s >= 1.5x Twisted", "poems/s >= nginx", "CPU/poem <= 1.3x nginx")
 
@@ -211,11 +218,14 @@ def test_results_json_records_the_machine_versions_and_every_section(smoke: Smok
     # The PROXY v2 row was asked for (a smoke run has every row): its one target, for it alone.
     judged = [(target["server"], target["goal"]) for target in results["targets"] if target["server"] == PROXY_ROW]
     assert judged == [(PROXY_ROW, PROXY_TARGET)], judged
+    # So was the TLS section: one target, for fastpoetry over TLS.
+    judged = [(target["server"], target["goal"]) for target in results["targets"] if "TLS" in target["goal"]]
+    assert judged == [(TLS_ROW, TLS_TARGET)], judged
 
 
 def test_targets_name_the_machine_and_every_target(smoke: Smoke) -> None:
     rows = _table(smoke.markdown(), "TARGETS")
-    assert {row["target"] for row in rows} >= {*PEER_TARGETS, SYSCALLS_TARGET, PROXY_TARGET}, rows
+    assert {row["target"] for row in rows} >= {*PEER_TARGETS, SYSCALLS_TARGET, PROXY_TARGET, TLS_TARGET}, rows
     assert all(row["result"] in ("PASS", "MISS", "not measured") for row in rows), rows
     machine = smoke.results()["machine"]
     notes = smoke.stdout.split("\nTARGETS", 1)[1]
@@ -243,6 +253,19 @@ def _proxy_verdict(results: dict[str, Any], target: dict[str, Any]) -> bool | No
     return behind["cpu_us_per_poem"] <= TARGET_PROXY_CPU * plain["cpu_us_per_poem"]
 
 
+def _tls_verdict(results: dict[str, Any], target: dict[str, Any]) -> bool | None:
+    """The TLS target, worked out again from the TLS section's cells: None if either row has no poems there."""
+    assert target["server"] == TLS_ROW, target
+    cells = []
+    for server in (TLS_ROW, NGINX_TLS_ROW):
+        found = [c for c in results["tls"] if c["server"] == server and c["concurrency"] == TARGET_CLIENTS]
+        if not found or not found[0]["poems"]:
+            return None
+        cells.append(found[0])
+    ours, nginx = cells
+    return ours["cpu_us_per_poem"] <= TARGET_TLS_CPU * nginx["cpu_us_per_poem"]
+
+
 def _verdict(results: dict[str, Any], target: dict[str, Any]) -> bool | None:
     """Whether ``target`` is met, worked out again from the cells in ``results`` (None: not measured)."""
     # Computed here on its own, not with bench/report.py: a slip there
@@ -250,6 +273,8 @@ def _verdict(results: dict[str, Any], target: dict[str, Any]) -> bool | None:
     goal = target["goal"]
     if goal == PROXY_TARGET:
         return _proxy_verdict(results, target)
+    if goal == TLS_TARGET:
+        return _tls_verdict(results, target)
     ours = _cell(results, target["server"])
     if goal in PEER_TARGETS:
         field, clients, first, second, factor, at_most = PEER_TARGETS[goal]
@@ -267,6 +292,38 @@ def _verdict(results: dict[str, Any], target: dict[str, Any]) -> bool | None:
 
 
 # --------------------------------------------------------------------------
+# Over TLS: fastpoetry and nginx's stream ssl, a section of their own.
+
+
+def test_both_tls_rows_serve_whole_poems_over_full_handshakes(smoke: Smoke) -> None:
+    """Every poem over TLS whole, to its close_notify (loadgen -T counts a ragged end as failed), in the table."""
+    results = smoke.results()
+    for server in (TLS_ROW, NGINX_TLS_ROW):
+        status = results["tls_servers"].get(server)
+        assert status == "ok", f"{server}: {status}\n{smoke.said()}"
+        cells = [cell for cell in results["tls"] if cell["server"] == server]
+        assert {cell["concurrency"] for cell in cells} == {1, TARGET_CLIENTS}, cells
+        for cell in cells:
+            assert cell["poems"] > 0 and cell["failures"] == 0, cell
+            assert cell["poem_bytes"] == results["cells"][0]["poem_bytes"], cell  # the 3 KB poem
+            assert cell["cpu_us_per_poem"] > 0 and cell["rss_kib"] > 0, cell
+        # The check's fetch: TLS 1.3 (what loadgen -T offers), and no ticket from either server.
+        negotiated = results["tls_negotiated"][server]
+        assert negotiated.startswith("TLSv1.3 ") and negotiated.endswith(", no ticket"), negotiated
+    # Not in the plain tables: their ratios are to plain nginx and Twisted.
+    assert not {TLS_ROW, NGINX_TLS_ROW} & {cell["server"] for cell in results["cells"] + results["big_poem"]}
+    rows = _table(smoke.markdown(), "3 KB poem over TLS")
+    assert {(row["server"], row["clients"]) for row in rows} == {
+        (server, str(clients)) for server in (TLS_ROW, NGINX_TLS_ROW) for clients in (1, TARGET_CLIENTS)
+    }, rows
+    for row in rows:
+        assert row["failed"] == "0" and float(row["CPU µs/poem"]) > 0, row
+        assert row["vs nginx ssl"] == "1.00x" if row["server"] == NGINX_TLS_ROW else row["vs nginx ssl"] != "-", row
+    certificate = results["settings"]["tls_certificate"]
+    assert "P-256" in certificate and certificate in smoke.stdout, certificate
+
+
+# --------------------------------------------------------------------------
 # System calls, counted with perf.
 
 
@@ -275,16 +332,20 @@ def test_every_measured_server_has_its_system_calls_per_poem(smoke: Smoke) -> No
     _require_perf(results)
     measured = [server for server, status in results["servers"].items() if status == "ok"]
     assert set(SERVERS) <= set(measured), results["servers"]
-    for cell in results["cells"]:
-        if cell["server"] not in measured:
-            continue
-        assert cell["syscalls_per_poem"] is not None and cell["syscalls_per_poem"] > 0, cell
-        assert cell["syscall_poems"] > 0 and cell["syscalls"]["all"] > 0 and not cell["syscalls_error"], cell
-        assert all(r["syscalls_per_poem"] is not None for r in cell["rounds"]), cell["rounds"]
-    rows = _table(smoke.markdown(), "3 KB poem")
-    assert {row["server"] for row in rows} >= set(measured), rows
-    for row in (row for row in rows if row["server"] in measured):
-        assert float(row["syscalls/poem"]) > 0, row  # a number, not "-"
+    # The plain rows in the 3 KB table, the TLS rows in their own.
+    over_tls = [server for server, status in results["tls_servers"].items() if status == "ok"]
+    for cells, servers, title in ((results["cells"], measured, "3 KB poem,"),
+                                  (results["tls"], over_tls, "3 KB poem over TLS")):  # fmt: skip
+        for cell in cells:
+            if cell["server"] not in servers:
+                continue
+            assert cell["syscalls_per_poem"] is not None and cell["syscalls_per_poem"] > 0, cell
+            assert cell["syscall_poems"] > 0 and cell["syscalls"]["all"] > 0 and not cell["syscalls_error"], cell
+            assert all(r["syscalls_per_poem"] is not None for r in cell["rounds"]), cell["rounds"]
+        rows = _table(smoke.markdown(), title)
+        assert {row["server"] for row in rows} >= set(servers), rows
+        for row in (row for row in rows if row["server"] in servers):
+            assert float(row["syscalls/poem"]) > 0, row  # a number, not "-"
     assert " syscalls/poem " in smoke.stdout, smoke.stdout
 
 
@@ -385,19 +446,41 @@ TRICKY_POEMS = {
 }
 
 
+def _fetch_tls(port: int) -> tuple[bytes, str | None, bool]:
+    """One poem over TLS, unverified, read to the close_notify (a ragged end raises); the version, and if a ticket came."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    # Python sets it with OpenSSL 3, and it would read an end without a close_notify as a clean one.
+    context.options &= ~getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF", 0)
+    with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as raw:
+        with context.wrap_socket(raw, suppress_ragged_eofs=False) as tls:
+            chunks = []
+            while chunk := tls.recv(65536):
+                chunks.append(chunk)
+            session = tls.session
+            return b"".join(chunks), tls.version(), session is not None and session.has_ticket
+
+
 @pytest.fixture
-def serve_with_nginx(smoke: Smoke, tmp_path: Path) -> Iterator[Callable[[bytes], bytes]]:
-    """Serve a poem with nginx and the benchmark's configuration; what one client receives."""
+def serve_with_nginx(smoke: Smoke, tmp_path: Path) -> Iterator[Callable[..., bytes]]:
+    """Serve a poem with nginx and the benchmark's configuration; what one client receives.
+
+    With ``tls`` (a certificate and its key) nginx serves it over TLS, and
+    ``received`` gets the TLS version the client got and whether a session
+    ticket came with it.
+    """
     del smoke  # it installed nginx and its stream module
     nginx_conf = _nginx_conf()
     processes: list[subprocess.Popen[bytes]] = []
 
-    def serve(poem: bytes) -> bytes:
+    def serve(
+        poem: bytes, tls: tuple[Path, Path] | None = None, received: list[tuple[str | None, bool]] | None = None
+    ) -> bytes:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
         conf = tmp_path / "nginx.conf"
-        conf.write_bytes(nginx_conf.render(poem, port, tmp_path, backlog=64))
+        conf.write_bytes(nginx_conf.render(poem, port, tmp_path, backlog=64, tls=tls))
         errors = tmp_path / "startup-errors.log"
         process = subprocess.Popen(
             ["nginx", "-p", str(tmp_path), "-c", str(conf), "-e", str(errors)],
@@ -407,7 +490,12 @@ def serve_with_nginx(smoke: Smoke, tmp_path: Path) -> Iterator[Callable[[bytes],
         deadline = time.monotonic() + WAIT
         while True:
             try:
-                return fetch(("127.0.0.1", port))
+                if tls is None:
+                    return fetch(("127.0.0.1", port))
+                got, version, ticket = _fetch_tls(port)
+                if received is not None:
+                    received.append((version, ticket))
+                return got
             except ConnectionRefusedError:
                 said = errors.read_text() if errors.exists() else ""
                 assert process.poll() is None, f"nginx exited ({process.returncode}): {said}"
@@ -423,10 +511,29 @@ def serve_with_nginx(smoke: Smoke, tmp_path: Path) -> Iterator[Callable[[bytes],
 
 @pytest.mark.parametrize("name", sorted(TRICKY_POEMS))
 def test_nginx_serves_the_poem_byte_for_byte_whatever_its_characters(
-    serve_with_nginx: Callable[[bytes], bytes], name: str
+    serve_with_nginx: Callable[..., bytes], name: str
 ) -> None:
     poem = TRICKY_POEMS[name]
     assert serve_with_nginx(poem) == poem
+
+
+@pytest.mark.parametrize("name", sorted(TRICKY_POEMS))
+def test_nginx_over_tls_serves_the_poem_to_a_close_notify_and_issues_no_ticket(
+    serve_with_nginx: Callable[..., bytes], tmp_path: Path, name: str
+) -> None:
+    """The TLS row's configuration: the exact poem, a clean TLS end, and no session a client could resume.
+
+    Without ``NumTickets 0``, nginx 1.22 sends two TLS 1.3 tickets after
+    every handshake even with its session cache and tickets off.
+    """
+    servers = _bench_module("servers")
+    paths = servers.Paths(repo=REPO, bench=BENCH, venv=BENCH / ".venv", logs=tmp_path, run=tmp_path / "run",
+                          fastpoetry_src=REPO / "src")  # fmt: skip
+    pair = servers.tls_pair(paths)
+    assert servers.tls_pair(paths) == pair  # made once a run: every server gets the same pair
+    poem, received = TRICKY_POEMS[name], []
+    assert serve_with_nginx(poem, tls=(pair.cert, pair.key), received=received) == poem
+    assert received == [("TLSv1.3", False)], received  # TLS 1.3, and no ticket
 
 
 # --------------------------------------------------------------------------
@@ -482,3 +589,41 @@ def test_the_proxy_target_is_judged_against_plain_fastpoetry_and_not_measured_wi
     [target] = judged(could_not_run, [cell("fastpoetry", 20.0)])
     assert target.passed is None and "no figure" in target.figure, target
     assert judged({"fastpoetry": "ok"}, [cell("fastpoetry", 20.0)]) == []  # not asked for (--only fastpoetry)
+
+
+# --------------------------------------------------------------------------
+# The TLS target, judged on made-up figures.
+
+
+def test_the_tls_target_is_judged_against_nginx_stream_ssl_and_not_measured_without_a_figure() -> None:
+    """report.targets on TLS cells made up for the purpose: either side of 1.3x, and a row that could not run."""
+    report, results = _bench_module("report"), _bench_module("results")
+
+    def cell(server: str, cpu_us_per_poem: float) -> Any:
+        poems = 1000
+        return results.Cell(
+            server=server, concurrency=TARGET_CLIENTS, poem_bytes=3117, server_cores="0", poems=poems, failures=0,
+            failure_reasons={}, seconds=1.0, poems_per_s=poems, mb_per_s=3.1, mean_us=1.0, p50_us=1.0, p90_us=1.0,
+            p99_us=1.0, max_us=1.0, server_cpu_s=cpu_us_per_poem * poems / 1e6, cpu_us_per_poem=cpu_us_per_poem,
+            server_core_busy_pct=50.0, loadgen_core_busy_pct=50.0, steal_pct=0.0, others_pct=0.0, loadgen_cpu_s=0.1,
+            rss_kib=1024, processes=1,
+        )  # fmt: skip
+
+    def judged(tls_servers: dict[str, str], tls: list[Any], plain: tuple[Any, ...] = ()) -> list[Any]:
+        run = results.Run(started="", command="", smoke=True, machine={}, versions={}, settings={},
+                          servers={"nginx": "ok"} if plain else {}, cells=list(plain), tls_servers=tls_servers,
+                          tls=tls)  # fmt: skip
+        return [target for target in report.targets(run) if target.goal == TLS_TARGET]
+
+    both = {TLS_ROW: "ok", NGINX_TLS_ROW: "ok"}
+    for ours, passed in ((519.9, True), (520.1, False)):  # nginx: 400.0 µs, the line: 520.0
+        [target] = judged(both, [cell(TLS_ROW, ours), cell(NGINX_TLS_ROW, 400.0)])
+        assert (target.server, target.passed) == (TLS_ROW, passed), target
+        assert target.figure.startswith(f"{ours:.1f} µs vs 400.0 µs: "), target
+    # Judged on the TLS section's cells, never the plain table's, whatever plain nginx's figure.
+    [target] = judged(both, [cell(TLS_ROW, 500.0), cell(NGINX_TLS_ROW, 400.0)], [cell("nginx", 20.0)])
+    assert target.passed is True, target
+    could_not_run = {TLS_ROW: "exited (2) before it would accept connections", NGINX_TLS_ROW: "ok"}
+    [target] = judged(could_not_run, [cell(NGINX_TLS_ROW, 400.0)])
+    assert target.passed is None and "no figure" in target.figure, target
+    assert judged({}, []) == []  # not asked for (--only without tls)

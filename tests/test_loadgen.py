@@ -7,7 +7,12 @@ a reset halfway, a port nobody listens on, and a server that never ends
 the poem.  Each connection must be counted once, under the right reason,
 and the exit status must say whether anything failed.  With ``-P`` it
 speaks first, as a load balancer does: a PROXY protocol v2 header, which
-servers here read and check byte by byte before they send the poem.
+servers here read and check byte by byte before they send the poem.  With
+``-T`` it speaks TLS to small servers built on Python's ``ssl`` (the same
+OpenSSL underneath): a whole poem ends with a close_notify, and a stream
+that ends without one, a failed handshake, or a server that is not TLS at
+all are each a failure under their reason; and no connection resumes an
+earlier one's session, even from a server that offers it.
 
 It is built with gcc exactly as ``bench/run`` builds it (warnings are
 errors), so a warning in it fails here too.  No figure is judged.
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import shutil
 import socket
+import ssl
 import struct
 import subprocess
 import threading
@@ -47,11 +53,28 @@ def loadgen(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if shutil.which("gcc") is None:
         pytest.fail("gcc is missing: tools/test installs it, and bench/run needs it")
     binary = tmp_path_factory.mktemp("loadgen") / "loadgen"
-    subprocess.run(
-        ["gcc", "-std=c11", "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(binary), str(REPO / "bench" / "loadgen.c")],
-        check=True, capture_output=True, text=True, timeout=WAIT,
+    built = subprocess.run(
+        ["gcc", "-std=c11", "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(binary), str(REPO / "bench" / "loadgen.c"),
+         "-lssl", "-lcrypto"],
+        check=False, capture_output=True, text=True, timeout=WAIT,
     )  # fmt: skip
+    assert built.returncode == 0, f"loadgen.c does not build (libssl-dev: tools/test installs it):\n{built.stderr}"
     return binary
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """An ECDSA P-256 certificate and key, self-signed, made as the benchmark makes its own."""
+    if shutil.which("openssl") is None:
+        pytest.fail("the openssl command is missing: tools/test installs it, and bench/run needs it")
+    directory = tmp_path_factory.mktemp("tls")
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "1",
+         "-subj", "/CN=localhost", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, text=True, timeout=WAIT, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    return cert, key
 
 
 def serve_whole(conn: socket.socket) -> None:
@@ -189,10 +212,12 @@ def server() -> Iterator[Callable[..., int]]:
         listener.close()
 
 
-def run(loadgen: Path, port: int, *extra: str, address: str = "127.0.0.1") -> tuple[int, dict[str, str], str]:
+def run(
+    loadgen: Path, port: int, *extra: str, address: str = "127.0.0.1", size: int = len(POEM)
+) -> tuple[int, dict[str, str], str]:
     """Run the load generator; its exit status, its KEY=VALUE line, and its standard error."""
     done = subprocess.run(
-        [str(loadgen), "-a", address, "-p", str(port), "-b", str(len(POEM)),
+        [str(loadgen), "-a", address, "-p", str(port), "-b", str(size),
          "-c", str(CONCURRENCY), "-n", str(POEMS), *extra],
         capture_output=True, text=True, timeout=3 * WAIT, stdin=subprocess.DEVNULL, check=False,
     )  # fmt: skip
@@ -200,7 +225,7 @@ def run(loadgen: Path, port: int, *extra: str, address: str = "127.0.0.1") -> tu
     return done.returncode, pairs, done.stderr
 
 
-REASONS = ("short", "long", "reset", "refused", "ports", "timeout", "error")
+REASONS = ("short", "long", "reset", "refused", "ports", "timeout", "error", "handshake", "ragged")
 
 
 def test_whole_poems_are_counted_and_nothing_fails(loadgen: Path, server: Callable[..., int]) -> None:
@@ -226,9 +251,10 @@ def test_every_bad_fetch_is_a_failure_under_its_reason(
     assert reason in stderr, stderr  # the first failures are described
 
 
-@pytest.mark.parametrize("extra", [(), ("-P",)], ids=["plain", "proxy-header"])
+@pytest.mark.parametrize("extra", [(), ("-P",), ("-T",)], ids=["plain", "proxy-header", "tls"])
 def test_a_port_nobody_listens_on_is_refused(loadgen: Path, extra: tuple[str, ...]) -> None:
-    # With -P the refusal shows in the header's send(): still "refused".
+    # With -P the refusal shows in the header's send(), with -T in the
+    # ClientHello's: still "refused".
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
     status, result, stderr = run(loadgen, port, *extra)
@@ -334,3 +360,147 @@ def test_a_connection_still_connecting_sends_its_header_once_connected(loadgen: 
     result = dict(field.split("=", 1) for field in stdout.split())
     assert process.returncode == 0, f"{result}\n{stderr}"
     assert result["poems"] == "1" and result["failures"] == "0", result
+
+
+# --------------------------------------------------------------------------
+# -T: TLS, a full handshake for every connection, the poem to the close_notify.
+
+TlsBehaviour = Callable[[ssl.SSLSocket], None]
+
+
+def tls_whole(tls: ssl.SSLSocket) -> None:
+    tls.sendall(POEM)
+    tls.unwrap()  # the close_notify (then it waits for the client's, which closes instead)
+
+
+def tls_short(tls: ssl.SSLSocket) -> None:
+    tls.sendall(POEM[:-1])
+    tls.unwrap()
+
+
+def tls_long(tls: ssl.SSLSocket) -> None:
+    tls.sendall(POEM + b"!")
+    tls.unwrap()
+
+
+def tls_ragged(tls: ssl.SSLSocket) -> None:
+    # The whole poem, then the socket closed under TLS: no close_notify, so
+    # the client cannot tell this end from a cut.
+    tls.sendall(POEM)
+
+
+@pytest.fixture
+def tls_server(server: Callable[..., int], certificate: tuple[Path, Path]) -> Callable[..., int]:
+    """Start a threaded TLS server on 127.0.0.1 that treats every client with a behaviour; its port.
+
+    It keeps sessions and issues tickets (Python's defaults: a session
+    cache, two TLS 1.3 tickets a handshake), so that a client that tried
+    to resume a session could.  ``handshakes`` gets, for each connection
+    whose handshake finished, the version and whether its session was
+    resumed.  ``minimum``: the lowest TLS version it takes.
+    """
+
+    def start(
+        behaviour: TlsBehaviour, *, handshakes: list[tuple[str | None, bool]] | None = None,
+        minimum: ssl.TLSVersion = ssl.TLSVersion.TLSv1_2,
+    ) -> int:  # fmt: skip
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(*certificate)
+        context.minimum_version = minimum
+
+        def over_tls(conn: socket.socket) -> None:
+            with context.wrap_socket(conn, server_side=True) as tls:  # the handshake, here
+                if handshakes is not None:
+                    handshakes.append((tls.version(), tls.session_reused))
+                behaviour(tls)
+
+        return server(over_tls)
+
+    return start
+
+
+@pytest.mark.parametrize(("extra", "version"), [((), "TLSv1.3"), (("-V", "1.2"), "TLSv1.2")], ids=["tls1.3", "tls1.2"])
+def test_over_tls_whole_poems_are_counted_and_no_session_is_resumed(
+    loadgen: Path, tls_server: Callable[..., int], extra: tuple[str, ...], version: str
+) -> None:
+    handshakes: list[tuple[str | None, bool]] = []
+    status, result, stderr = run(loadgen, tls_server(tls_whole, handshakes=handshakes), "-T", *extra)
+    assert status == 0, f"{result}\n{stderr}"
+    assert result["poems"] == str(POEMS) and result["failures"] == "0", result
+    assert all(result[reason] == "0" for reason in REASONS), result
+    assert int(result["bytes"]) == POEMS * len(POEM), result  # the poem's bytes, not TLS's
+    # Each poem is a connection and a full handshake of the version asked for.
+    assert handshakes == [(version, False)] * POEMS, handshakes
+
+
+def test_over_tls_a_poem_of_many_records_is_read_whole(loadgen: Path, tls_server: Callable[..., int]) -> None:
+    """A poem of 64 TLS records and more: read across events, nothing left in OpenSSL's buffers."""
+    big = bytes(range(256)) * 4096 + b"end\n"  # 1 MiB and 4 bytes
+
+    def whole_big(tls: ssl.SSLSocket) -> None:
+        tls.sendall(big)
+        tls.unwrap()
+
+    status, result, stderr = run(loadgen, tls_server(whole_big), "-T", size=len(big))
+    assert status == 0, f"{result}\n{stderr}"
+    assert result["poems"] == str(POEMS) and int(result["bytes"]) == POEMS * len(big), result
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "reason"),
+    [(tls_short, "short"), (tls_long, "long"), (tls_ragged, "ragged")],
+    ids=["short", "long", "no-close-notify"],
+)
+def test_over_tls_every_bad_fetch_is_a_failure_under_its_reason(
+    loadgen: Path, tls_server: Callable[..., int], behaviour: TlsBehaviour, reason: str
+) -> None:
+    status, result, stderr = run(loadgen, tls_server(behaviour), "-T")
+    assert status == 1, f"{result}\n{stderr}"
+    assert result["poems"] == "0" and result["failures"] == str(POEMS), result
+    assert result[reason] == str(POEMS), result
+    assert f"({reason})" in stderr, stderr  # the first failures are described
+
+
+def test_over_tls_a_failed_handshake_is_a_failure(loadgen: Path, tls_server: Callable[..., int]) -> None:
+    """A server that takes TLS 1.3 only, a client that offers 1.2 only: an alert, and no poem."""
+    port = tls_server(tls_whole, minimum=ssl.TLSVersion.TLSv1_3)
+    status, result, stderr = run(loadgen, port, "-T", "-V", "1.2")
+    assert status == 1, f"{result}\n{stderr}"
+    assert result["poems"] == "0" and result["handshake"] == str(POEMS) == result["failures"], result
+    assert "TLS handshake failed" in stderr, stderr
+
+
+def test_over_tls_a_server_that_is_not_tls_is_a_failed_handshake(loadgen: Path, server: Callable[..., int]) -> None:
+    """A plain poem where the ServerHello should be: the handshake fails on its first bytes."""
+
+    def plain_poem_after_the_client_hello(conn: socket.socket) -> None:
+        conn.recv(4096)  # the ClientHello, or its start
+        conn.sendall(POEM)
+        conn.shutdown(socket.SHUT_WR)
+        while conn.recv(4096):  # until the client closes: no reset for unread bytes
+            pass
+
+    status, result, stderr = run(loadgen, server(plain_poem_after_the_client_hello), "-T")
+    assert status == 1, f"{result}\n{stderr}"
+    assert result["poems"] == "0" and result["handshake"] == str(POEMS) == result["failures"], result
+
+
+def test_over_tls_a_handshake_that_never_comes_is_a_timeout(loadgen: Path, server: Callable[..., int]) -> None:
+    def silent(conn: socket.socket) -> None:
+        threading.Event().wait(WAIT)
+
+    status, result, stderr = run(loadgen, server(silent), "-T", "-t", "0.5")
+    assert status == 1, f"{result}\n{stderr}"
+    assert result["poems"] == "0" and result["timeout"] == str(POEMS), result
+
+
+@pytest.mark.parametrize(
+    "options", [("-T", "-1"), ("-T", "-P"), ("-V", "1.3"), ("-T", "-V", "1.1")],
+    ids=["first-byte", "with-proxy-header", "version-without-tls", "no-such-version"],
+)  # fmt: skip
+def test_tls_options_that_do_not_go_together_are_a_usage_error(loadgen: Path, options: tuple[str, ...]) -> None:
+    done = subprocess.run(
+        [str(loadgen), "-p", "9", "-b", "1", "-n", "1", *options],
+        capture_output=True, text=True, timeout=WAIT, stdin=subprocess.DEVNULL, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2 and "usage:" in done.stderr, done
