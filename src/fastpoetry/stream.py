@@ -118,8 +118,9 @@ class StreamServer(Service):
         self.handshakes_failed = Refusals(source, "dropped", "did not complete a TLS handshake")
         self._header_refusals = header_refusals(source)
         self._acceptor: Acceptor | None = None
-        # Poems handed over (by the accepting thread, and by the tasks that
-        # waited for a header or a handshake), those whose task has started,
+        # Poems handed over to a task (by the accepting thread, by the tasks
+        # that waited for a header, and over TLS when the kernel did not
+        # take the poem at once), those whose task has started,
         # the tasks sending right now, and the poems they finished (and
         # their bytes); the thread counts its own.
         self._handed_over_here = 0
@@ -252,7 +253,6 @@ class StreamServer(Service):
                     _abort(conn)
 
             token.run_sync_soon(start)
-
 
         def body() -> None:
             try:

@@ -3,9 +3,10 @@
 A TLS client needs a round trip before its poem (the handshake, and the
 PROXY protocol header before it if a balancer sends one), so it cannot be
 served the way the accepting thread serves a plain one (:mod:`~.acceptor`).
-A trio task for each, waiting on its socket, costs a task, a cancel scope
-and two epoll registrations a client: a third of what the server adds to
-OpenSSL's own work.  So one task accepts every client, watches all of them
+A trio task for each, waiting on its socket, costs a task, a cancel scope,
+a timeout and two epoll registrations a client (with it, fastpoetry took
+1.43x nginx's CPU a poem over TLS; without, 1.18x to 1.23x: bench/README.md,
+"Over TLS").  So one task accepts every client, watches all of them
 through an epoll instance of its own, registered once each, and moves each
 on as its bytes arrive, as :class:`~.linger.LingeringCloser` does for the
 clients that linger.  What has to wait for the client to read (a poem
