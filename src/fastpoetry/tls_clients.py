@@ -119,7 +119,9 @@ class TlsClients:
         self._epoll = select.epoll()
         # Each listener with what its connections are made of (its
         # properties build enum members at every call).
-        self._listening = {sock.fileno(): (sock, int(sock.family), int(sock.type), sock.proto) for sock in listeners}
+        self._listening = {
+            sock.fileno(): (sock, int(sock.family), int(sock.type), sock.proto) for sock in listeners
+        }
         self._paused: dict[int, float] = {}
         self._awaiting_header: dict[int, _Client] = {}
         self._handshaking: dict[int, _Client] = {}
@@ -130,7 +132,7 @@ class TlsClients:
         return len(self._awaiting_header) + len(self._handshaking)
 
     async def run(self) -> None:
-        """Serve until cancelled; then reset every client still before its poem."""
+        """Serve until cancelled; then reset every client still before its poem (once only)."""
         try:
             for fd in self._listening:
                 self._epoll.register(fd, select.EPOLLIN)
@@ -149,11 +151,14 @@ class TlsClients:
                 for client in clients.values():
                     _abort(client.sock)
                 clients.clear()
+            # trio watches the epoll's descriptor: it must forget it first.
+            trio.lowlevel.notify_closing(self._epoll.fileno())
             self._epoll.close()
 
     def _next_deadline(self) -> float:
-        deadlines = [clients[next(iter(clients))].deadline for clients in (self._awaiting_header, self._handshaking) if clients]
-        return min([*deadlines, *self._paused.values()], default=math.inf)
+        """The earliest deadline: each dict's first client's, and the end of any pause."""
+        firsts = [clients[next(iter(clients))] for clients in (self._awaiting_header, self._handshaking) if clients]
+        return min([*(client.deadline for client in firsts), *self._paused.values()], default=math.inf)
 
     def _accept(self, listener: socket.socket, family: int, kind: int, proto: int) -> None:
         tcp = family in TCP_FAMILIES
