@@ -324,30 +324,29 @@ def _peer_value(cells: Sequence[Cell], server: str, concurrency: int, field: Cal
     return field(cell) if cell is not None and cell.poems else None
 
 
-def small_poem_table(run: Run) -> Table:
-    header = [
-        "server", "clients", "poems/s", "vs nginx", "vs twisted", "p50 ms", "p99 ms", "failed",
-        "CPU µs/poem", "vs nginx", "by round", "syscalls/poem", "server core", "loadgen core", "limit", "others",
-        "steal", "RSS MiB",
-    ]  # fmt: skip
+def _cell_rows(cells: Sequence[Cell], statuses: dict[str, str], width: int, peers: Sequence[str]) -> list[list[str]]:
+    """A row for each cell, by concurrency, then one for each server not measured.
+
+    The rate is compared with each of ``peers`` and the CPU per poem with
+    the first, in the same concurrency.
+    """
     rows: list[list[str]] = []
-    cells = run.cells
+    reference = peers[0]
     for concurrency in sorted({cell.concurrency for cell in cells}):
         if rows:
-            rows.append([""] * len(header))
+            rows.append([""] * width)
         for cell in (c for c in cells if c.concurrency == concurrency):
             rows.append([
                 cell.server,
                 str(concurrency),
                 _count(cell.poems_per_s),
-                _ratio(cell.poems_per_s, _peer_value(cells, NGINX, concurrency, _rate)),
-                _ratio(cell.poems_per_s, _peer_value(cells, TWISTED, concurrency, _rate)),
+                *(_ratio(cell.poems_per_s, _peer_value(cells, peer, concurrency, _rate)) for peer in peers),
                 _ms(cell.p50_us),
                 _ms(cell.p99_us),
                 _failures(cell),
                 f"{cell.cpu_us_per_poem:.1f}",
-                _ratio(cell.cpu_us_per_poem, _peer_value(cells, NGINX, concurrency, _cpu)),
-                _spread(_round_ratios(cell, _peer(cells, NGINX, concurrency), _cpu)),
+                _ratio(cell.cpu_us_per_poem, _peer_value(cells, reference, concurrency, _cpu)),
+                _spread(_round_ratios(cell, _peer(cells, reference, concurrency), _cpu)),
                 _per_poem(cell.syscalls_per_poem),
                 f"{cell.server_core_busy_pct:.0f}%",
                 f"{cell.loadgen_core_busy_pct:.0f}%",
@@ -356,11 +355,22 @@ def small_poem_table(run: Run) -> Table:
                 f"{cell.steal_pct:.1f}%",
                 _mib(cell.rss_kib),
             ])  # fmt: skip
-    unmeasured = {server: status for server, status in run.servers.items() if status != "ok"}
+    unmeasured = [server for server, status in statuses.items() if status != "ok"]
     if unmeasured and rows:
-        rows.append([""] * len(header))
+        rows.append([""] * width)
     for server in unmeasured:
-        rows.append([server, "-", "not measured"] + ["-"] * (len(header) - 3))
+        rows.append([server, "-", "not measured"] + ["-"] * (width - 3))
+    return rows
+
+
+def small_poem_table(run: Run) -> Table:
+    header = [
+        "server", "clients", "poems/s", "vs nginx", "vs twisted", "p50 ms", "p99 ms", "failed",
+        "CPU µs/poem", "vs nginx", "by round", "syscalls/poem", "server core", "loadgen core", "limit", "others",
+        "steal", "RSS MiB",
+    ]  # fmt: skip
+    cells = run.cells
+    rows = _cell_rows(cells, run.servers, len(header), (NGINX, TWISTED))
     poem = cells[0].poem_bytes if cells else 0
     notes = [
         (
@@ -395,7 +405,7 @@ def small_poem_table(run: Run) -> Table:
     notes += _proxy_note(cells)
     notes += _baseline_note(run)
     notes += _retried(cells)
-    notes += [f"NOT MEASURED: {status}" for status in unmeasured.values()]
+    notes += [f"NOT MEASURED: {status}" for status in run.servers.values() if status != "ok"]
     return Table("3 KB poem, server on one core", header, rows, [note for note in notes if note])
 
 
@@ -463,35 +473,7 @@ def tls_table(run: Run) -> Table:
         "RSS MiB",
     ]  # fmt: skip
     cells = run.tls
-    rows: list[list[str]] = []
-    for concurrency in sorted({cell.concurrency for cell in cells}):
-        if rows:
-            rows.append([""] * len(header))
-        for cell in (c for c in cells if c.concurrency == concurrency):
-            rows.append([
-                cell.server,
-                str(concurrency),
-                _count(cell.poems_per_s),
-                _ratio(cell.poems_per_s, _peer_value(cells, NGINX_TLS, concurrency, _rate)),
-                _ms(cell.p50_us),
-                _ms(cell.p99_us),
-                _failures(cell),
-                f"{cell.cpu_us_per_poem:.1f}",
-                _ratio(cell.cpu_us_per_poem, _peer_value(cells, NGINX_TLS, concurrency, _cpu)),
-                _spread(_round_ratios(cell, _peer(cells, NGINX_TLS, concurrency), _cpu)),
-                _per_poem(cell.syscalls_per_poem),
-                f"{cell.server_core_busy_pct:.0f}%",
-                f"{cell.loadgen_core_busy_pct:.0f}%",
-                _limit(cell),
-                f"{cell.others_pct:.0f}%",
-                f"{cell.steal_pct:.1f}%",
-                _mib(cell.rss_kib),
-            ])  # fmt: skip
-    unmeasured = {server: status for server, status in run.tls_servers.items() if status != "ok"}
-    if unmeasured and rows:
-        rows.append([""] * len(header))
-    for server in unmeasured:
-        rows.append([server, "-", "not measured"] + ["-"] * (len(header) - 3))
+    rows = _cell_rows(cells, run.tls_servers, len(header), (NGINX_TLS,))
     poem = cells[0].poem_bytes if cells else 0
     negotiated = "; ".join(f"{server}: {what}" for server, what in run.tls_negotiated.items() if what)
     notes = [
@@ -526,7 +508,7 @@ def tls_table(run: Run) -> Table:
         *_syscalls_note(run, cells),
         *_plain_cost_note(run),
         *_retried(cells),
-        *(f"NOT MEASURED: {status}" for status in unmeasured.values()),
+        *(f"NOT MEASURED: {status}" for status in run.tls_servers.values() if status != "ok"),
     ]
     return Table("3 KB poem over TLS, server on one core", header, rows, [note for note in notes if note])
 

@@ -566,14 +566,7 @@ def test_the_proxy_target_is_judged_against_plain_fastpoetry_and_not_measured_wi
     report, results = _bench_module("report"), _bench_module("results")
 
     def cell(server: str, cpu_us_per_poem: float) -> Any:
-        poems = 1000
-        return results.Cell(
-            server=server, concurrency=TARGET_CLIENTS, poem_bytes=3117, server_cores="0", poems=poems, failures=0,
-            failure_reasons={}, seconds=1.0, poems_per_s=poems, mb_per_s=3.1, mean_us=1.0, p50_us=1.0, p90_us=1.0,
-            p99_us=1.0, max_us=1.0, server_cpu_s=cpu_us_per_poem * poems / 1e6, cpu_us_per_poem=cpu_us_per_poem,
-            server_core_busy_pct=50.0, loadgen_core_busy_pct=50.0, steal_pct=0.0, others_pct=0.0, loadgen_cpu_s=0.1,
-            rss_kib=1024, processes=1,
-        )  # fmt: skip
+        return _made_up_cell(results, server, cpu_us_per_poem)
 
     def judged(servers: dict[str, str], cells: list[Any]) -> list[Any]:
         run = results.Run(started="", command="", smoke=True, machine={}, versions={}, settings={}, servers=servers,
@@ -591,6 +584,18 @@ def test_the_proxy_target_is_judged_against_plain_fastpoetry_and_not_measured_wi
     assert judged({"fastpoetry": "ok"}, [cell("fastpoetry", 20.0)]) == []  # not asked for (--only fastpoetry)
 
 
+def _made_up_cell(results: Any, server: str, cpu_us_per_poem: float) -> Any:
+    """A cell at TARGET_CLIENTS with every figure made up but its CPU per poem."""
+    poems = 1000
+    return results.Cell(
+        server=server, concurrency=TARGET_CLIENTS, poem_bytes=3117, server_cores="0", poems=poems, failures=0,
+        failure_reasons={}, seconds=1.0, poems_per_s=poems, mb_per_s=3.1, mean_us=1.0, p50_us=1.0, p90_us=1.0,
+        p99_us=1.0, max_us=1.0, server_cpu_s=cpu_us_per_poem * poems / 1e6, cpu_us_per_poem=cpu_us_per_poem,
+        server_core_busy_pct=50.0, loadgen_core_busy_pct=50.0, steal_pct=0.0, others_pct=0.0, loadgen_cpu_s=0.1,
+        rss_kib=1024, processes=1,
+    )  # fmt: skip
+
+
 # --------------------------------------------------------------------------
 # The TLS target, judged on made-up figures.
 
@@ -600,14 +605,7 @@ def test_the_tls_target_is_judged_against_nginx_stream_ssl_and_not_measured_with
     report, results = _bench_module("report"), _bench_module("results")
 
     def cell(server: str, cpu_us_per_poem: float) -> Any:
-        poems = 1000
-        return results.Cell(
-            server=server, concurrency=TARGET_CLIENTS, poem_bytes=3117, server_cores="0", poems=poems, failures=0,
-            failure_reasons={}, seconds=1.0, poems_per_s=poems, mb_per_s=3.1, mean_us=1.0, p50_us=1.0, p90_us=1.0,
-            p99_us=1.0, max_us=1.0, server_cpu_s=cpu_us_per_poem * poems / 1e6, cpu_us_per_poem=cpu_us_per_poem,
-            server_core_busy_pct=50.0, loadgen_core_busy_pct=50.0, steal_pct=0.0, others_pct=0.0, loadgen_cpu_s=0.1,
-            rss_kib=1024, processes=1,
-        )  # fmt: skip
+        return _made_up_cell(results, server, cpu_us_per_poem)
 
     def judged(tls_servers: dict[str, str], tls: list[Any], plain: tuple[Any, ...] = ()) -> list[Any]:
         run = results.Run(started="", command="", smoke=True, machine={}, versions={}, settings={},
