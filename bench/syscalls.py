@@ -52,6 +52,14 @@ WORKERS = ("accept4", "epoll_wait", SWITCHES)
 #: How long perf may take to start, to answer on its pipe, or to exit.
 PERF_TIMEOUT = 15.0
 
+#: How many times perf is started when a thread ends while perf attaches
+#: to it: perf 6.1 then exits with ESRCH, and it is only bad timing (trio's
+#: idle worker threads end 10 s after their last job, whenever that falls).
+START_ATTEMPTS = 8
+
+#: perf's words for a thread or process that ended while it attached.
+_VANISHED = "No such process"
+
 
 class PerfFailed(Exception):
     """perf could not count: one line of why."""
@@ -67,9 +75,10 @@ def tracepoint(name: str) -> str:
 def _why(said: str, returncode: int) -> str:
     """The line of perf's complaint that says what is wrong (it adds usage text after it)."""
     lines = [line.strip() for line in said.splitlines() if line.strip()]
-    for line in lines:
+    for at, line in enumerate(lines):
         if line.startswith("Error:"):
-            return line.removeprefix("Error:").strip()
+            # perf 6.1 writes "Error:" alone, and the reason on the next line.
+            return line.removeprefix("Error:").strip() or " ".join(lines[at + 1 : at + 2])
     for line in lines:
         if "error" in line.lower() or "permission" in line.lower():
             return line
@@ -133,7 +142,21 @@ class Count:
         self._output = Path()
 
     def start(self) -> None:
-        """Start perf, and return once its counters are on."""
+        """Start perf, and return once its counters are on.
+
+        A thread of ``pids`` that ends while perf attaches to it makes perf
+        exit; perf is then started again, up to START_ATTEMPTS times.
+        """
+        for attempt in range(1, START_ATTEMPTS + 1):
+            try:
+                self._start()
+                return
+            except PerfFailed as exc:
+                self.close()
+                if _VANISHED not in str(exc) or attempt == START_ATTEMPTS:
+                    raise
+
+    def _start(self) -> None:
         perf = shutil.which("perf")
         if perf is None:
             raise PerfFailed("perf is not installed")
