@@ -17,8 +17,9 @@ from contextlib import contextmanager
 import pytest
 
 from helpers import POEMS, WAIT
-from fastpoetry.acceptor import IDLE, Acceptor, SocketsByNumber
+from fastpoetry.acceptor import IDLE, Acceptor, SocketsByNumber, take_header
 from fastpoetry.listeners import bind
+from fastpoetry.proxy_protocol import CUT_SHORT, MALFORMED, HeaderError
 
 LEDGER = POEMS / "harbour-ledger.txt"
 
@@ -219,6 +220,41 @@ def test_a_header_that_cannot_be_valid_is_refused_with_a_reset() -> None:
                 assert client.recv(65536) == b"", "no poem byte, and no clean end either"
             assert acceptor.refused.total == 1 and acceptor.poems_served == 0
             assert not handed.awaiting and not handed.lingering
+
+
+def test_take_header_takes_the_header_in_pieces_and_leaves_what_follows() -> None:
+    """What comes before the header is whole is all header; after it, the client's bytes stay unread."""
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        with pytest.raises(BlockingIOError):
+            take_header(ours, b"")
+        theirs.sendall(V2_HEADER[:5])
+        taken, header = take_header(ours, b"")
+        assert (taken, header) == (V2_HEADER[:5], None)
+        hello = b"\x16\x03\x01 and what a TLS client says first"
+        theirs.sendall(V2_HEADER[5:] + hello)  # the rest, and more, in one segment
+        taken, header = take_header(ours, taken)
+        assert taken == V2_HEADER and header is not None and header.length == len(V2_HEADER)
+        assert header.source == ("198.51.100.7", 40123)
+        assert ours.recv(100) == hello
+
+
+@pytest.mark.parametrize(
+    ("sent", "kind"),
+    [(V2_HEADER[:9], CUT_SHORT), (b"", CUT_SHORT), (b"GET / HTTP/1.0\r\n", MALFORMED)],
+    ids=["closed halfway", "closed at once", "not a header"],
+)
+def test_take_header_refuses_a_client_that_closes_first_or_bytes_no_header_starts_with(sent: bytes, kind: str) -> None:
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        theirs.sendall(sent)
+        theirs.shutdown(socket.SHUT_WR)
+        taken = b""
+        with pytest.raises(HeaderError) as refused:
+            while True:
+                taken, header = take_header(ours, taken)
+                assert header is None and taken == sent
+        assert refused.value.kind == kind, refused.value
 
 
 def test_two_threads_on_one_listening_socket_serve_each_client_once() -> None:

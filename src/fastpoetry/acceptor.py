@@ -66,6 +66,9 @@ _CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EN
 #: protocol header are logged as a warning (each one is, at debug level).
 REFUSED_LOG_INTERVAL = 10.0
 
+#: Why a client that closed before its PROXY protocol header was whole is refused.
+CLOSED_FIRST = "the client closed before it was whole"
+
 #: SO_LINGER on, with a zero timeout: close() resets the connection.
 RESET_ON_CLOSE = struct.pack("ii", 1, 0)
 
@@ -272,7 +275,7 @@ class Acceptor:
             self._refuse(listening, conn, fd, address, exc.kind, str(exc))
             return
         if not received:
-            self._refuse(listening, conn, fd, address, CUT_SHORT, "closed before its PROXY protocol header was whole")
+            self._refuse(listening, conn, fd, address, CUT_SHORT, str(HeaderError(CUT_SHORT, CLOSED_FIRST)))
         elif header is None:
             assert self.await_header is not None
             self.await_header(listening.sockets.take(fd), bytes(data), format_peer(listening.family, address))
@@ -535,6 +538,38 @@ def log_sending_behind(label: str, size: int, header: Header, balancer: str) -> 
 def reset(conn: _socket.socket) -> None:
     """Make closing ``conn`` a reset: for a client that must not take what it has for a whole poem."""
     conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET_ON_CLOSE)
+
+
+def abort(conn: _socket.socket) -> None:
+    """Close, with a reset, a connection whose poem is not all sent, or was refused.
+
+    End of stream is the only end-of-poem mark the protocol has: a plain
+    close would hand the client a truncated poem that looks whole.
+    """
+    reset(conn)
+    conn.close()
+
+
+def take_header(conn: _socket.socket, taken: bytes) -> tuple[bytes, Header | None]:
+    """Take more of a PROXY protocol header from ``conn``, and not a byte past it.
+
+    ``taken`` is what was taken of it before.  Returns what is taken now,
+    and the header once it is whole (None before).  Whatever arrived while
+    the header is not yet whole is all header, and is taken; the bytes
+    after a whole one (a TLS client's handshake) are only looked at
+    (MSG_PEEK) and stay for whoever reads next.
+
+    Raises BlockingIOError if nothing new has arrived, :exc:`HeaderError`
+    if the bytes cannot become a valid header or the client closed first
+    (CUT_SHORT), and OSError if the connection failed.
+    """
+    more = conn.recv(MAX_LENGTH - len(taken), socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    if not more:
+        raise HeaderError(CUT_SHORT, CLOSED_FIRST)
+    header = parse(taken + more)
+    # Already received, so one recv() takes all of it.
+    rest = len(more) if header is None else header.length - len(taken)
+    return taken + conn.recv(rest, socket.MSG_DONTWAIT), header
 
 
 def log_lost(exc: OSError) -> None:

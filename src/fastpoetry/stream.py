@@ -37,15 +37,16 @@ from .acceptor import (
     Acceptor,
     PoemSource,
     Refusals,
+    abort,
     header_refusals,
     log_lost,
     log_sending_behind,
-    reset,
+    take_header,
 )
 from .linger import LingeringCloser, discard_input, nothing_at_stake, settled
 from .listeners import describe
 from .options import DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_HEADER_TIMEOUT
-from .proxy_protocol import CUT_SHORT, MAX_LENGTH, TIMED_OUT, Header, HeaderError, parse
+from .proxy_protocol import TIMED_OUT, Header, HeaderError
 from .service import Service
 from .tls import close_notify, send_poem
 from .tls_clients import TlsClients
@@ -241,7 +242,7 @@ class StreamServer(Service):
                 try:
                     senders.start_soon(self._send_rest, conn, poem, sent, header)
                 except RuntimeError:  # the nursery is closed: shutting down
-                    _abort(conn)
+                    abort(conn)
 
             token.run_sync_soon(start)
 
@@ -250,7 +251,7 @@ class StreamServer(Service):
                 try:
                     not_begun.start_soon(self._await_header, conn, data, balancer, senders)
                 except RuntimeError:
-                    _abort(conn)
+                    abort(conn)
 
             token.run_sync_soon(start)
 
@@ -289,9 +290,9 @@ class StreamServer(Service):
     ) -> None:
         """Wait for the rest of a PROXY protocol header, then send the poem in ``senders``.
 
-        ``data`` is what arrived of the header so far.  A header that is not
-        whole within the header timeout, or can never be valid, costs the
-        client a reset, before any byte of the poem.
+        ``data`` is what the accepting thread took of the header.  A header
+        that is not whole within the header timeout, or can never be valid,
+        costs the client a reset, before any byte of the poem.
         """
         assert self._acceptor is not None
         refused = self._acceptor.refused
@@ -302,20 +303,14 @@ class StreamServer(Service):
                 while header is None:
                     await trio.lowlevel.wait_readable(conn)
                     try:
-                        more = conn.recv(MAX_LENGTH - len(data), socket.MSG_DONTWAIT)
+                        data, header = take_header(conn, data)
                     except BlockingIOError:
                         continue
-                    except OSError as exc:
-                        log_lost(exc)
-                        return
-                    if not more:
-                        refused.add(CUT_SHORT, balancer, "closed before its PROXY protocol header was whole")
-                        return
-                    data += more
-                    try:
-                        header = parse(data)
                     except HeaderError as exc:
                         refused.add(exc.kind, balancer, str(exc))
+                        return
+                    except OSError as exc:
+                        log_lost(exc)
                         return
             if header is None:
                 refused.add(
@@ -332,7 +327,7 @@ class StreamServer(Service):
             handed_over = True
         finally:
             if not handed_over:
-                _abort(conn)
+                abort(conn)
 
     async def _serve_tls_clients(self, senders: trio.Nursery) -> None:
         """Accept and serve clients over TLS until cancelled (:mod:`~.tls_clients`).
@@ -400,7 +395,7 @@ class StreamServer(Service):
                 except OSError as exc:  # ssl.SSLError included
                     failure = exc
         except BaseException:  # cancelled: the shutdown deadline
-            _abort(tls)
+            abort(tls)
             raise
         finally:
             self._tasks_sending -= 1
@@ -454,7 +449,7 @@ class StreamServer(Service):
                         failure = exc
                     nursery.cancel_scope.cancel()
         except BaseException:  # cancelled: the shutdown deadline
-            _abort(conn)
+            abort(conn)
             raise
         finally:
             self._tasks_sending -= 1
@@ -483,7 +478,7 @@ class StreamServer(Service):
             log.info(
                 "dropped a client that did not take its poem within %g s (%s)", self.send_timeout, how, extra=fields
             )
-            _abort(conn)
+            abort(conn)
             return True
         return False
 
@@ -510,13 +505,3 @@ async def _discard_input(conn: _socket.socket) -> None:
     """Read and drop whatever the client sends, until it stops sending."""
     while not discard_input(conn):
         await trio.lowlevel.wait_readable(conn)
-
-
-def _abort(conn: _socket.socket) -> None:
-    """Close a connection whose poem is not all sent, with a reset.
-
-    End of stream is the only end-of-poem mark the protocol has: a plain
-    close would hand the client a truncated poem that looks whole.
-    """
-    reset(conn)
-    conn.close()

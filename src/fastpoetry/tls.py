@@ -43,8 +43,9 @@ MINIMUM_VERSION = ssl.TLSVersion.TLSv1_2
 #: and this is not a file to hold whole in memory if it is something else.
 MAX_FILE_SIZE = 1024 * 1024
 
-#: What the kinds of failed handshakes are called in the warning that counts them.
-FAILED, TIMED_OUT, CLOSED = "failed", "timed out", "closed"
+#: What the kinds of failed handshakes are called in the warning that counts
+#: them (one too slow is proxy_protocol.TIMED_OUT, as a late header is).
+FAILED, CLOSED = "failed", "closed"
 
 _CERTIFICATE_MARK = b"-----BEGIN CERTIFICATE-----"
 _KEY_MARK = b"PRIVATE KEY-----"
@@ -59,7 +60,7 @@ class CredentialsError(Exception):
 
 
 class HandshakeFailed(Exception):
-    """A client's TLS handshake did not succeed; ``kind`` is FAILED, TIMED_OUT or CLOSED."""
+    """A client's TLS handshake did not succeed; ``kind`` is FAILED or CLOSED."""
 
     def __init__(self, kind: str, detail: str) -> None:
         super().__init__(detail)
@@ -163,11 +164,6 @@ class Credentials(Service):
         assert self._loaded is not None, "not started"
         return self._loaded.context
 
-    @property
-    def fingerprint(self) -> str:
-        assert self._loaded is not None, "not started"
-        return self._loaded.fingerprint
-
     async def start(self, nursery: trio.Nursery) -> None:
         """Load the pair; :exc:`CredentialsError` leaves the service stopped."""
         self.use(await self.read())
@@ -206,6 +202,10 @@ def client_context(ca: str | None = None, *, verify: bool = True) -> ssl.SSLCont
     # close_notify would then read as a clean end, and a poem cut off as whole.
     context.options &= ~getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF", 0)
     if ca is not None:
+        # Looked at first, as the server's pair is: a FIFO would hang
+        # OpenSSL, and a huge file is refused.  OpenSSL then reads it again
+        # by name, for its own clearer reasons (cadata= has none for an
+        # empty or corrupt file); once a run, so the second read is kept.
         _read(ca, "CA certificates")
         try:
             context.load_verify_locations(cafile=ca)

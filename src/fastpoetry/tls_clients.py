@@ -34,13 +34,14 @@ from .acceptor import (
     AcceptTrouble,
     PoemSource,
     Refusals,
+    abort,
     log_lost,
     log_sending,
     log_sending_behind,
-    reset,
+    take_header,
 )
 from .listeners import format_peer
-from .proxy_protocol import CUT_SHORT, MAX_LENGTH, TIMED_OUT, Header, HeaderError, parse
+from .proxy_protocol import TIMED_OUT, Header, HeaderError
 from .tls import HandshakeFailed, step_handshake, wrap
 
 log = logging.getLogger(__name__)
@@ -149,7 +150,7 @@ class TlsClients:
         finally:
             for clients in (self._awaiting_header, self._handshaking):
                 for client in clients.values():
-                    _abort(client.sock)
+                    abort(client.sock)
                 clients.clear()
             # trio watches the epoll's descriptor: it must forget it first.
             trio.lowlevel.notify_closing(self._epoll.fileno())
@@ -221,7 +222,7 @@ class TlsClients:
         tls = client.tls
         poem = self.source.poem
         if not poem:  # a proxy that has lost its poem meanwhile
-            _abort(tls)
+            abort(tls)
             return
         if log.isEnabledFor(logging.DEBUG):
             if client.header is None:
@@ -239,29 +240,18 @@ class TlsClients:
         """Take the PROXY protocol header and not a byte more; True once it is whole.
 
         The bytes after the header are the client's TLS handshake, which
-        OpenSSL reads from the socket itself: they are looked at
-        (MSG_PEEK), and only those of the header taken.  Whatever arrived
-        while the header is not yet whole is all header, and is taken, so
-        that the next report is of new bytes.
+        OpenSSL reads from the socket itself (:func:`~.acceptor.take_header`).
         """
-        conn = client.conn
         try:
-            more = conn.recv(MAX_LENGTH - len(client.taken), socket.MSG_PEEK | socket.MSG_DONTWAIT)
-            if not more:
-                return self._refuse(client, fd, CUT_SHORT, "closed before its PROXY protocol header was whole")
-            try:
-                header = parse(client.taken + more)
-            except HeaderError as exc:
-                return self._refuse(client, fd, exc.kind, str(exc))
-            # Already received, so one recv() takes all of it.
-            rest = len(more) if header is None else header.length - len(client.taken)
-            client.taken += conn.recv(rest, socket.MSG_DONTWAIT)
+            client.taken, header = take_header(client.conn, client.taken)
         except BlockingIOError:
             return False
+        except HeaderError as exc:
+            return self._refuse(client, fd, exc.kind, str(exc))
         except OSError as exc:
             log_lost(exc)
             del self._awaiting_header[fd]
-            _abort(conn)
+            abort(client.conn)
             return False
         if header is None:
             return False
@@ -273,7 +263,7 @@ class TlsClients:
     def _refuse(self, client: _Client, fd: int, kind: str, detail: str) -> bool:
         del self._awaiting_header[fd]
         self.refused.add(kind, client.peer, detail)
-        _abort(client.conn)
+        abort(client.conn)
         return False
 
     def _expire(self, now: float) -> None:
@@ -293,10 +283,4 @@ class TlsClients:
                 break
             del self._handshaking[fd]
             self.failed.add(TIMED_OUT, client.peer, f"no TLS handshake within {self.handshake_timeout:g} s")
-            _abort(client.sock)
-
-
-def _abort(sock: socket.socket) -> None:
-    """Close a client that has had no byte of its poem with a reset: it was refused, or is too late."""
-    reset(sock)
-    sock.close()
+            abort(client.sock)
