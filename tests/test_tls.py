@@ -346,8 +346,8 @@ async def test_stopping_does_not_wait_for_a_handshake(pair: Pair) -> None:
         assert data == b""
 
 
-async def test_a_client_that_never_closes_is_closed_at_the_send_timeout(pair: Pair) -> None:
-    """It has the whole poem and the close_notify; the lingering close ends it."""
+async def test_a_client_that_has_spoken_and_never_closes_is_closed_at_the_send_timeout(pair: Pair) -> None:
+    """It has the whole poem and the close_notify, then writes: only the send timeout ends it."""
     poem = LEDGER.read_bytes()
     async with serving(poem, pair, send_timeout=SHORT) as server:
         stream = await connect(server)
@@ -357,10 +357,45 @@ async def test_a_client_that_never_closes_is_closed_at_the_send_timeout(pair: Pa
             while piece := await secure.receive_some(65536):
                 data += piece
             assert bytes(data) == poem
-            # The TCP end of stream follows within the timeout, though we never close.
+            # Written after the end, the bytes are the server's to drop; a close
+            # now could reset, so it waits for the timeout (we never close).
+            await stream.send_all(b"thank you\n")
             assert await stream.receive_some(65536) == b""
+        await wait_until_async(lambda: server.clients_lingering == 0)
         await trio.aclose_forcefully(stream)
         assert server.poems_served == 1
+
+
+async def test_a_quiet_client_that_acknowledges_late_is_closed_at_a_sweep_not_the_send_timeout(pair: Pair) -> None:
+    """Not settled when its poem was done, so it lingers; asked again at each sweep, closed once it has all.
+
+    The poem fits the server's send buffer and not the client's small
+    window, so the kernel takes it all at once while the client has not
+    acknowledged it: the poem is counted, and the connection lingers.
+    """
+    poem = b"x" * (128 * 1024)
+    [listener] = bind("127.0.0.1", 0)
+    # Inherited by each client's socket; at least 2 x 212992 even where
+    # net.core.wmem_max is Linux's default.
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1024 * 1024)
+    async with serving(poem, pair, [listener], send_timeout=10 * WAIT) as server:
+        sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: the window stays small
+        with trio.fail_after(WAIT):
+            await sock.connect(listener.getsockname())
+            stream = trio.SocketStream(sock)
+            secure = trio.SSLStream(stream, client_context(pair), server_hostname="localhost")
+            await secure.do_handshake()
+        await wait_until_async(lambda: server.poems_served == 1)
+        assert server.clients_lingering == 1, "the premise: sent, not yet acknowledged"
+        data = bytearray()
+        with trio.fail_after(WAIT):
+            while piece := await secure.receive_some(65536):
+                data += piece
+        assert bytes(data) == poem
+        # Never closed here, nor a close_notify sent back: the server closes.
+        await wait_until_async(lambda: server.clients_lingering == 0)
+        await trio.aclose_forcefully(stream)
 
 
 # -- behind a balancer ------------------------------------------------------------------

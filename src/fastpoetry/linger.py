@@ -58,6 +58,10 @@ DRAIN_LIMIT = 16 * 65536
 
 _WATCHED = select.EPOLLIN | select.EPOLLRDHUP
 
+#: ``sent`` for a connection whose bytes the server did not count itself
+#: (OpenSSL wrote and read them): it may close once :func:`settled`.
+UNCOUNTED = -1
+
 # The head of Linux's struct tcp_info (linux/tcp.h), as far as the two
 # fields that say whether a close could cost the client anything:
 # tcpi_bytes_acked at offset 120 and tcpi_bytes_received at 128 (Linux 4.1).
@@ -98,9 +102,9 @@ class LingeringCloser:
 
         ``sent``: the bytes sent on a TCP socket that may also be closed as
         soon as nothing is at stake (:func:`nothing_at_stake`, with
-        ``expected_input``), which is asked again at every sweep until the
-        client sends something more.  ``None`` (the default) keeps it until
-        its client closes.
+        ``expected_input``; :func:`settled` for UNCOUNTED), which is asked
+        again at every sweep until the client sends something more.
+        ``None`` (the default) keeps it until its client closes.
 
         Safe to call from any thread.  The timeout runs from when
         :meth:`run` takes the socket in, at its next wake-up: at the latest
@@ -187,8 +191,9 @@ class LingeringCloser:
     def _close_unstaked(self) -> None:
         unstaked = [
             fd for fd, (sent, expected_input) in self._awaiting_ack.items()
-            if nothing_at_stake(self._lingering[fd][0], sent, expected_input)
-        ]
+            if (settled(self._lingering[fd][0]) if sent == UNCOUNTED
+                else nothing_at_stake(self._lingering[fd][0], sent, expected_input))
+        ]  # fmt: skip
         for fd in unstaked:
             self._close(fd)
 

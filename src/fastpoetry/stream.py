@@ -43,7 +43,7 @@ from .acceptor import (
     log_sending_behind,
     take_header,
 )
-from .linger import LingeringCloser, discard_input, nothing_at_stake, settled
+from .linger import UNCOUNTED, LingeringCloser, discard_input, nothing_at_stake, settled
 from .listeners import describe
 from .options import DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_HEADER_TIMEOUT
 from .proxy_protocol import TIMED_OUT, Header, HeaderError
@@ -411,7 +411,8 @@ class StreamServer(Service):
         # OpenSSL's to count: the kernel's queues say whether any is at
         # stake.  The client's own close_notify comes after ours, so a
         # client that has everything is closed before it arrives.
-        if tcp and not self.always_linger and settled(tls):
+        may_settle = tcp and not self.always_linger
+        if may_settle and settled(tls):
             tls.close()
             return
         try:
@@ -419,7 +420,8 @@ class StreamServer(Service):
         except OSError:
             tls.close()
             return
-        self._closer.close_when_done(tls)
+        # Not yet acknowledged: asked again at every sweep, as a plain one is.
+        self._closer.close_when_done(tls, UNCOUNTED if may_settle else None)
 
     async def _send_rest(self, conn: _socket.socket, poem: bytes, sent: int, header: int) -> None:
         """Send what the first ``send()`` left of ``poem``, then finish; ``header``: the bytes of it read.
