@@ -41,6 +41,8 @@ class FakeServer:
     poems_served: int = 0
     bytes_served: int = 0
     poems_in_flight: int = 0
+    headers_refused: int = 0
+    handshakes_failed: int = 0
 
 
 def poet(poem: bytes, path: str = "/srv/poems/lantern.txt", name: str | None = None) -> PoetryService:
@@ -144,12 +146,15 @@ def test_log_summary_logs_what_is_new_with_fields(records: list[logging.LogRecor
     )
     assert (first.POEMS, first.BYTES, first.POEMS_TOTAL) == (2, 2 * len(LANTERN), 2)  # type: ignore[attr-defined]
     assert first.CLIENTS_LINGERING == 0  # type: ignore[attr-defined]
+    assert (first.HEADERS_REFUSED_TOTAL, first.HANDSHAKES_FAILED_TOTAL) == (0, 0)  # type: ignore[attr-defined]
 
     reporter.log_summary()  # nothing new since
     assert len(records) == 1
 
     servers[1].poems_served, servers[1].bytes_served = 1, len(LANTERN)
     servers[0].clients_lingering, servers[1].clients_lingering = 2, 1
+    servers[0].headers_refused, servers[1].headers_refused = 4, 1
+    servers[1].handshakes_failed = 6
     reporter.log_summary()
     second = records[-1]
     assert len(records) == 2
@@ -158,6 +163,7 @@ def test_log_summary_logs_what_is_new_with_fields(records: list[logging.LogRecor
     )
     assert (second.POEMS, second.BYTES, second.POEMS_TOTAL) == (1, len(LANTERN), 3)  # type: ignore[attr-defined]
     assert second.CLIENTS_LINGERING == 3  # type: ignore[attr-defined]
+    assert (second.HEADERS_REFUSED_TOTAL, second.HANDSHAKES_FAILED_TOTAL) == (5, 6)  # type: ignore[attr-defined]
 
 
 def test_log_summary_ignores_bytes_without_a_new_poem(records: list[logging.LogRecord]) -> None:

@@ -131,6 +131,16 @@ class Reporter(_Announcer):
         """Clients that have their poem but have not closed yet: each holds a descriptor."""
         return sum(server.clients_lingering for server in self.servers)
 
+    @property
+    def headers_refused(self) -> int:
+        """Connections reset for want of a valid PROXY protocol header, since the start."""
+        return sum(server.headers_refused for server in self.servers)
+
+    @property
+    def handshakes_failed(self) -> int:
+        """Connections dropped for a TLS handshake that failed or was too slow, since the start."""
+        return sum(server.handshakes_failed for server in self.servers)
+
     def _sockets(self) -> str:
         return count(sum(len(server.listeners) for server in self.servers), "socket")
 
@@ -169,6 +179,10 @@ class Reporter(_Announcer):
                 "BYTES": new_bytes,
                 "POEMS_TOTAL": poems,
                 "CLIENTS_LINGERING": self.clients_lingering,
+                # Totals, each also in its own warning now and then: here
+                # they can be followed over time (journalctl -o json).
+                "HEADERS_REFUSED_TOTAL": self.headers_refused,
+                "HANDSHAKES_FAILED_TOTAL": self.handshakes_failed,
             },
         )
 

@@ -115,8 +115,7 @@ class StreamServer(Service):
         self.header_timeout = header_timeout
         self.tls = tls
         self.handshake_timeout = handshake_timeout
-        #: Connections dropped for a TLS handshake that failed or was too slow.
-        self.handshakes_failed = Refusals(source, "dropped", "did not complete a TLS handshake")
+        self._handshake_failures = Refusals(source, "dropped", "did not complete a TLS handshake")
         self._header_refusals = header_refusals(source)
         self._acceptor: Acceptor | None = None
         # Poems handed over to a task (by the accepting thread, by the tasks
@@ -161,6 +160,11 @@ class StreamServer(Service):
     def headers_refused(self) -> int:
         """Connections reset for want of a valid PROXY protocol header."""
         return self._header_refusals.total
+
+    @property
+    def handshakes_failed(self) -> int:
+        """Connections dropped for a TLS handshake that failed or was too slow."""
+        return self._handshake_failures.total
 
     @property
     def clients_lingering(self) -> int:
@@ -217,7 +221,7 @@ class StreamServer(Service):
             self._closer.close_stragglers()
             self._close_listeners()
             self._header_refusals.flush()
-            self.handshakes_failed.flush()
+            self._handshake_failures.flush()
             self._stopped.set()
 
     def _close_listeners(self) -> None:
@@ -349,7 +353,7 @@ class StreamServer(Service):
             lambda: tls.context,
             serve,
             refused=self._header_refusals,
-            failed=self.handshakes_failed,
+            failed=self._handshake_failures,
             proxy_protocol=self.proxy_protocol,
             header_timeout=self.header_timeout,
             handshake_timeout=self.handshake_timeout,
