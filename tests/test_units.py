@@ -25,6 +25,7 @@ TLS_SERVICE = UNITS / "fastpoetry-tls.service"
 TLS_SOCKET = UNITS / "fastpoetry-tls.socket"
 #: The drop-in that hands fastpoetry-tls.service its certificate and key as credentials.
 TLS_CREDENTIALS = REPO / "docs" / "examples" / "fastpoetry-tls-credentials.conf"
+LEAVE = REPO / "docs" / "examples" / "fastpoetry-leave.service"
 DEBIAN = REPO / "packaging" / "debian"
 
 #: What systemd-analyze security rates the proxy (Debian 12's systemd 252):
@@ -388,3 +389,18 @@ def test_credentials_drop_in_points_the_service_at_copies_of_the_same_files() ->
         assert credentials[copy.removeprefix("%d/")] == unit_paths[variable]
     examples = (DEBIAN / "fastpoetry.examples").read_text().splitlines()
     assert str(TLS_CREDENTIALS.relative_to(REPO)) in examples
+
+
+# --------------------------------------------------------------------------
+# The example fastpoetry-leave.service (tests/system/test_fleet.py runs it)
+
+
+def test_leave_unit_refuses_and_waits_on_the_port_the_socket_listens_on() -> None:
+    """One Environment=PORT= names the port, the socket unit's; both ExecStop= lines use it, and no other number."""
+    service = settings(LEAVE)["Service"]
+    [listen] = settings(SOCKET)["Socket"]["ListenStream"]
+    assert environment(service["Environment"]) == {"PORT": listen}
+    assert len(service["ExecStop"]) == 2
+    for command in service["ExecStop"]:
+        assert "${PORT}" in command and listen not in command, command
+
