@@ -118,12 +118,13 @@ class StreamServer(Service):
         self._handshake_failures = Refusals(source, "dropped", "did not complete a TLS handshake")
         self._header_refusals = header_refusals(source)
         self._acceptor: Acceptor | None = None
-        # Poems handed over to a task (by the accepting thread, by the tasks
-        # that waited for a header, and over TLS when the kernel did not
-        # take the poem at once), those whose task has started,
-        # the tasks sending right now, and the poems they finished (and
-        # their bytes); the thread counts its own.
-        self._handed_over_here = 0
+        # Sending tasks the event loop spawned itself (after a late PROXY
+        # protocol header, and over TLS when the kernel did not take the
+        # poem at once; the accepting thread counts those it hands over),
+        # the tasks that have started (of both), the tasks sending right
+        # now, and the poems they finished (and their bytes); the thread
+        # counts its own.
+        self._tasks_spawned_here = 0
         self._tasks_started = 0
         self._tasks_sending = 0
         self._finished = 0
@@ -148,12 +149,12 @@ class StreamServer(Service):
         """Poems begun and not yet handed whole to the kernel."""
         acceptor = self._acceptor
         if acceptor is None:  # over TLS: only tasks wait to send
-            return self._handed_over_here - self._tasks_started + self._tasks_sending
+            return self._tasks_spawned_here - self._tasks_started + self._tasks_sending
         # The thread counts a poem as handed over and leaves SENDING in two
         # stores with nothing between them where CPython switches threads,
         # and these reads are the same: a poem is counted once.
         sending = acceptor.stage == SENDING
-        waiting = acceptor.poems_handed_over + self._handed_over_here - self._tasks_started
+        waiting = acceptor.poems_handed_over + self._tasks_spawned_here - self._tasks_started
         return sending + waiting + self._tasks_sending
 
     @property
@@ -326,7 +327,7 @@ class StreamServer(Service):
                 return
             if log.isEnabledFor(logging.DEBUG):
                 log_sending_behind(self.source.label, len(poem), header, balancer)
-            self._handed_over_here += 1
+            self._tasks_spawned_here += 1
             senders.start_soon(self._send_rest, conn, poem, 0, header.length)
             handed_over = True
         finally:
@@ -382,7 +383,7 @@ class StreamServer(Service):
     def _hand_over_tls(
         self, tls: ssl.SSLSocket, poem: bytes, poem_sent: bool, tcp: bool, senders: trio.Nursery
     ) -> None:
-        self._handed_over_here += 1
+        self._tasks_spawned_here += 1
         senders.start_soon(self._send_over_tls, tls, poem, poem_sent, tcp)
 
     async def _send_over_tls(self, tls: ssl.SSLSocket, poem: bytes, poem_sent: bool, tcp: bool) -> None:
