@@ -143,7 +143,7 @@ class TlsClients:
                 for fd, _ in self._epoll.poll(0):
                     client = self._handshaking.get(fd) or self._awaiting_header.get(fd)
                     if client is not None:
-                        self._move_on(client)
+                        self._move_on(client, fd)
                     elif fd in self._listening:
                         self._accept(*self._listening[fd])
                 self._expire(trio.current_time())
@@ -191,18 +191,17 @@ class TlsClients:
                 client.deadline = now + self.header_timeout
                 self._awaiting_header[fd] = client
             else:
-                self._begin_handshake(client, now)
+                self._begin_handshake(client, fd, now)
             # A client is quick, or its bytes came before the accept
             # (TCP_DEFER_ACCEPT): try at once, as the epoll would say.
-            self._move_on(client)
+            self._move_on(client, fd)
 
-    def _begin_handshake(self, client: _Client, now: float) -> None:
+    def _begin_handshake(self, client: _Client, fd: int, now: float) -> None:
         client.deadline = now + self.handshake_timeout
-        self._handshaking[client.conn.fileno()] = client
+        self._handshaking[fd] = client
 
-    def _move_on(self, client: _Client) -> None:
-        """Take ``client`` as far as the bytes that arrived allow."""
-        fd = client.conn.fileno() if client.tls is None else client.tls.fileno()
+    def _move_on(self, client: _Client, fd: int) -> None:
+        """Take ``client``, whose descriptor is ``fd``, as far as the bytes that arrived allow."""
         if fd in self._awaiting_header and not self._read_header(client, fd):
             return
         try:
@@ -257,7 +256,7 @@ class TlsClients:
             return False
         client.header = header
         del self._awaiting_header[fd]
-        self._begin_handshake(client, trio.current_time())
+        self._begin_handshake(client, fd, trio.current_time())
         return True
 
     def _refuse(self, client: _Client, fd: int, kind: str, detail: str) -> bool:
