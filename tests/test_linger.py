@@ -17,7 +17,7 @@ import trio
 import trio.testing
 
 from helpers import WAIT
-from fastpoetry.linger import DRAIN_LIMIT, SWEEP_INTERVAL, UNCOUNTED, LingeringCloser, nothing_at_stake, settled
+from fastpoetry.linger import DRAIN_LIMIT, SWEEP_INTERVAL, LingeringCloser, nothing_at_stake
 
 #: A linger timeout that never passes within a test: a socket closed under
 #: it was closed because of what its client did.
@@ -164,20 +164,18 @@ async def test_closes_a_client_that_resets_the_connection(nursery: trio.Nursery)
         assert len(closer) == 0
 
 
-@pytest.mark.parametrize("counted", [True, False], ids=["bytes counted", "uncounted (TLS)"])
 async def test_a_late_acknowledgement_closes_a_quiet_client_at_a_sweep(
-    running_closer: LingeringCloser, counted: bool
+    running_closer: LingeringCloser,
 ) -> None:
     """A quiet client's socket handed over before it acknowledged everything
-    is closed once it has, though the client never closes its end; over TLS
-    the kernel's queues tell (UNCOUNTED), as OpenSSL did the counting."""
+    is closed once it has, though the client never closes its end."""
     server, client = tcp_pair(client_rcvbuf=4096)
     with server, client:
         server.setblocking(False)
         sent = server.send(b"x" * (256 * 1024))  # far more than a 4 KiB window takes
         server.shutdown(socket.SHUT_WR)
-        assert not nothing_at_stake(server, sent) and not settled(server), "the premise: not acknowledged yet"
-        running_closer.close_when_done(server, sent if counted else UNCOUNTED)
+        assert not nothing_at_stake(server, sent), "the premise: not acknowledged yet"
+        running_closer.close_when_done(server, sent)
         await trio.testing.wait_all_tasks_blocked()
         assert server.fileno() != -1 and len(running_closer) == 1
         assert await trio.to_thread.run_sync(bytes_to_eof, client) == sent
@@ -485,32 +483,6 @@ def test_nothing_at_stake_is_never_claimed_for_a_unix_socket() -> None:
         server.shutdown(socket.SHUT_WR)
         assert client.recv(100) == b"poem"
         assert not nothing_at_stake(server, 4)
-
-
-def test_settled_once_everything_sent_is_acknowledged_and_nothing_waits_unread() -> None:
-    """What OpenSSL wrote and read the server did not count: the kernel's queues tell (TLS)."""
-    server, client = tcp_pair()
-    with server, client:
-        server.sendall(b"a record of poetry")
-        server.shutdown(socket.SHUT_WR)
-        _wait_for(lambda: settled(server))
-        client.sendall(b"a record back")  # a client's close_notify, say
-        _wait_for(lambda: _queued_input(server) > 0)
-        assert not settled(server), "input waiting unread: a close would be a reset"
-        assert server.recv(100) == b"a record back"
-        assert settled(server), "input read is not at stake any more"
-
-
-def test_bytes_not_yet_acknowledged_are_not_settled() -> None:
-    server, client = tcp_pair(client_rcvbuf=4096)
-    with server, client:
-        server.setblocking(False)
-        sent = server.send(b"x" * (256 * 1024))
-        assert sent > 4096
-        server.shutdown(socket.SHUT_WR)
-        assert not settled(server)
-        assert bytes_to_eof(client) == sent
-        _wait_for(lambda: settled(server))
 
 
 def _queued_input(sock: socket.socket) -> int:

@@ -247,6 +247,22 @@ async def test_a_big_poem_over_tls_arrives_whole(pair: Pair, tmp_path: Path) -> 
         assert received == poem
 
 
+@pytest.mark.parametrize("small_buffer", [False, True], ids=["taken at once", "sent on in a task"])
+@pytest.mark.parametrize("size", [1, tls.CHUNK - 1, tls.CHUNK, tls.CHUNK + 1, 2 * tls.CHUNK, 2 * tls.CHUNK + 1])
+async def test_poems_either_side_of_a_chunk_arrive_whole(pair: Pair, size: int, small_buffer: bool) -> None:
+    """One chunk is sealed with its close_notify at once; more, a chunk at a time. With a send
+    buffer too small for the records, what the kernel did not take is sent on as a plain poem's rest."""
+    poem = bytes(range(256)) * (size // 256) + b"\n" * (size % 256)
+    [listener] = bind("127.0.0.1", 0)
+    if small_buffer:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # inherited by each client's socket
+    async with serving(poem, pair, [listener]) as server:
+        received, _ = await fetch_tls(server, client_context(pair))
+        assert received == poem
+        await wait_until_async(lambda: server.poems_served == 1)
+        assert server.bytes_served == size and server.poems_in_flight == 0
+
+
 async def test_a_plain_client_gets_no_poem_byte_and_is_dropped_at_the_handshake_timeout(
     pair: Pair, poetry_log: pytest.LogCaptureFixture
 ) -> None:
@@ -300,7 +316,7 @@ async def test_a_client_that_rejects_the_certificate_gets_no_poem_and_is_counted
     poem = LEDGER.read_bytes()
     stranger = make_pair(tmp_path / "stranger", "stranger")
     async with serving(poem, pair) as server:
-        # The ssl module's own socket: its alert (unknown CA) goes out before it closes.
+        # The client's alert (unknown CA) is what fails the server's handshake.
         address = server.listeners[0].getsockname()
         with pytest.raises(ssl.SSLCertVerificationError):
             await trio.to_thread.run_sync(_served_fingerprint, address, stranger)
@@ -367,7 +383,7 @@ async def test_a_client_that_has_spoken_and_never_closes_is_closed_at_the_send_t
 
 
 async def test_a_quiet_client_that_acknowledges_late_is_closed_at_a_sweep_not_the_send_timeout(pair: Pair) -> None:
-    """Not settled when its poem was done, so it lingers; asked again at each sweep, closed once it has all.
+    """Not acknowledged when its poem was done, so it lingers; asked again at each sweep, closed once it has all.
 
     The poem fits the server's send buffer and not the client's small
     window, so the kernel takes it all at once while the client has not

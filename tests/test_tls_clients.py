@@ -1,7 +1,8 @@
 """TlsClients: one task takes every TLS client through its header and handshake, over real loopback sockets.
 
 ``serve`` here is the test's: it sends the poem and the close_notify at
-once, as StreamServer does for a poem the kernel takes whole.  Waits are
+once, as StreamServer does for a poem the kernel takes whole, and notes
+how many bytes went each way.  Waits are
 hang guards only (``WAIT``).
 """
 
@@ -37,29 +38,23 @@ def pair(tmp_path: Path) -> Pair:
 
 
 class Running:
-    def __init__(self, clients: TlsClients, served: list[ssl.SSLSocket], nodelay: list[int]) -> None:
+    def __init__(self, clients: TlsClients, served: list[tuple[int, int]]) -> None:
         self.clients = clients
+        #: For each client served: the bytes received from it, and sent to it, as the server counted them.
         self.served = served
-        #: TCP_NODELAY of each client served, as serve found it.
-        self.nodelay = nodelay
         self.address = clients.listeners[0].getsockname()
 
 
 @asynccontextmanager
 async def running(pair: Pair, source: Source, **options: object) -> AsyncIterator[Running]:
     context = tls.load(str(pair.cert), str(pair.key)).context
-    served: list[ssl.SSLSocket] = []
-    nodelay: list[int] = []
+    served: list[tuple[int, int]] = []
 
-    def serve(sock: ssl.SSLSocket, poem: bytes, tcp: bool) -> None:
-        served.append(sock)
-        nodelay.append(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
-        sock.send(poem)
-        try:
-            sock.unwrap()
-        except ssl.SSLWantReadError:
-            pass
-        sock.close()
+    def serve(conn: socket.socket, handshake: tls.Handshake, poem: bytes) -> None:
+        data = handshake.seal(poem) + handshake.close_notify()
+        conn.sendall(data)
+        served.append((handshake.received, handshake.sent + len(data)))
+        conn.close()
 
     options.setdefault("proxy_protocol", False)
     options.setdefault("header_timeout", WAIT)
@@ -76,7 +71,7 @@ async def running(pair: Pair, source: Source, **options: object) -> AsyncIterato
     async with trio.open_nursery() as nursery:
         nursery.start_soon(clients.run)
         try:
-            yield Running(clients, served, nodelay)
+            yield Running(clients, served)
         finally:
             nursery.cancel_scope.cancel()
     for sock in clients.listeners:
@@ -191,10 +186,35 @@ async def test_the_header_and_the_client_hello_in_one_segment_are_told_apart(pai
         sock.close()
 
 
-async def test_a_tcp_client_has_tcp_nodelay_for_the_poem_and_the_close_notify(pair: Pair) -> None:
-    """Two writes: Nagle's algorithm must not hold the second back for the first's acknowledgement."""
+async def test_the_server_counts_every_byte_either_way_as_the_client_does(pair: Pair) -> None:
+    """The PROXY header, the handshake both ways, the poem and the close_notify: the counts the
+    lingering close compares with the kernel's (linger.nothing_at_stake) must be the wire's."""
     poem = LEDGER.read_bytes()
-    async with running(pair, Source(poem)) as server:
+    header = b"PROXY TCP4 198.51.100.7 192.0.2.1 40123 10443\r\n"
+    async with running(pair, Source(poem), proxy_protocol=True) as server:
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        client = client_context(pair).wrap_bio(incoming, outgoing, server_hostname="localhost")
+        with pytest.raises(ssl.SSLWantReadError):
+            client.do_handshake()
+        sent = received = 0
         with trio.fail_after(WAIT):
-            assert await fetch(server.address, pair) == poem
-        assert server.nodelay == [1]
+            sock = await connect(server.address)
+            sent += await sock.send(header + outgoing.read())
+            data = bytearray()
+            while True:
+                try:
+                    while piece := client.read(65536):
+                        data += piece
+                    break
+                except ssl.SSLWantReadError:
+                    pass
+                if pending := outgoing.read():
+                    sent += await sock.send(pending)
+                chunk = await sock.recv(65536)
+                assert chunk, "the end of the stream came without a close_notify"
+                received += len(chunk)
+                incoming.write(chunk)
+            assert await sock.recv(65536) == b""  # nothing after the close_notify
+        assert bytes(data) == poem
+        assert server.served == [(sent, received)]
+        sock.close()

@@ -58,10 +58,6 @@ DRAIN_LIMIT = 16 * 65536
 
 _WATCHED = select.EPOLLIN | select.EPOLLRDHUP
 
-#: ``sent`` for a connection whose bytes the server did not count itself
-#: (OpenSSL wrote and read them): it may close once :func:`settled`.
-UNCOUNTED = -1
-
 # The head of Linux's struct tcp_info (linux/tcp.h), as far as the two
 # fields that say whether a close could cost the client anything:
 # tcpi_bytes_acked at offset 120 and tcpi_bytes_received at 128 (Linux 4.1).
@@ -102,9 +98,9 @@ class LingeringCloser:
 
         ``sent``: the bytes sent on a TCP socket that may also be closed as
         soon as nothing is at stake (:func:`nothing_at_stake`, with
-        ``expected_input``; :func:`settled` for UNCOUNTED), which is asked
-        again at every sweep until the client sends something more.
-        ``None`` (the default) keeps it until its client closes.
+        ``expected_input``), which is asked again at every sweep until the
+        client sends something more.  ``None`` (the default) keeps it until
+        its client closes.
 
         Safe to call from any thread.  The timeout runs from when
         :meth:`run` takes the socket in, at its next wake-up: at the latest
@@ -191,9 +187,8 @@ class LingeringCloser:
     def _close_unstaked(self) -> None:
         unstaked = [
             fd for fd, (sent, expected_input) in self._awaiting_ack.items()
-            if (settled(self._lingering[fd][0]) if sent == UNCOUNTED
-                else nothing_at_stake(self._lingering[fd][0], sent, expected_input))
-        ]  # fmt: skip
+            if nothing_at_stake(self._lingering[fd][0], sent, expected_input)
+        ]
         for fd in unstaked:
             self._close(fd)
 
@@ -237,25 +232,6 @@ def nothing_at_stake(sock: _socket.socket, size: int, expected_input: int = 0) -
     acknowledged, received = _TCP_INFO.unpack(info)
     # A FIN sent after the poem counts as one more byte once acknowledged.
     return received == expected_input and acknowledged >= size
-
-
-def settled(sock: _socket.socket) -> bool:
-    """True if the client of the TCP socket ``sock`` has acknowledged every byte and no input waits unread.
-
-    :func:`nothing_at_stake` for a socket whose bytes the server did not
-    count itself (OpenSSL wrote and read them): the kernel's send and
-    receive queues (SIOCOUTQ, SIOCINQ) must both be empty.
-    """
-    return _unacknowledged(sock) == 0 and _unread(sock) == 0
-
-
-def _unread(sock: _socket.socket) -> int:
-    """Bytes received on ``sock`` and not read yet (SIOCINQ); 1 if the kernel cannot tell."""
-    try:
-        out = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0" * 4)
-    except OSError:
-        return 1
-    return int.from_bytes(out, sys.byteorder, signed=True)
 
 
 def _unacknowledged(sock: _socket.socket) -> int:

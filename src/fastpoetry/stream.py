@@ -43,12 +43,12 @@ from .acceptor import (
     log_sending_behind,
     take_header,
 )
-from .linger import UNCOUNTED, LingeringCloser, discard_input, nothing_at_stake, settled
+from .linger import LingeringCloser, discard_input, nothing_at_stake
 from .listeners import describe
 from .options import DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_HEADER_TIMEOUT
 from .proxy_protocol import TIMED_OUT, Header, HeaderError
 from .service import Service
-from .tls import close_notify, send_poem
+from .tls import CHUNK, Handshake
 from .tls_clients import TlsClients
 
 log = logging.getLogger(__name__)
@@ -345,8 +345,8 @@ class StreamServer(Service):
         assert self.tls is not None
         tls = self.tls
 
-        def serve(client: ssl.SSLSocket, poem: bytes, tcp: bool) -> None:
-            self._serve_over_tls(client, poem, tcp, senders)
+        def serve(conn: socket.socket, handshake: Handshake, poem: bytes) -> None:
+            self._serve_over_tls(conn, handshake, poem, senders)
 
         clients = TlsClients(
             self.source,
@@ -361,75 +361,84 @@ class StreamServer(Service):
         )
         await clients.run()
 
-    def _serve_over_tls(self, tls: ssl.SSLSocket, poem: bytes, tcp: bool, senders: trio.Nursery) -> None:
-        """Send the poem and the close_notify now if the kernel takes them, else in a task of ``senders``."""
-        poem_sent = False
-        try:
-            tls.send(poem)  # OpenSSL writes all of it, or nothing (no partial writes)
-            poem_sent = True
-            tls.unwrap()  # the close_notify
-        except ssl.SSLWantReadError:
-            if not poem_sent:  # a key update from the client first: rare
-                return self._hand_over_tls(tls, poem, poem_sent, tcp, senders)
-            # The close_notify is sent; the client's is on its way, or not.
-        except ssl.SSLWantWriteError:
-            return self._hand_over_tls(tls, poem, poem_sent, tcp, senders)
-        except OSError as exc:  # ssl.SSLError included: the client is gone
-            log_lost(exc)
-            tls.close()
+    def _serve_over_tls(self, conn: socket.socket, tls: Handshake, poem: bytes, senders: trio.Nursery) -> None:
+        """Send the poem and the close_notify now if the kernel takes them, else in a task of ``senders``.
+
+        The bytes are plain bytes by then, and a poem whose records the
+        kernel did not take whole is sent on as a plain one is
+        (:meth:`_send_rest`); a poem bigger than a chunk is encrypted a
+        chunk at a time as the client takes it (:meth:`_send_over_tls`).
+        """
+        if len(poem) > CHUNK:
+            self._tasks_spawned_here += 1
+            senders.start_soon(self._send_over_tls, conn, tls, poem)
             return
-        self._finish_tls(tls, len(poem), tcp)
+        try:
+            data = tls.seal(poem) + tls.close_notify()
+            sent = conn.send(data, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:  # ssl.SSLError included: the client's TLS went wrong
+            log_lost(exc)
+            conn.close()
+            return
+        if sent < len(data):
+            self._tasks_spawned_here += 1
+            senders.start_soon(self._send_rest, conn, data, sent, tls.received, tls.sent, len(poem))
+            return
+        self._finished += 1
+        self._finished_bytes += len(poem)
+        self._finish(conn, tls.sent + len(data), tls.received)
 
-    def _hand_over_tls(
-        self, tls: ssl.SSLSocket, poem: bytes, poem_sent: bool, tcp: bool, senders: trio.Nursery
-    ) -> None:
-        self._tasks_spawned_here += 1
-        senders.start_soon(self._send_over_tls, tls, poem, poem_sent, tcp)
+    async def _send_over_tls(self, conn: socket.socket, tls: Handshake, poem: bytes) -> None:
+        """Send a poem bigger than a chunk over ``tls``, a chunk encrypted at a time, then its close_notify.
 
-    async def _send_over_tls(self, tls: ssl.SSLSocket, poem: bytes, poem_sent: bool, tcp: bool) -> None:
-        """Send ``poem`` (unless ``poem_sent``) and a close_notify over ``tls``, then :meth:`_finish_tls`."""
+        As :meth:`_send_rest` sends a plain one: what the client sends
+        meanwhile is dropped, and the send timeout applies.
+        """
+        view = memoryview(poem)
+        sent = tls.sent  # every byte on the wire, the handshake's included
         failure: OSError | None = None
         self._tasks_started += 1
         self._tasks_sending += 1
         try:
             with trio.move_on_after(self.send_timeout) as timeout:
-                try:
-                    if not poem_sent:
-                        await send_poem(tls, poem)
-                    await close_notify(tls)
-                except OSError as exc:  # ssl.SSLError included
-                    failure = exc
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_discard_input, conn)
+                    try:
+                        for start in range(0, len(view), CHUNK):
+                            last = start + CHUNK >= len(view)
+                            data = tls.seal(view[start : start + CHUNK])
+                            records = memoryview(data + tls.close_notify() if last else data)
+                            done = 0
+                            while done < len(records):
+                                await trio.lowlevel.wait_writable(conn)
+                                try:
+                                    done += conn.send(records[done:], socket.MSG_DONTWAIT)
+                                except BlockingIOError:
+                                    pass
+                            sent += done
+                    except OSError as exc:  # ssl.SSLError included
+                        failure = exc
+                    nursery.cancel_scope.cancel()
         except BaseException:  # cancelled: the shutdown deadline
-            abort(tls)
+            abort(conn)
             raise
         finally:
             self._tasks_sending -= 1
-        if self._given_up(tls, failure, timeout.cancelled_caught, "over TLS"):
+        if self._given_up(conn, failure, timeout.cancelled_caught, f"{sent} bytes sent over TLS", sent):
             return
-        self._finish_tls(tls, len(poem), tcp)
-
-    def _finish_tls(self, tls: ssl.SSLSocket, size: int, tcp: bool) -> None:
-        """The poem and the close_notify are with the kernel: close, or end the stream and linger."""
+        self._finish(conn, sent, tls.received)
         self._finished += 1
-        self._finished_bytes += size
-        # As for a plain poem (_finish), but the bytes on the wire are
-        # OpenSSL's to count: the kernel's queues say whether any is at
-        # stake.  The client's own close_notify comes after ours, so a
-        # client that has everything is closed before it arrives.
-        may_settle = tcp and not self.always_linger
-        if may_settle and settled(tls):
-            tls.close()
-            return
-        try:
-            tls.shutdown(socket.SHUT_WR)  # TLS is done with, as is this side of the stream
-        except OSError:
-            tls.close()
-            return
-        # Not yet acknowledged: asked again at every sweep, as a plain one is.
-        self._closer.close_when_done(tls, UNCOUNTED if may_settle else None)
+        self._finished_bytes += len(poem)
 
-    async def _send_rest(self, conn: _socket.socket, poem: bytes, sent: int, header: int) -> None:
-        """Send what the first ``send()`` left of ``poem``, then finish; ``header``: the bytes of it read.
+    async def _send_rest(
+        self, conn: _socket.socket, poem: bytes, sent: int, header: int, earlier: int = 0, size: int | None = None
+    ) -> None:
+        """Send what the first ``send()`` left of ``poem``, then finish; ``header``: the bytes of input read.
+
+        Over TLS, ``poem`` is the poem's records and close_notify, ``earlier``
+        the bytes the handshake sent, and ``size`` the poem's own.
 
         What the client sends meanwhile is read and dropped: a client that
         writes more than the socket buffers hold before it reads would
@@ -462,9 +471,9 @@ class StreamServer(Service):
             self._tasks_sending -= 1
         if self._given_up(conn, failure, timeout.cancelled_caught, f"{sent} of {len(view)} bytes sent", sent):
             return
-        self._finish(conn, len(view), header)
+        self._finish(conn, earlier + len(view), header)
         self._finished += 1
-        self._finished_bytes += len(view)
+        self._finished_bytes += len(view) if size is None else size
 
     def _given_up(
         self, conn: _socket.socket, failure: OSError | None, timed_out: bool, how: str, sent: int | None = None

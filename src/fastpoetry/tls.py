@@ -11,11 +11,16 @@ keeps a poem.  The files may be systemd credentials (``LoadCredential=``,
 systemd.exec(5)), which the service reads in ``$CREDENTIALS_DIRECTORY``
 while the key on disk stays readable by root alone.
 
-:func:`wrap`, :func:`step_handshake`, :func:`send_poem` and
-:func:`close_notify` are the serving path's steps for one client, on a
-non-blocking socket (:mod:`~.tls_clients` drives them).  They use the ssl module's own socket, which has OpenSSL read
-and write the socket itself; an ``ssl.MemoryBIO`` pair (trio's
-``SSLStream``) would copy every record through Python, twice.
+:class:`Handshake` is the serving path's side of one client's TLS, on
+memory BIOs (``SSLContext.wrap_bio``): OpenSSL reads and writes buffers,
+and the server moves the bytes on the socket itself, as it does a plain
+poem's.  So the bytes on the wire are the server's to count, and the
+lingering close asks the kernel about a TLS client as it asks about a
+plain one (:func:`~.linger.nothing_at_stake`); the poem's last record and
+the close_notify leave in one ``send()``; and none of the ssl module's
+socket calls (a timeout reset in every ``do_handshake()``, a
+``getpeername()``) are made.  A poem is encrypted a chunk at a time, so a
+big one is not held encrypted whole for every client.
 """
 
 from __future__ import annotations
@@ -221,78 +226,105 @@ def client_context(ca: str | None = None, *, verify: bool = True) -> ssl.SSLCont
 
 # -- one client of the server ------------------------------------------------------
 
+#: How much the client may send in one read during the handshake: its
+#: first flight is a few hundred bytes, a certificate chain a few kilobytes.
+READ_SIZE = 16 * 1024
 
-def wrap(conn: socket.socket, context: ssl.SSLContext) -> ssl.SSLSocket:
-    """The server's SSL socket for the connected socket ``conn``, its handshake not begun.
+#: How much of a poem is encrypted at a time: the whole of a common poem,
+#: and a bounded piece of a big one.
+CHUNK = 64 * 1024
 
-    ``conn`` is the SSL socket's from then on (detached), non-blocking.
-    Raises :exc:`HandshakeFailed`, with the connection closed, if the
-    client is already gone.
+
+class Handshake:
+    """The server's side of one client's TLS, on memory BIOs, its bytes moved and counted here.
+
+    :meth:`step` takes the handshake as far as the bytes that arrived
+    allow; then :meth:`seal` encrypts the poem, a chunk at a time, and
+    :meth:`close_notify` ends it.  ``sent`` and ``received`` count every
+    byte that went either way on the socket, the handshake's included.
     """
-    conn.setblocking(False)  # wrap_socket keeps the socket's own timeout
-    try:
-        return context.wrap_socket(conn, server_side=True, do_handshake_on_connect=False, suppress_ragged_eofs=False)
-    except OSError as exc:  # ssl.SSLError included: the client is gone, or spoke first
-        conn.close()
-        raise HandshakeFailed(CLOSED, f"gone before the TLS handshake: {reason(exc)}") from None
 
+    __slots__ = ("_tls", "_incoming", "_outgoing", "pending", "sent", "received", "done")
 
-def step_handshake(tls: ssl.SSLSocket) -> int:
-    """Take the server's side of the handshake as far as the bytes that arrived allow.
+    def __init__(self, context: ssl.SSLContext, received: int = 0) -> None:
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self._tls = context.wrap_bio(self._incoming, self._outgoing, server_side=True)
+        #: What the server has to send and the socket has not taken yet.
+        self.pending = b""
+        self.sent = 0
+        #: ``received``: bytes the client sent before its handshake (a PROXY protocol header).
+        self.received = received
+        self.done = False
 
-    Returns 0 once it is done, else what to wait for: ``select.EPOLLIN``
-    or ``select.EPOLLOUT``.  A handshake that fails closes the connection
-    and raises :exc:`HandshakeFailed`.
-    """
-    try:
-        tls.do_handshake()
-        return 0
-    except ssl.SSLWantReadError:
-        return select.EPOLLIN
-    except ssl.SSLWantWriteError:
-        return select.EPOLLOUT
-    except (ssl.SSLEOFError, ssl.SSLZeroReturnError):
-        tls.close()
-        raise HandshakeFailed(CLOSED, "closed during the TLS handshake") from None
-    except ssl.SSLError as exc:
-        # OpenSSL has sent the client an alert that says why: a close lets
-        # it arrive.
-        tls.close()
-        raise HandshakeFailed(FAILED, f"TLS handshake failed: {_ssl_reason(exc)}") from None
-    except OSError as exc:
-        tls.close()
-        raise HandshakeFailed(CLOSED, f"TLS handshake failed: {reason(exc)}") from None
+    def step(self, conn: socket.socket) -> int:
+        """Read what arrived, answer it; 0 once the handshake is done, else what to wait for.
 
-
-async def send_poem(tls: ssl.SSLSocket, poem: bytes) -> None:
-    """Send all of ``poem``; an OSError (ssl.SSLError included) if the client went away."""
-    view = memoryview(poem)
-    sent = 0
-    while sent < len(view):
+        What to wait for is ``select.EPOLLIN``, or ``select.EPOLLOUT`` while
+        the socket has not taken the server's answer.  Once done, what the
+        server still has to send goes out with the poem (:meth:`seal`).
+        Raises :exc:`HandshakeFailed` if the client closed, the connection
+        failed, or the handshake failed (after a try at sending OpenSSL's
+        alert, which says why); the caller closes the connection.
+        """
+        if self.pending:  # the server's flight, before the handshake is done
+            return select.EPOLLIN if self._flush(conn) else select.EPOLLOUT
         try:
-            # OpenSSL writes a whole buffer or nothing (no partial writes),
-            # and takes the same bytes again after WANT_WRITE.
-            sent += tls.send(view[sent:])
-        except ssl.SSLWantWriteError:
-            await trio.lowlevel.wait_writable(tls)
-        except ssl.SSLWantReadError:  # a key update from the client
-            await trio.lowlevel.wait_readable(tls)
-
-
-async def close_notify(tls: ssl.SSLSocket) -> None:
-    """Send the close_notify that ends the poem, without waiting for the client's.
-
-    An OSError (ssl.SSLError included) if the client went away.  After
-    it, ``tls.shutdown()`` leaves TLS behind: ``recv`` and ``close`` are
-    the plain socket's, as the lingering close uses them.
-    """
-    while True:
+            data = conn.recv(READ_SIZE, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return select.EPOLLIN
+        except OSError as exc:
+            raise HandshakeFailed(CLOSED, f"TLS handshake failed: {reason(exc)}") from None
+        if not data:
+            raise HandshakeFailed(CLOSED, "closed during the TLS handshake")
+        self.received += len(data)
+        self._incoming.write(data)
         try:
-            tls.unwrap()
-            return
+            self._tls.do_handshake()
+            self.done = True
         except ssl.SSLWantReadError:
-            # Ours is sent; the client's is on its way, or not: the
-            # lingering close reads and drops what comes.
-            return
-        except ssl.SSLWantWriteError:
-            await trio.lowlevel.wait_writable(tls)
+            pass
+        except ssl.SSLError as exc:
+            self.pending = self._outgoing.read()
+            try:
+                self._flush(conn)
+            except HandshakeFailed:
+                pass
+            raise HandshakeFailed(FAILED, f"TLS handshake failed: {_ssl_reason(exc)}") from None
+        self.pending = self._outgoing.read()
+        if self.done:
+            return 0
+        return select.EPOLLIN if self._flush(conn) else select.EPOLLOUT
+
+    def _flush(self, conn: socket.socket) -> bool:
+        """Send what is pending, as far as the socket takes it; True once it is all sent."""
+        try:
+            sent = conn.send(self.pending, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            raise HandshakeFailed(CLOSED, f"TLS handshake failed: {reason(exc)}") from None
+        self.sent += sent
+        self.pending = self.pending[sent:]
+        return not self.pending
+
+    def seal(self, piece: bytes | memoryview) -> bytes:
+        """``piece`` of the poem as records to send, after what was pending (the handshake's end).
+
+        An ssl.SSLError if the client's TLS went wrong meanwhile.
+        """
+        self._tls.write(piece)
+        data, self.pending = self.pending + self._outgoing.read(), b""
+        return data
+
+    def close_notify(self) -> bytes:
+        """The close_notify that ends the poem, to send; the client's is not waited for.
+
+        An ssl.SSLError if the client's TLS went wrong meanwhile.
+        """
+        try:
+            self._tls.unwrap()
+        except ssl.SSLWantReadError:
+            pass  # ours is written; the client's is on its way, or not
+        data, self.pending = self.pending + self._outgoing.read(), b""
+        return data

@@ -30,7 +30,6 @@ import trio
 
 from .acceptor import (
     ACCEPT_RETRY,
-    TCP_FAMILIES,
     AcceptTrouble,
     PoemSource,
     Refusals,
@@ -42,7 +41,7 @@ from .acceptor import (
 )
 from .listeners import format_peer
 from .proxy_protocol import TIMED_OUT, Header, HeaderError
-from .tls import HandshakeFailed, step_handshake, wrap
+from .tls import Handshake, HandshakeFailed
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +49,8 @@ log = logging.getLogger(__name__)
 #: clients already there are moved on again.
 ACCEPT_BATCH = 16
 
-#: Takes a client whose handshake is done, with the poem to send it and
-#: whether it is a TCP client (not AF_UNIX).
-Serve = Callable[[ssl.SSLSocket, bytes, bool], None]
+#: Takes a client whose handshake is done, its TLS, and the poem to send it.
+Serve = Callable[[socket.socket, Handshake, bytes], None]
 
 
 class _Client:
@@ -62,7 +60,7 @@ class _Client:
 
     def __init__(self, conn: socket.socket, family: int, address: object) -> None:
         self.conn = conn
-        self.tls: ssl.SSLSocket | None = None
+        self.tls: Handshake | None = None
         self.family = family
         self.address = address
         self.deadline = math.inf
@@ -71,10 +69,6 @@ class _Client:
         self.header: Header | None = None
         #: What the epoll watches its socket for.
         self.waiting_for = select.EPOLLIN
-
-    @property
-    def sock(self) -> socket.socket:
-        return self.tls if self.tls is not None else self.conn
 
     @property
     def peer(self) -> str:
@@ -150,7 +144,7 @@ class TlsClients:
         finally:
             for clients in (self._awaiting_header, self._handshaking):
                 for client in clients.values():
-                    abort(client.sock)
+                    abort(client.conn)
                 clients.clear()
             # trio watches the epoll's descriptor: it must forget it first.
             trio.lowlevel.notify_closing(self._epoll.fileno())
@@ -162,7 +156,6 @@ class TlsClients:
         return min([*(client.deadline for client in firsts), *self._paused.values()], default=math.inf)
 
     def _accept(self, listener: socket.socket, family: int, kind: int, proto: int) -> None:
-        tcp = family in TCP_FAMILIES
         now = trio.current_time()
         for _ in range(ACCEPT_BATCH):
             if not self.source.poem:
@@ -178,13 +171,9 @@ class TlsClients:
                     self._epoll.unregister(listener.fileno())
                     self._paused[listener.fileno()] = now + ACCEPT_RETRY
                 return
+            # No TCP_NODELAY: the poem's last record and the close_notify
+            # leave in one send(), as a plain poem does.
             conn = socket.socket(family, kind, proto, fd)
-            if tcp:
-                # The poem and the close_notify are two writes: with
-                # Nagle's algorithm the second could wait for the client's
-                # acknowledgement of the first, which Linux may delay by up
-                # to 40 ms (nginx's stream module also sets tcp_nodelay).
-                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             client = _Client(conn, family, address)
             self._epoll.register(fd, select.EPOLLIN)
             if self.proxy_protocol:
@@ -204,13 +193,14 @@ class TlsClients:
         """Take ``client``, whose descriptor is ``fd``, as far as the bytes that arrived allow."""
         if fd in self._awaiting_header and not self._read_header(client, fd):
             return
+        if client.tls is None:
+            client.tls = Handshake(self.context(), len(client.taken))
         try:
-            if client.tls is None:
-                client.tls = wrap(client.conn, self.context())
-            waiting_for = step_handshake(client.tls)
-        except HandshakeFailed as exc:  # the connection is closed
+            waiting_for = client.tls.step(client.conn)
+        except HandshakeFailed as exc:
             del self._handshaking[fd]
             self.failed.add(exc.kind, client.peer, str(exc))
+            client.conn.close()  # after OpenSSL's alert, if any: it says why
             return
         if waiting_for:
             if waiting_for != client.waiting_for:  # rare: a full send buffer mid-handshake
@@ -218,22 +208,20 @@ class TlsClients:
                 client.waiting_for = waiting_for
             return
         del self._handshaking[fd]
-        tls = client.tls
+        conn = client.conn
         poem = self.source.poem
         if not poem:  # a proxy that has lost its poem meanwhile
-            abort(tls)
+            abort(conn)
             return
         if log.isEnabledFor(logging.DEBUG):
             if client.header is None:
                 log_sending(self.source.label, len(poem), client.peer)
             else:
                 log_sending_behind(self.source.label, len(poem), client.header, client.peer)
-        self.serve(tls, poem, client.family in TCP_FAMILIES)
-        # Closed, the socket has left the epoll by itself; one still open
-        # has a new owner (a task, or the lingering close), and must leave
-        # it before this epoll reports it again.
-        if tls.fileno() >= 0:
-            self._epoll.unregister(fd)
+        # It leaves this epoll before serve() closes it or gives it to a new
+        # owner (a task, or the lingering close).
+        self._epoll.unregister(fd)
+        self.serve(conn, client.tls, poem)
 
     def _read_header(self, client: _Client, fd: int) -> bool:
         """Take the PROXY protocol header and not a byte more; True once it is whole.
@@ -282,4 +270,4 @@ class TlsClients:
                 break
             del self._handshaking[fd]
             self.failed.add(TIMED_OUT, client.peer, f"no TLS handshake within {self.handshake_timeout:g} s")
-            abort(client.sock)
+            abort(client.conn)
