@@ -158,37 +158,15 @@ async def test_cancelling_resets_the_clients_before_their_poem(pair: Pair) -> No
     sock.close()
 
 
-async def test_the_header_and_the_client_hello_in_one_segment_are_told_apart(pair: Pair) -> None:
-    """Only the header's bytes are taken; the ClientHello after them is OpenSSL's, whole."""
-    poem = LEDGER.read_bytes()
-    async with running(pair, Source(poem), proxy_protocol=True) as server:
-        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-        client = client_context(pair).wrap_bio(incoming, outgoing, server_hostname="localhost")
-        with pytest.raises(ssl.SSLWantReadError):
-            client.do_handshake()
-        with trio.fail_after(WAIT):
-            sock = await connect(server.address)
-            await sock.send(b"PROXY TCP4 198.51.100.7 192.0.2.1 40123 10443\r\n" + outgoing.read())
-            data = bytearray()
-            while True:
-                try:
-                    while piece := client.read(65536):
-                        data += piece
-                    break
-                except ssl.SSLWantReadError:
-                    pass
-                if pending := outgoing.read():
-                    await sock.send(pending)
-                chunk = await sock.recv(65536)
-                assert chunk, "the end of the stream came without a close_notify"
-                incoming.write(chunk)
-        assert bytes(data) == poem
-        sock.close()
+async def test_the_header_and_the_client_hello_in_one_segment_are_told_apart_and_every_byte_counted(
+    pair: Pair,
+) -> None:
+    """Only the header's bytes are taken; the ClientHello after them is OpenSSL's, whole.
 
-
-async def test_the_server_counts_every_byte_either_way_as_the_client_does(pair: Pair) -> None:
-    """The PROXY header, the handshake both ways, the poem and the close_notify: the counts the
-    lingering close compares with the kernel's (linger.nothing_at_stake) must be the wire's."""
+    The server counts the PROXY header, the handshake both ways, the poem
+    and the close_notify as the client does: the lingering close compares
+    those counts with the kernel's (linger.nothing_at_stake).
+    """
     poem = LEDGER.read_bytes()
     header = b"PROXY TCP4 198.51.100.7 192.0.2.1 40123 10443\r\n"
     async with running(pair, Source(poem), proxy_protocol=True) as server:
