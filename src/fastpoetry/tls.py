@@ -244,7 +244,7 @@ class Handshake:
     byte that went either way on the socket, the handshake's included.
     """
 
-    __slots__ = ("_tls", "_incoming", "_outgoing", "pending", "sent", "received", "done")
+    __slots__ = ("_tls", "_incoming", "_outgoing", "pending", "sent", "received")
 
     def __init__(self, context: ssl.SSLContext, received: int = 0) -> None:
         self._incoming = ssl.MemoryBIO()
@@ -255,7 +255,6 @@ class Handshake:
         self.sent = 0
         #: ``received``: bytes the client sent before its handshake (a PROXY protocol header).
         self.received = received
-        self.done = False
 
     def step(self, conn: socket.socket) -> int:
         """Read what arrived, answer it; 0 once the handshake is done, else what to wait for.
@@ -279,9 +278,10 @@ class Handshake:
             raise HandshakeFailed(CLOSED, "closed during the TLS handshake")
         self.received += len(data)
         self._incoming.write(data)
+        done = False
         try:
             self._tls.do_handshake()
-            self.done = True
+            done = True
         except ssl.SSLWantReadError:
             pass
         except ssl.SSLError as exc:
@@ -292,7 +292,7 @@ class Handshake:
                 pass
             raise HandshakeFailed(FAILED, f"TLS handshake failed: {_ssl_reason(exc)}") from None
         self.pending = self._outgoing.read()
-        if self.done:
+        if done:
             return 0
         return select.EPOLLIN if self._flush(conn) else select.EPOLLOUT
 
